@@ -1,0 +1,642 @@
+"""
+A self-contained LLaMA (Llama-3 family) in plain PyTorch: config presets, the Transformer with a
+KV cache, batched greedy `generate`, a tiktoken `Tokenizer`, loading real weights (Hugging Face or
+Meta folders) and saving in Hugging Face format. Module names follow Hugging Face
+(`layers[i].self_attn.q_proj`, `mlp.gate_proj`, ...) so checkpoints load by plain copy and the PEFT
+methods can target layers by the names the papers use.
+
+Run `python model.py` for a tiny demo: build the built-in model, generate a few tokens.
+"""
+import base64
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None        # grouped-query attention; None = n_heads
+    vocab_size: int = 128256
+    multiple_of: int = 256               # Meta's FFN rounding rule (see __post_init__)
+    ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None        # FFN width; derived with Meta's rule when None
+    head_dim: int | None = None          # None = dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}; None = plain RoPE.
+    rope_scaling: dict | None = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:  # Meta's llama reference: FeedForward.__init__
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)} (or a folder path)")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """From a Hugging Face `config.json`, as real Llama-3.x downloads have it (`rope_theta` +
+        `rope_scaling`, older transformers) or as new transformers writes it (`rope_parameters`)."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"config.json has model_type={d.get('model_type')!r}; only 'llama' is supported")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope_type {kind!r} in config.json; supported: default, llama3")
+        scaling = None
+        if kind == "llama3":
+            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}
+        return cls(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+                   n_kv_heads=d.get("num_key_value_heads"), vocab_size=d["vocab_size"],
+                   hidden_dim=d["intermediate_size"], head_dim=d.get("head_dim"),
+                   norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                   max_seq_len=d.get("max_position_embeddings", 8192),
+                   tie_embeddings=d.get("tie_word_embeddings", False))
+
+    @classmethod
+    def from_meta(cls, d: dict) -> "ModelConfig":
+        """From a Meta `params.json`. Meta's reference hard-codes the scaling (factor 8, low 1, high 4,
+        original 8192) behind `use_scaled_rope`; later params.json files carry `rope_scaling_factor`."""
+        scaling = None
+        if d.get("use_scaled_rope"):
+            scaling = {"factor": d.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
+                       "high_freq_factor": d.get("rope_high_freq_factor", 4.0),
+                       "original_max_position_embeddings": 8192}
+        return cls(dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads"),
+                   vocab_size=d["vocab_size"], multiple_of=d.get("multiple_of", 256),
+                   ffn_dim_multiplier=d.get("ffn_dim_multiplier"), norm_eps=d.get("norm_eps", 1e-5),
+                   rope_theta=d.get("rope_theta", 500000.0), rope_scaling=scaling,
+                   max_seq_len=d.get("max_seq_len", 8192))
+
+    def to_hf(self) -> dict:
+        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab_size,
+             "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+             "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+        if self.rope_scaling:
+            d["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
+        return d
+
+
+_LLAMA32 = dict(vocab_size=128256, multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                tie_embeddings=True, rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192})
+_LLAMA3_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                  ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192)
+PRESETS = {
+    # The built-in default: a byte-level vocabulary (256 bytes + 3 specials, padded to 264) and a
+    # model of ~1.6M parameters. dim 192 / 4 layers is about the smallest LLaMA that learns the
+    # synthetic word problems of eval_math.py; forward+backward runs at tens of thousands of
+    # tokens/s on 2 CPU cores, so pretraining it takes minutes. GQA (6 heads, 2 KV heads) and tied
+    # embeddings are on so the default exercises the same code paths as Llama-3.2.
+    "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=264, multiple_of=64,
+                 norm_eps=1e-5, rope_theta=10000.0, max_seq_len=512, tie_embeddings=True),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, **_LLAMA32),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0, **_LLAMA32),
+    "llama-3-8b": _LLAMA3_8B,
+    "llama-3.1-8b": dict(_LLAMA3_8B, max_seq_len=131072, rope_scaling={
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama-3's scaling: long wavelengths (beyond
+    original/low_freq_factor) are divided by `factor`, short ones (below original/high_freq_factor)
+    kept, and the band between interpolated smoothly."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s:
+        old = s["original_max_position_embeddings"]
+        lo, hi, factor = s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + d/2) — the Hugging Face layout; Meta's interleaved q/k weights are
+    permuted into it on load, so both give the same logits."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # computed in fp32, as in the reference
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache = None  # (k, v), each [B, n_kv_heads, max_len, head_dim], set by Transformer.setup_cache
+
+    def forward(self, x, cos, sin, mask=None, start=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start is not None:  # KV cache: write this step's keys/values, attend to everything so far
+            ck, cv = self.cache
+            ck[:, :, start:start + T] = k
+            cv[:, :, start:start + T] = v
+            k, v = ck[:, :, :start + T], cv[:, :, :start + T]
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, start=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.grad_checkpoint = False  # activation checkpointing per block (train.py --grad-checkpoint)
+
+    def init_weights(self, seed: int = 0):
+        """Random init for training from scratch (normal(0, 0.02), residual outputs scaled down by
+        sqrt(2 * n_layers) as in GPT-2)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def setup_cache(self, batch_size: int, max_len: int):
+        """Allocate the KV cache: per layer two [B, n_kv_heads, max_len, head_dim] tensors."""
+        cfg, w = self.config, self.embed_tokens.weight
+        for layer in self.layers:
+            shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+            layer.self_attn.cache = (torch.zeros(shape, dtype=w.dtype, device=w.device),
+                                     torch.zeros(shape, dtype=w.dtype, device=w.device))
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+    def forward(self, tokens, targets=None, positions=None, mask=None, start=None, last_only=False):
+        """tokens [B, T] -> logits [B, T, vocab], or (logits, loss) when targets [B, T] are given
+        (targets[t] is the token that should follow tokens[t]; -100 is ignored).
+        For cached decoding pass `start` (cache slot of tokens[:, 0]), per-row `positions` [B, T]
+        and a boolean `mask` [B, 1, T, start + T] of the keys each query may attend to."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # [B, 1, T, head_dim]
+        x = self.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, start)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Load a Hugging Face folder (config.json + model.safetensors or a sharded index) or a Meta
+        folder (params.json + consolidated.*.pth). Built on the meta device and filled with
+        `assign=True`, so an 8B model never exists twice in memory."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+        if (path / "config.json").exists():
+            cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+            sd = _read_hf_weights(path)
+        elif (path / "params.json").exists():
+            cfg = ModelConfig.from_meta(json.loads((path / "params.json").read_text()))
+            sd = _read_meta_weights(path, cfg)
+        else:
+            raise FileNotFoundError(f"model folder {str(path)!r} has neither config.json (Hugging Face) "
+                                    "nor params.json (Meta)")
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = _check_state_dict(model, sd, str(path))
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_frequencies(cfg)
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, path):
+        """Write a Hugging Face folder (config.json + model.safetensors) that transformers loads.
+        Written to a temporary folder and renamed into place, so a crash never leaves half a model."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        sd = {"model." + k if k != "lm_head.weight" else k: v.detach().contiguous().cpu()
+              for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del sd["lm_head.weight"]  # transformers re-ties it from embed_tokens
+        dtype = next(iter(sd.values())).dtype
+        config = {**self.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
+            for f in tmp.iterdir():
+                os.replace(f, path / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, path)
+
+
+def _read_hf_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{str(path)!r} has config.json but no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for f in files:
+        for k, v in load_file(str(path / f)).items():
+            sd[k.removeprefix("model.")] = v
+    return sd
+
+
+# Meta name -> (our name, dim along which model-parallel shards are concatenated; None = replicated)
+_META_NAMES = {"tok_embeddings.weight": ("embed_tokens.weight", 1), "norm.weight": ("norm.weight", None),
+               "output.weight": ("lm_head.weight", 0)}
+_META_LAYER = {"attention.wq": ("self_attn.q_proj", 0), "attention.wk": ("self_attn.k_proj", 0),
+               "attention.wv": ("self_attn.v_proj", 0), "attention.wo": ("self_attn.o_proj", 1),
+               "feed_forward.w1": ("mlp.gate_proj", 0), "feed_forward.w2": ("mlp.down_proj", 1),
+               "feed_forward.w3": ("mlp.up_proj", 0), "attention_norm": ("input_layernorm", None),
+               "ffn_norm": ("post_attention_layernorm", None)}
+
+
+def _meta_to_hf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates interleaved pairs (2i, 2i+1); Hugging Face rotates halves (i, i + d/2).
+    Permuting the rows of wq/wk per head maps one to the other (transformers' conversion script)."""
+    out, dim = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def _read_meta_weights(path: Path, cfg: ModelConfig) -> dict:
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{str(path)!r} has params.json but no consolidated.*.pth")
+    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    sd = {}
+    for key in shards[0]:
+        if key in _META_NAMES:
+            name, cat_dim = _META_NAMES[key]
+        else:
+            parts = key.split(".")  # layers.{i}.attention.wq.weight / layers.{i}.attention_norm.weight
+            if parts[0] != "layers" or ".".join(parts[2:-1]) not in _META_LAYER:
+                sd[key] = shards[0][key]  # reported as unexpected by _check_state_dict
+                continue
+            ours, cat_dim = _META_LAYER[".".join(parts[2:-1])]
+            name = f"layers.{parts[1]}.{ours}.{parts[-1]}"
+        t = shards[0][key] if cat_dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], cat_dim)
+        if name.endswith("q_proj.weight"):
+            t = _meta_to_hf_qk(t, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            t = _meta_to_hf_qk(t, cfg.n_kv_heads)
+        sd[name] = t
+    return sd
+
+
+def _check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
+    """Every tensor present and of the right shape, each problem named; a missing lm_head with
+    tied embeddings is filled from the embeddings."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights in {where!r} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"tensor {k!r} in {where!r} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
+    if model.config.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return sd
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
+             temperature: float = 0.0, top_k: int | None = None) -> list[list[int]]:
+    """Batched decoding with a KV cache; returns the new tokens of each prompt (without the stop
+    token). Prompts of different lengths are left-padded; each row's positions start at 0 on its
+    first real token and padded keys are masked, so a row decodes exactly as it would alone.
+    Greedy when temperature == 0. The prompt is run once; then one token per step."""
+    device = model.embed_tokens.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    total = P + max_new_tokens
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    valid = torch.ones(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, :P - len(p)] = False
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    slot = torch.arange(total, device=device)
+    # query at slot t may see key slot s if s <= t and s is real; a pad query sees itself, so
+    # no row of the attention is empty (its output is never used)
+    mask = (slot[None, :P, None] >= slot[None, None, :P]) & (valid[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device))
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    model.setup_cache(B, total)
+    try:
+        logits = model(tokens, positions=positions[:, :P], mask=mask[:, None], start=0, last_only=True)
+        out = torch.empty(B, 0, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            nxt = _sample(logits[:, -1], temperature, top_k)
+            nxt = torch.where(done, pad_id, nxt)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= torch.isin(nxt, stop)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            s = P + t
+            logits = model(nxt[:, None], positions=positions[:, s:s + 1], mask=valid[:, None, None, :s + 1], start=s)
+    finally:
+        model.clear_cache()
+    result = []
+    for row in out.tolist():
+        cut = next((j for j, x in enumerate(row) if x in stop_ids), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def _sample(logits, temperature, top_k):
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, -1), 1)[:, 0]
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+
+
+class Tokenizer:
+    """tiktoken BPE: Llama-3's `tokenizer.model`, a Hugging Face `tokenizer.json` converted to the
+    same ranks, or the built-in byte-level vocabulary of the tiny model (no download)."""
+
+    def __init__(self, name: str, ranks: dict, special_tokens: dict, pat_str: str, bos: str, eos: str, pad: str,
+                 stops: list[str], source: str | None = None):
+        import tiktoken
+        self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
+        self.source = source  # the file it came from (copied beside saved models), None for bytes
+        self.special_tokens = special_tokens
+        self.bos_id, self.eos_id, self.pad_id = special_tokens[bos], special_tokens[eos], special_tokens[pad]
+        self.stop_ids = [special_tokens[s] for s in stops]
+        self.n_vocab = self.model.n_vocab
+
+    @classmethod
+    def bytes(cls) -> "Tokenizer":
+        """256 single-byte tokens (rank = byte value, so no merges ever apply) + 3 specials."""
+        specials = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|pad|>": 258}
+        return cls("nanopeft-bytes", {bytes([i]): i for i in range(256)}, specials, r"[\s\S]+",
+                   "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", ["<|end_of_text|>"])
+
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        """Llama-3 `tokenizer.model`: base64 token + rank per line, then Meta's 256 specials."""
+        from tiktoken.load import load_tiktoken_bpe
+        path = str(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+        try:
+            ranks = load_tiktoken_bpe(path)
+        except Exception as e:
+            raise ValueError(f"tokenizer file {path!r} is not a tiktoken BPE file ({e})") from None
+        names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+        specials = {s: len(ranks) + i for i, s in enumerate(names)}
+        return cls(Path(path).name, ranks, specials, LLAMA3_PAT, "<|begin_of_text|>", "<|end_of_text|>",
+                   "<|finetune_right_pad_id|>", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], source=path)
+
+    @classmethod
+    def from_hf_json(cls, path) -> "Tokenizer":
+        """A Hugging Face byte-level BPE `tokenizer.json`: map its printable-unicode token strings
+        back to bytes (GPT-2's bytes_to_unicode); rank = token id."""
+        tj = json.loads(Path(path).read_text())
+        visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        extra = [b for b in range(256) if b not in visible]
+        to_byte = {chr(b): b for b in visible} | {chr(256 + i): b for i, b in enumerate(extra)}
+        ranks = {bytes(to_byte[c] for c in tok): i for tok, i in tj["model"]["vocab"].items()}
+        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
+        pat = LLAMA3_PAT
+        for pre in (tj.get("pre_tokenizer") or {}).get("pretokenizers", []):
+            if pre.get("type") == "Split" and "Regex" in pre.get("pattern", {}):
+                pat = pre["pattern"]["Regex"]
+        def pick(*names):
+            return next(n for n in names if n in specials)
+        stops = [s for s in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if s in specials]
+        return cls(Path(path).name, ranks, specials, pat, pick("<|begin_of_text|>"), pick("<|end_of_text|>"),
+                   pick("<|finetune_right_pad_id|>", "<|end_of_text|>"), stops, source=str(path))
+
+    @classmethod
+    def for_model(cls, path) -> "Tokenizer":
+        """The tokenizer of a model folder: `tokenizer.model` beside the weights (Meta) or under
+        `original/` (Hugging Face downloads of Llama-3), else `tokenizer.json`, else the marker
+        nanopeft writes for its byte-level vocabulary."""
+        path = Path(path)
+        for f in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+            if f.exists():
+                return cls.from_file(f)
+        if (path / "tokenizer.json").exists():
+            return cls.from_hf_json(path / "tokenizer.json")
+        if (path / "nanopeft_tokenizer.json").exists():
+            return cls.bytes()
+        raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for tokenizer.model, original/tokenizer.model, "
+                                "tokenizer.json, nanopeft_tokenizer.json")
+
+    def save(self, folder):
+        """Put the tokenizer beside saved weights so `for_model` finds it again."""
+        folder = Path(folder)
+        if self.source is None:
+            (folder / "nanopeft_tokenizer.json").write_text(json.dumps({"type": "bytes"}))
+        else:
+            shutil.copyfile(self.source, folder / ("tokenizer.json" if self.source.endswith(".json") else "tokenizer.model"))
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        # special-token text in the input is encoded as plain text, never as a control token
+        ids = self.model.encode(text, allowed_special=set(), disallowed_special=())
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.model.decode(list(ids))
+
+# -----------------------------------------------------------------------------
+# loading by name, and the plumbing every PEFT method shares
+
+
+def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
+    """(model, tokenizer) from a preset name (random init; `tiny` gets the byte tokenizer) or a
+    model folder; checks that the tokenizer fits the model's vocabulary."""
+    if name_or_path in PRESETS:
+        cfg = ModelConfig.from_preset(name_or_path)
+        model = Transformer(cfg).init_weights(seed)
+        tok = Tokenizer.bytes() if name_or_path == "tiny" else None
+        if tok is None:
+            raise ValueError(f"preset {name_or_path!r} has no built-in tokenizer; pass a model folder with tokenizer.model")
+        model = model.to(device=device, dtype=dtype)
+    else:
+        if not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+        model = Transformer.from_pretrained(name_or_path, dtype=dtype, device=device)
+        tok = Tokenizer.for_model(name_or_path)
+    check_vocab(tok, model)
+    return model, tok
+
+
+def check_vocab(tok: Tokenizer, model: Transformer):
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model's vocabulary is {model.config.vocab_size}; "
+                         "they do not belong together")
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def find_linears(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers whose last name component is in `targets` (e.g. q_proj, down_proj),
+    in model order. A target that matches nothing is an error that lists the names there are."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    seen = {n.split(".")[-1] for n, _ in found}
+    for t in targets:
+        if t not in seen:
+            names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"target module {t!r} matches no Linear layer; the model has: {', '.join(names)}")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def adamw(params, args) -> torch.optim.AdamW:
+    """AdamW with the run's hyperparameters (fused kernels on CUDA)."""
+    params = list(params)
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
+                             weight_decay=args.weight_decay, fused=fused or None)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model, tok = load("tiny")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny LLaMA: {n/1e6:.2f}M parameters, config {asdict(model.config)}")
+    prompts = ["Question: What is 2 + 3?\nAnswer:", "Hi"]
+    outs = generate(model, [tok.encode(p, bos=True) for p in prompts], max_new_tokens=16, stop_ids=tok.stop_ids)
+    for p, o in zip(prompts, outs):
+        print(repr(p), "->", repr(tok.decode(o)), "(random weights: noise is expected)")
