@@ -625,8 +625,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
 
 def adamw(params, args) -> torch.optim.AdamW:
     """AdamW with the run's hyperparameters (fused kernels on CUDA)."""
-    params = list(params)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    params = list(params)  # tensors or (name, tensor) pairs; pairs give param_groups their 'param_names'
+    fused = torch.cuda.is_available() and all((p[1] if isinstance(p, tuple) else p).is_cuda for p in params)
     return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
                              weight_decay=args.weight_decay, fused=fused or None)
 
