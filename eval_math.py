@@ -1,0 +1,471 @@
+"""
+Math word problems: loading (GSM8K through `datasets`, GSM8K-format .jsonl, LLM-Adapters .json
+files and folders, the built-in synthetic problems), the prompt template, answer extraction and
+scoring by the papers' rule, batched greedy evaluation, the accuracy table, and a CLI:
+
+    python eval_math.py --model out/lift --data synth-source,synth-target
+    python eval_math.py --model ~/Llama-3.2-1B --data gsm8k,svamp --data-dir ~/LLM-Adapters/dataset
+
+A problem is a dict: question, answer (gold final answer as text: a number or an option letter
+A-E), solution (worked solution used as the training target, or None), dataset (its name),
+template ("alpaca" or "qa", see format_prompt) and, for LLM-Adapters rows, input.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from model import generate, load
+
+GSM8K_HUB = "openai/gsm8k"   # datasets.load_dataset(GSM8K_HUB, "main"): splits train / test
+SPLITS = ("train", "test")
+SYNTH_SIZES = {"train": 20000, "test": 200}
+
+# -----------------------------------------------------------------------------
+# the built-in synthetic problems
+# Two domains a ~1.6M-parameter byte-level LLaMA learns on a CPU in minutes (LIFT paper §7.1:
+# learn the target, measure forgetting on the source). Texts are short (prompt + solution
+# < 130 bytes), numbers small, and the solution spells out each arithmetic step:
+#   source: one step, a + b or a - b with a, b < 50     "23 + 18 = 41.\n#### 41"
+#   target: two steps, a * b (one digit) then + or - c   "3 * 4 = 12. 12 + 5 = 17.\n#### 17"
+
+NAMES = ("Tom", "Amy", "Sam", "Mia", "Ben", "Zoe", "Max", "Ava")
+ITEMS = ("apples", "pens", "books", "cards", "eggs", "shells", "coins", "stamps")
+SOURCE_TEMPLATES = (  # (operation, question)
+    ("+", "{n} has {a} {x} and gets {b} more. How many {x} does {n} have?"),
+    ("+", "A box has {a} {x}. {n} adds {b}. How many {x} are in the box?"),
+    ("-", "{n} has {a} {x} and gives {b} to {m}. How many {x} are left?"),
+    ("-", "A box has {a} {x}. {n} takes {b}. How many {x} are left?"),
+)
+TARGET_TEMPLATES = (
+    ("+", "{n} has {a} bags of {b} {x} and {c} more {x}. How many {x} in all?"),
+    ("+", "{n} buys {a} packs of {b} {x}. {m} adds {c}. How many {x} in all?"),
+    ("-", "{n} has {a} bags of {b} {x} and gives {c} to {m}. How many {x} are left?"),
+    ("-", "{n} buys {a} packs of {b} {x} and loses {c}. How many {x} are left?"),
+)
+SOURCE_MAX, TARGET_FACTOR_MAX, TARGET_ADD_MAX = 49, 9, 19
+TEST_EVERY = 16  # a question is a test question iff crc32(question) % 16 == 0
+
+
+def _source_problem(rng):
+    op, t = rng.choice(SOURCE_TEMPLATES)
+    n, m = rng.sample(NAMES, 2)
+    a = rng.randint(2, SOURCE_MAX)
+    b = rng.randint(1, SOURCE_MAX) if op == "+" else rng.randint(1, a - 1)
+    r = a + b if op == "+" else a - b
+    q = t.format(n=n, m=m, x=rng.choice(ITEMS), a=a, b=b)
+    return q, f"{a} {op} {b} = {r}.\n#### {r}", r
+
+
+def _target_problem(rng):
+    op, t = rng.choice(TARGET_TEMPLATES)
+    n, m = rng.sample(NAMES, 2)
+    a, b = rng.randint(2, TARGET_FACTOR_MAX), rng.randint(2, TARGET_FACTOR_MAX)
+    p = a * b
+    c = rng.randint(1, TARGET_ADD_MAX) if op == "+" else rng.randint(1, min(TARGET_ADD_MAX, p - 1))
+    r = p + c if op == "+" else p - c
+    q = t.format(n=n, m=m, x=rng.choice(ITEMS), a=a, b=b, c=c)
+    return q, f"{a} * {b} = {p}. {p} {op} {c} = {r}.\n#### {r}", r
+
+
+def synthetic_problems(domain: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+    """`n` distinct problems of one domain ("source" or "target"), deterministic from `seed`.
+    Which split a question belongs to is a function of its text alone (a hash), so train and
+    test never share a question, for any seeds; the first k of a longer list are the list for k."""
+    make = {"source": _source_problem, "target": _target_problem}.get(domain)
+    if make is None:
+        raise ValueError(f"unknown synthetic domain {domain!r}; known: source, target")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} does not exist for synth-{domain}; splits: {', '.join(SPLITS)}")
+    n = SYNTH_SIZES[split] if n is None else n
+    rng = random.Random(f"nanopeft-synth-{domain}-{seed}")
+    out, seen, draws = [], set(), 0
+    while len(out) < n:
+        draws += 1
+        if draws > 100 * n + 10000:
+            raise ValueError(f"synth-{domain} cannot make {n} distinct {split} problems (got {len(out)})")
+        q, solution, r = make(rng)
+        if q in seen or (zlib.crc32(q.encode()) % TEST_EVERY == 0) != (split == "test"):
+            continue
+        seen.add(q)
+        out.append(dict(question=q, answer=str(r), solution=solution, dataset=f"synth-{domain}", template="qa"))
+    return out
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_problems(spec: str, split: str = "test", limit: int | None = None, seed: int = 0,
+                  data_dir: str | None = None) -> list[dict]:
+    """Problems of one spec:
+    - "gsm8k": datasets.load_dataset("openai/gsm8k", "main"), split train or test;
+    - "synth-source" / "synth-target": the built-in problems (`limit` = how many, default
+      20000 train / 200 test; `seed` picks them);
+    - a .jsonl / .json file: GSM8K rows (question, answer ending in "#### N") or LLM-Adapters
+      rows (instruction, input, output, answer); `split` is not used, a file is one split;
+    - a folder: its <split>.jsonl / <split>.json, else every <name>/<split>.json in it (the
+      LLM-Adapters `dataset/` layout), each dataset named after its folder;
+    - a name such as svamp or math_10k: <data_dir>/<name>/<split>.json or <data_dir>/<name>.json
+      (case, '-' and '_' ignored); data_dir defaults to $NANOPEFT_DATA or ./dataset.
+    `limit` keeps the first `limit` problems of each dataset."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be a positive number of problems (or None for all)")
+    if spec in ("synth-source", "synth-target"):
+        return synthetic_problems(spec.removeprefix("synth-"), split, limit, seed)
+    if spec == "gsm8k":
+        return _load_gsm8k_hub(split)[:limit]
+    path = Path(spec).expanduser()
+    if not path.exists() and ("/" in spec or path.suffix in (".json", ".jsonl")):
+        raise ValueError(f"data path {spec!r} does not exist")
+    if not path.exists():
+        path = _find_named(spec, split, data_dir)
+    if path.is_dir():
+        return _load_folder(path, split, limit)
+    return _load_file(path)[:limit]
+
+
+def _load_gsm8k_hub(split: str) -> list[dict]:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} does not exist for gsm8k; splits: {', '.join(SPLITS)}")
+    import datasets
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(GSM8K_HUB, "main", split=split)
+    except Exception as e:
+        raise ConnectionError(f"could not load {GSM8K_HUB!r} from the Hugging Face hub ({_why(e)}); "
+                              "without a network pass a local GSM8K-format .jsonl instead") from None
+    return _to_problems(rows, f"{GSM8K_HUB} ({split})", "gsm8k")
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _find_named(spec: str, split: str, data_dir: str | None) -> Path:
+    root = Path(data_dir or os.environ.get("NANOPEFT_DATA", "dataset")).expanduser()
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    names = {}  # normalised name -> path (a folder or a file)
+    for e in entries:
+        if e.is_dir() and any(f.suffix in (".json", ".jsonl") for f in e.iterdir()):
+            names[_norm(e.name)] = e
+        elif e.suffix in (".json", ".jsonl"):
+            names.setdefault(_norm(e.stem), e)
+    hit = names.get(_norm(spec))
+    if hit is None:
+        local = ", ".join(sorted(p.name if p.is_dir() else p.stem for p in names.values())) or "none"
+        raise ValueError(f"unknown dataset {spec!r}; known: gsm8k, synth-source, synth-target, names under "
+                         f"{str(root)!r} ({local}), or a path to a .jsonl/.json file or folder")
+    if hit.is_dir():
+        for ext in (".json", ".jsonl"):
+            if (hit / (split + ext)).exists():
+                return hit / (split + ext)
+        have = sorted(f.stem for f in hit.iterdir() if f.suffix in (".json", ".jsonl"))
+        raise ValueError(f"split {split!r} does not exist for {spec!r} in {str(hit)!r}; splits: {', '.join(have)}")
+    return hit
+
+
+def _load_folder(path: Path, split: str, limit: int | None) -> list[dict]:
+    for ext in (".jsonl", ".json"):  # a folder holding train.jsonl / test.jsonl
+        if (path / (split + ext)).exists():
+            return _load_file(path / (split + ext))[:limit]
+    files = [d / (split + ext) for d in sorted(path.iterdir(), key=lambda d: d.name.lower()) if d.is_dir()
+             for ext in (".json", ".jsonl") if (d / (split + ext)).exists()]
+    if not files:
+        have = sorted({f.stem for d in path.iterdir() if d.is_dir() for f in d.iterdir() if f.suffix in (".json", ".jsonl")})
+        if have:
+            raise ValueError(f"split {split!r} does not exist in folder {str(path)!r}; it has: {', '.join(have)}")
+        raise ValueError(f"folder {str(path)!r} holds no {split}.jsonl, {split}.json or <name>/{split}.json")
+    return [p for f in files for p in _load_file(f)[:limit]]
+
+
+def _load_file(path: Path) -> list[dict]:
+    """A GSM8K-format .jsonl (read with datasets' json builder) or an LLM-Adapters .json list.
+    Named after the file, or after its folder when the file is just <split>.json."""
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"data file {str(path)!r} must be .jsonl or .json")
+    name = (path.parent.name if path.stem in SPLITS else path.stem).lower()
+    if not path.read_text().strip():
+        raise ValueError(f"dataset {name!r} ({str(path)!r}) is empty")
+    if path.suffix == ".jsonl":
+        import datasets
+        datasets.disable_progress_bars()
+        try:
+            rows = datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception as e:
+            raise ValueError(f"cannot read {str(path)!r} as JSON lines ({_why(e)})") from None
+    else:
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cannot read {str(path)!r} as JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{str(path)!r} must hold a JSON list of rows (LLM-Adapters format), not {type(rows).__name__}")
+    return _to_problems(rows, str(path), name)
+
+
+def _strip_calculator(text: str) -> str:
+    return re.sub(r"<<[^>]*>>", "", text)  # GSM8K's calculator annotations "48/2=<<48/2=24>>24"
+
+
+def _to_problems(rows, where: str, name: str) -> list[dict]:
+    """Rows of either format -> problems; a row lacking what its format needs is an error."""
+    problems = []
+    for i, row in enumerate(rows):
+        row = row if isinstance(row, dict) else {}
+        answer = row.get("answer")
+        if row.get("instruction"):  # LLM-Adapters: instruction, input, output, answer
+            if answer is None or str(answer).strip() == "":
+                raise ValueError(f"row {i} of {where} has no 'answer' (LLM-Adapters rows need instruction and answer)")
+            problems.append(dict(question=row["instruction"].strip(), input=(row.get("input") or "").strip(),
+                                 answer=str(answer).replace(",", "").strip(),
+                                 solution=(row.get("output") or "").strip() or None, dataset=name, template="alpaca"))
+        elif row.get("question"):   # GSM8K: question, answer = solution ending in "#### N"
+            if not answer or "####" not in str(answer):
+                raise ValueError(f"row {i} of {where} has no answer ending in '#### N' (GSM8K rows need question and answer)")
+            solution = _strip_calculator(str(answer)).strip()
+            gold = solution.rsplit("####", 1)[1].replace(",", "").strip()
+            problems.append(dict(question=row["question"].strip(), answer=gold, solution=solution,
+                                 dataset=name, template="alpaca"))
+        else:
+            raise ValueError(f"row {i} of {where} has neither 'question' (GSM8K) nor 'instruction' (LLM-Adapters)")
+    if not problems:
+        raise ValueError(f"dataset {name!r} ({where}) has no problems")
+    return problems
+
+# -----------------------------------------------------------------------------
+# prompt and training target
+# Two templates, chosen by problem["template"]:
+# - "alpaca": the Alpaca instruction template LLM-Adapters trains and tests with (MATH-10K and
+#   its test sets, and GSM8K); the shared protocol of the LIFT / HyperAdapt / RoCoFT tables.
+#   (LLM-Adapters' code pastes it with stray indentation inside its strings; this is the clean form.)
+# - "qa": "Question: ...\nAnswer:" for the built-in synthetic problems (short, for a byte model).
+# The prompt/target boundary tokenizes cleanly: "qa" prompts end in "Answer:" and targets start
+# with " " (a digit follows), "alpaca" prompts end in "### Response:\n" and targets start with a
+# non-space; in both cases Llama-3's pre-tokenizer splits exactly at the boundary, so
+# encode(prompt) + encode(target) == encode(prompt + target), and trivially so for bytes.
+
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+STOP_STRINGS = ("\nQuestion:", "### Instruction:", "Below is an instruction")  # a new problem begins
+
+
+def format_prompt(problem: dict) -> str:
+    """The text the model sees; training and evaluation both use this."""
+    if problem.get("template", "alpaca") == "qa":
+        return f"Question: {problem['question']}\nAnswer:"
+    if problem.get("input"):
+        return ALPACA_INPUT.format(instruction=problem["question"], input=problem["input"])
+    return ALPACA.format(instruction=problem["question"])
+
+
+def format_target(problem: dict) -> str:
+    """What the model is trained to write after the prompt: the worked solution (ending in
+    "#### N" for GSM8K and the synthetic data, "The answer is N" for MATH-10K), else just
+    "The answer is N". Training sequence = encode(prompt, bos=True) + encode(target, eos=True)."""
+    text = problem.get("solution") or f"The answer is {problem['answer']}"
+    return (" " + text) if problem.get("template", "alpaca") == "qa" else text
+
+# -----------------------------------------------------------------------------
+# answer extraction and scoring
+
+NUMBER = r"-?\d+\.?\d*"  # LLM-Adapters' number rule, applied after removing ',' and '$'
+
+
+def extract_answer(completion: str) -> float | None:
+    """The first "#### N", else the first "The answer is N", else the last number in the text
+    (the LLM-Adapters rule); None when there is no number at all."""
+    text = completion.replace(",", "").replace("$", "")
+    m = re.search(r"####\s*(" + NUMBER + ")", text) or re.search(r"(?i:answer is)\s*:?\s*(" + NUMBER + ")", text)
+    if m:
+        return float(m.group(1))
+    numbers = re.findall(NUMBER, text)
+    return float(numbers[-1]) if numbers else None
+
+
+# LLM-Adapters takes the first capital A-E anywhere, so "Answer: (C)" scores as A and any
+# sentence starting with "A" or "All" scores as A. Here only a letter in an answer-like position
+# counts: "#### C", "answer is (C)", "option C", "(C)", "C)", or a completion that is just "C";
+# patterns are tried in that order and the first match of the first pattern that matches wins.
+CHOICE_PATTERNS = (
+    r"####\s*\(?([A-E])\b",
+    r"(?i:answer is)\s*:?\s*(?i:option\s*)?\(?([A-E])\b",
+    r"(?i:option)\s*\(?([A-E])\b",
+    r"\(([A-E])\)",
+    r"\b([A-E])\)",
+    r"^\s*([A-E])\s*[.):]?\s*$",
+)
+
+
+def extract_choice(completion: str) -> str | None:
+    """The option letter (A-E) a completion picks, or None."""
+    for pattern in CHOICE_PATTERNS:
+        m = re.search(pattern, completion)
+        if m:
+            return m.group(1)
+    return None
+
+
+def is_choice(problem: dict) -> bool:
+    return problem["answer"] in ("A", "B", "C", "D", "E")
+
+
+def is_correct(pred, gold) -> bool:
+    """Letters must be equal; numbers within 1e-3 (the papers' tolerance)."""
+    gold = str(gold).strip()
+    if pred is None:
+        return False
+    if gold in ("A", "B", "C", "D", "E") or isinstance(pred, str) and pred in ("A", "B", "C", "D", "E"):
+        return pred == gold
+    try:
+        return abs(float(pred) - float(gold.replace(",", ""))) <= 1e-3
+    except ValueError:
+        return str(pred).strip() == gold
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+GENERATE_CHUNK = 64  # tokens generated between stop-string checks
+
+
+def default_max_new_tokens(problems: list[dict]) -> int:
+    """512 (the papers' limit) unless every problem has a solution: then 1.5x the longest
+    target in bytes (>= its tokens) + 16, so the built-in data decodes ~70 tokens, not 512."""
+    if problems and all(p.get("solution") for p in problems):
+        longest = max(len(format_target(p).encode()) for p in problems)
+        return min(512, longest + longest // 2 + 16)
+    return 512
+
+
+def _cut_at_stop(text: str) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in STOP_STRINGS if s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy completions of token prompts, stopped at the end-of-text token or a stop string.
+    Decodes GENERATE_CHUNK tokens at a time with model.generate, checks the text for stop
+    strings, and continues only the rows still running."""
+    ids, texts = [[] for _ in prompts], [""] * len(prompts)
+    active, done = list(range(len(prompts))), 0
+    while active and done < max_new_tokens:
+        step = min(GENERATE_CHUNK, max_new_tokens - done)
+        outs = generate(model, [prompts[i] + ids[i] for i in active], step, tokenizer.stop_ids, tokenizer.pad_id)
+        done += step
+        running = []
+        for i, out in zip(active, outs):
+            ids[i] += out
+            texts[i], stopped = _cut_at_stop(tokenizer.decode(ids[i]))
+            if not stopped and len(out) == step:  # shorter: it ended with end-of-text
+                running.append(i)
+        active = running
+    return texts
+
+
+def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
+             progress: bool = True) -> dict:
+    """Greedy answers to every problem, scored. Each dataset is decoded in batches of prompts of
+    similar length (sorted longest first: little padding, peak memory first). Returns
+    {"datasets": {name: {n, correct, accuracy, seconds, problems_per_s}}, "average": mean
+    accuracy over datasets, "batch_size", "max_new_tokens", "predictions": [{dataset, question,
+    completion, extracted, gold, correct}] in the order of `problems`}."""
+    if not problems:
+        raise ValueError("evaluate got no problems")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    max_new_tokens = max_new_tokens or default_max_new_tokens(problems)
+    was_training = model.training
+    model.eval()
+    predictions, results = [None] * len(problems), {}
+    for name in dict.fromkeys(p["dataset"] for p in problems):
+        idx = [i for i, p in enumerate(problems) if p["dataset"] == name]
+        prompts = {i: tokenizer.encode(format_prompt(problems[i]), bos=True) for i in idx}
+        order = sorted(idx, key=lambda i: -len(prompts[i]))
+        t0, last = time.time(), 0.0
+        for b in range(0, len(order), batch_size):
+            batch = order[b:b + batch_size]
+            for i, text in zip(batch, complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)):
+                p = problems[i]
+                pred = extract_choice(text) if is_choice(p) else extract_answer(text)
+                predictions[i] = dict(dataset=name, question=p["question"], completion=text, extracted=pred,
+                                      gold=p["answer"], correct=is_correct(pred, p["answer"]))
+            now, k = time.time(), b + len(batch)
+            if progress and (now - last > 2 or k == len(order)):
+                print(f"  {name}: {k}/{len(order)} problems, {k / (now - t0):.1f}/s", file=sys.stderr, flush=True)
+                last = now
+        seconds = time.time() - t0
+        correct = sum(predictions[i]["correct"] for i in idx)
+        results[name] = dict(n=len(idx), correct=correct, accuracy=correct / len(idx), seconds=seconds,
+                             problems_per_s=len(idx) / max(seconds, 1e-9))
+    model.train(was_training)
+    return dict(datasets=results, average=sum(r["accuracy"] for r in results.values()) / len(results),
+                batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions)
+
+
+def print_table(metrics: dict, file=None):
+    """dataset, n, correct, accuracy (%), problems/s; an average row when there are several."""
+    file = file or sys.stdout
+    rows = metrics["datasets"]
+    w = max(12, *(len(n) for n in rows))
+    print(f"{'dataset':<{w}} {'n':>6} {'correct':>8} {'accuracy':>9} {'problems/s':>11}", file=file)
+    for name, r in rows.items():
+        print(f"{name:<{w}} {r['n']:>6} {r['correct']:>8} {100 * r['accuracy']:>8.1f}% {r['problems_per_s']:>11.1f}",
+              file=file)
+    if len(rows) > 1:
+        print(f"{'average':<{w}} {'':>6} {'':>8} {100 * metrics['average']:>8.1f}%", file=file)
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    import torch
+    ap = argparse.ArgumentParser(description="Accuracy of a model on math word problems (greedy decoding).")
+    ap.add_argument("--model", default="tiny", help="model folder, or a preset name (random init)")
+    ap.add_argument("--data", default="synth-source,synth-target",
+                    help="comma-separated: gsm8k, synth-source, synth-target, a name under --data-dir, a file or folder")
+    ap.add_argument("--split", default="test", help="train or test")
+    ap.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 512, or ~1.5x the longest solution")
+    ap.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and metrics.json")
+    ap.add_argument("--data-dir", default=None, help="where dataset names are looked up ($NANOPEFT_DATA or ./dataset)")
+    ap.add_argument("--seed", type=int, default=0, help="picks the synthetic problems (and a preset's init)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on CUDA, float32 otherwise")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    try:
+        problems = [p for spec in args.data.split(",") if spec.strip()
+                    for p in load_problems(spec.strip(), args.split, args.limit, args.seed, args.data_dir)]
+        model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        sys.exit(f"error: {e}")
+    names = sorted({p["dataset"] for p in problems})
+    print(f"{len(problems)} problems ({', '.join(names)}), model {args.model}, batch {args.batch_size}", file=sys.stderr)
+    metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens)
+    print_table(metrics)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for p in metrics["predictions"]:
+            f.write(json.dumps(p) + "\n")
+    summary = {k: v for k, v in metrics.items() if k != "predictions"}
+    (out / "metrics.json").write_text(json.dumps({**summary, "args": vars(args)}, indent=2))
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

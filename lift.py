@@ -1,0 +1,342 @@
+"""
+LIFT: Low-rank Informed sparse Fine-Tuning (Liu et al., ICML 2025, lift.txt).
+
+For each target matrix W (n_out x n_in) LIFT trains only k of its entries, the *Principal Weights*:
+the k entries of largest magnitude in W', the best rank-r approximation of W (Eq. 1-2). By default
+k = r·(n_in + n_out), the parameter count of a rank-r LoRA on that matrix. Training is Adam on those
+entries alone (Algorithm 1, Appendix A): per matrix the optimizer keeps the selected flat indices, an
+fp32 master copy of their values and the moments m, v, all vectors of length k, nothing the size of
+the matrix. Every `lift_interval` optimizer steps the mask is recomputed from the current weights;
+moments of entries kept in both masks carry over, new entries start at zero, the step counter t of
+the bias correction runs on.
+
+LIFT changes no module; its state lives in the optimizer `prepare` returns:
+- param_groups hold the compact fp32 value vectors (numel k each, named after their weights), so the
+  trainable count is sum(k) and train.py's gradient clipping sees exactly the selected gradients;
+- a post-accumulate-grad hook on each target weight gathers the selected entries of the dense
+  gradient into that compact .grad (Eq. 3) and frees the dense gradient at once, so no matrix-sized
+  gradient outlives its own backward;
+- state_dict() carries what a freshly prepared model needs to resume bit-identically: masks, master
+  values, moments, t, and the values of every entry ever touched (O(touched), not O(matrix)).
+Weight decay is decoupled AdamW decay (Loshchilov & Hutter) applied to the selected entries only:
+an entry outside the current mask is frozen, decay included.
+
+Selection ablations (§6.1, Table 17, Appendix G.7): lift_select = principal (LIFT) | magnitude |W| |
+gradient |sum of gradients over a few training batches| | random, and lift_block = 4 for
+LIFT_Structured, which selects whole 4x4 blocks (block score = sum of the entries' scores).
+"""
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+
+from model import find_linears
+
+SELECTS = ("principal", "magnitude", "gradient", "random")
+SVDS = ("exact", "lowrank")
+
+# -----------------------------------------------------------------------------
+# selecting the Principal Weights
+
+
+def low_rank_approx(weight, rank: int, svd: str = "exact", seed: int = 0) -> torch.Tensor:
+    """W' = argmin_{rank(W') <= r} ||W - W'||_F (Eq. 1): the truncated SVD of W in fp32
+    (Eckart-Young). For rank >= min(n_out, n_in) that is W itself. svd='lowrank' uses the randomized
+    SVD of torch.svd_lowrank (seeded by `seed`, so refreshes are reproducible) for large matrices."""
+    W = weight.detach().float()
+    if rank >= min(W.shape):
+        return W
+    if svd == "exact":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    elif svd == "lowrank":
+        with torch.random.fork_rng(devices=[] if W.device.type == "cpu" else [W.device], device_type=W.device.type):
+            torch.manual_seed(seed)
+            # oversampling by r and 6 power iterations: >= 97% of the exact mask on 1024x1024 and
+            # 512x1536 matrices at r = 128 (gaussian and power-law spectra)
+            U, S, V = torch.svd_lowrank(W, q=min(2 * rank, min(W.shape)), niter=6)
+        U, S, Vh = U[:, :rank], S[:rank], V[:, :rank].T
+    else:
+        raise ValueError(f"svd={svd!r} is not one of {', '.join(SVDS)}")
+    return (U * S) @ Vh
+
+
+def top_k_mask(scores: torch.Tensor, k: int, block: int = 0) -> torch.Tensor:
+    """Boolean mask of the k largest scores (Eq. 2). With block=b the mask is made of whole b x b
+    blocks: the k / b² blocks whose scores sum largest (LIFT_Structured, Appendix G.7)."""
+    if block:
+        n_out, n_in = scores.shape
+        sums = scores.reshape(n_out // block, block, n_in // block, block).sum((1, 3))
+        blocks = top_k_mask(sums, k // (block * block))
+        return blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[scores.flatten().topk(k, largest=True, sorted=False).indices] = True  # largest, as the paper means
+    return mask.view(scores.shape)
+
+
+def principal_mask(weight, rank: int, k: int, svd: str = "exact", seed: int = 0, block: int = 0) -> torch.Tensor:
+    """The LIFT mask: the k entries of largest |W'|, W' the best rank-`rank` approximation of W."""
+    return top_k_mask(low_rank_approx(weight, rank, svd, seed).abs(), k, block)  # Eq. (1), (2)
+
+
+def selection_scores(weight, select: str, rank: int, svd: str = "exact", seed: int = 0, grad=None) -> torch.Tensor:
+    """Per-entry score whose top k are trained: |W'| (LIFT), |W|, |gradient| or uniform noise."""
+    if select == "principal":
+        return low_rank_approx(weight, rank, svd, seed).abs()
+    if select == "magnitude":
+        return weight.detach().float().abs()
+    if select == "gradient":
+        return grad.float().abs()
+    if select == "random":
+        g = torch.Generator(device=weight.device).manual_seed(seed)
+        return torch.rand(weight.shape, generator=g, device=weight.device)
+    raise ValueError(f"lift_select={select!r} is not one of {', '.join(SELECTS)}")
+
+
+def budget(n_out: int, n_in: int, rank: int, block: int = 0) -> int:
+    """k = min(r·(n_in + n_out), n_in·n_out), the rank-r LoRA count; whole b x b blocks if block=b."""
+    k = min(rank * (n_in + n_out), n_in * n_out)
+    if block:
+        k = max(block * block, k // (block * block) * block * block)
+    return k
+
+# -----------------------------------------------------------------------------
+# the optimizer: Adam with LIFT (Algorithm 1)
+
+
+class LIFTAdamW(torch.optim.Optimizer):
+    """AdamW on the selected entries of each target weight only (Algorithm 1), with mask refresh.
+
+    `named_weights`: [(name, weight)], each weight contiguous with requires_grad=True; `ks`: entries
+    per weight. `model` and `probe` (a list of (x, y) micro-batches) are needed by select='gradient'."""
+
+    def __init__(self, named_weights, ks, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 select="principal", lra_rank=8, block=0, svd="exact", interval=200, seed=0,
+                 max_steps=None, model=None, probe=()):
+        self.weights = [w for _, w in named_weights]
+        self.ks = list(ks)
+        self.select, self.lra_rank, self.block, self.svd = select, lra_rank, block, svd
+        self.interval, self.seed, self.max_steps = interval, seed, max_steps
+        self.model, self.probe = model, list(probe)
+        self.t = 0          # optimizer steps taken (Algorithm 1's t; never reset)
+        self.n_refresh = 0  # masks recomputed so far
+        self._scoring = False
+        self.index = self._select_all()  # Algorithm 1, line 2: M <- calc_mask(theta_0), as sorted flat indices
+        self.values = [w.detach().view(-1)[i].float() for w, i in zip(self.weights, self.index)]  # fp32 master copies
+        super().__init__([{"params": self.values, "param_names": [n for n, _ in named_weights]}],
+                         dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        for v in self.values:  # line 3: moments of the selected entries, as vectors
+            self.state[v] = {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)}
+        # every entry ever selected, with its base value W0 (for resume and the sparse adapter)
+        self.touched = list(self.index)  # shares the index tensors until a refresh replaces them
+        self.touched_w0 = [w.detach().view(-1)[i].clone() for w, i in zip(self.weights, self.index)]
+        for j, w in enumerate(self.weights):
+            w._lift_hook = w.register_post_accumulate_grad_hook(self._gather(j))
+
+    def _gather(self, j):
+        """Eq. (3): keep vec(g[M = 1]) (accumulated over micro-batches), free the dense gradient."""
+        def hook(w):
+            if self._scoring:  # gradient selection wants the dense gradient itself
+                return
+            g = w.grad.reshape(-1).index_select(0, self.index[j]).float()
+            v = self.values[j]
+            if v.grad is None:
+                v.grad = g
+            else:
+                v.grad.add_(g)
+            w.grad = None
+        return hook
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.t += 1
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        bias1, bias2 = 1 - beta1 ** self.t, 1 - beta2 ** self.t
+        for j, (w, v) in enumerate(zip(self.weights, group["params"])):
+            if v.grad is None:
+                continue
+            g, m, s = v.grad, self.state[v]["exp_avg"], self.state[v]["exp_avg_sq"]
+            v.mul_(1 - lr * wd)                                          # decoupled decay, selected entries only
+            m.mul_(beta1).add_(g, alpha=1 - beta1)                       # Algorithm 1, line 15
+            s.mul_(beta2).addcmul_(g, g, value=1 - beta2)                # line 16
+            denom = (s.sqrt() / math.sqrt(bias2)).add_(eps)              # line 17
+            v.addcdiv_(m, denom, value=-lr / bias1)                      # line 18
+            w.view(-1)[self.index[j]] = v.to(w.dtype)                    # write back in the weight's dtype
+        if self.t % self.interval == 0 and (self.max_steps is None or self.t < self.max_steps):
+            self.refresh()
+        return loss
+
+    @torch.no_grad()
+    def refresh(self):
+        """Algorithm 1, lines 5-11: recompute the mask from the current weights theta_t (used from
+        step t+1 on, so every mask trains `interval` steps); moments and fp32 master values of entries
+        in both masks carry over, new entries start with zero moments and their current value."""
+        self.n_refresh += 1
+        new_index = self._select_all()
+        for j, (w, new) in enumerate(zip(self.weights, new_index)):
+            old, v = self.index[j], self.values[j]
+            pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+            kept = old[pos] == new
+            for key in ("exp_avg", "exp_avg_sq"):
+                mom = self.state[v][key]
+                mom.copy_(torch.where(kept, mom[pos], 0.0))
+            v.copy_(torch.where(kept, v[pos], w.view(-1)[new].float()))
+            v.grad = None  # a gradient gathered under the old mask belongs to other entries
+            self.index[j] = new
+            fresh = new[~torch.isin(new, self.touched[j])]  # never touched before: their value is W0
+            if fresh.numel():
+                self.touched[j], order = torch.cat([self.touched[j], fresh]).sort()
+                self.touched_w0[j] = torch.cat([self.touched_w0[j], w.view(-1)[fresh]])[order]
+
+    def _select_all(self):
+        grads = self._probe_gradients() if self.select == "gradient" else [None] * len(self.weights)
+        out = []
+        for j, w in enumerate(self.weights):
+            if self.ks[j] == w.numel():  # budget clamped to the whole matrix: nothing to choose
+                idx = torch.arange(w.numel(), device=w.device)
+            else:
+                seed = (self.seed * 1_000_003 + self.n_refresh) * 1009 + j  # lowrank / random: reproducible
+                scores = selection_scores(w, self.select, self.lra_rank, self.svd, seed, grads[j])
+                idx = top_k_mask(scores, self.ks[j], self.block).view(-1).nonzero().squeeze(1)
+                del scores
+            out.append(idx.int() if w.numel() < 2**31 else idx)  # sorted; int32 where it fits (half the memory)
+            grads[j] = None
+        return out
+
+    def _probe_gradients(self):
+        """Dense gradients of the target weights summed over the probe batches, at the current
+        weights (transiently as large as a full fine-tuning gradient; only for select='gradient')."""
+        self._scoring = True
+        try:
+            with torch.enable_grad():
+                for x, y in self.probe:
+                    self.model(x, y)[1].backward()
+            grads = [w.grad for w in self.weights]
+        finally:
+            self._scoring = False
+            for w in self.weights:
+                w.grad = None
+        return grads
+
+    def state_dict(self):
+        sd = super().state_dict()  # moments per compact vector, hyperparameters
+        sd["lift"] = {
+            "t": self.t, "n_refresh": self.n_refresh,
+            "index": [i.clone() for i in self.index],
+            "master": [v.detach().clone() for v in self.values],
+            "touched": [i.clone() for i in self.touched],
+            "touched_w0": [b.clone() for b in self.touched_w0],
+            "touched_values": [w.detach().view(-1)[i].clone() for w, i in zip(self.weights, self.touched)],
+        }
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        """Restore masks, moments, master values, t, and the weights' touched entries. The weights
+        must hold the same base weights the state was trained from (checked on the touched entries)."""
+        state_dict = dict(state_dict)
+        lift = state_dict.pop("lift", None)
+        if lift is None:
+            raise ValueError("optimizer state has no 'lift' entry; it was not saved by a LIFT optimizer")
+        if len(lift["index"]) != len(self.weights) or any(i.numel() != k for i, k in zip(lift["index"], self.ks)):
+            raise ValueError("LIFT optimizer state has other targets or budgets k than this optimizer "
+                             f"({[i.numel() for i in lift['index']]} vs {self.ks})")
+        super().load_state_dict(state_dict)
+        self.t, self.n_refresh = lift["t"], lift["n_refresh"]
+        for j, w in enumerate(self.weights):
+            flat = w.detach().view(-1)
+            flat[self.touched[j]] = self.touched_w0[j]  # back to W0 wherever this optimizer wrote
+            touched = lift["touched"][j].to(w.device)
+            if not torch.equal(flat[touched], lift["touched_w0"][j].to(flat)):
+                raise ValueError(f"weight {self.param_groups[0]['param_names'][j]} is not the base weight "
+                                 "this LIFT state was trained from")
+            flat[touched] = lift["touched_values"][j].to(flat)
+            self.touched[j], self.touched_w0[j] = touched, lift["touched_w0"][j].to(flat)
+            self.index[j] = lift["index"][j].to(w.device)
+            self.values[j].copy_(lift["master"][j])
+            self.values[j].grad = None
+
+# -----------------------------------------------------------------------------
+# the method seam
+
+
+def prepare(model, args, batches) -> LIFTAdamW:
+    """Freeze the model, select k Principal Weights in each target Linear, return the LIFT optimizer.
+    Reads args.rank, targets, lr, betas, eps, weight_decay, seed, grad_accum, max_steps and
+    lift_interval, lift_lra_rank (None = rank), lift_select, lift_block, lift_svd."""
+    select = getattr(args, "lift_select", "principal")
+    block = getattr(args, "lift_block", 0)
+    svd = getattr(args, "lift_svd", "exact")
+    interval = getattr(args, "lift_interval", 200)
+    lra_rank = getattr(args, "lift_lra_rank", None)
+    lra_rank = args.rank if lra_rank is None else lra_rank
+    if select not in SELECTS:
+        raise ValueError(f"lift_select={select!r} is not one of {', '.join(SELECTS)}")
+    if svd not in SVDS:
+        raise ValueError(f"lift_svd={svd!r} is not one of {', '.join(SVDS)}")
+    if not isinstance(block, int) or block < 0:
+        raise ValueError(f"lift_block={block!r} must be 0 (off) or a block size >= 1 (4 = LIFT_Structured)")
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"lift_interval={interval!r} must be a positive number of optimizer steps")
+    if not isinstance(lra_rank, int) or lra_rank < 1:
+        raise ValueError(f"lift_lra_rank={lra_rank!r} must be a positive int (or None for --rank)")
+
+    model.requires_grad_(False)
+    named, ks, clamped, full_rank = [], [], {}, set()
+    for name, lin in find_linears(model, args.targets):
+        w = lin.weight
+        n_out, n_in = w.shape
+        if block and (n_out % block or n_in % block):
+            raise ValueError(f"lift_block={block} does not divide {name}.weight of shape {n_out}x{n_in}")
+        asked, k = args.rank * (n_in + n_out), budget(n_out, n_in, args.rank, block)
+        if k != asked:
+            clamped[(n_out, n_in)] = (asked, k)
+        if select == "principal" and lra_rank >= min(n_out, n_in):
+            full_rank.add((n_out, n_in))
+        w.requires_grad_(True)  # so autograd reaches it; the hook keeps only the selected entries
+        named.append((f"{name}.weight", w))
+        ks.append(k)
+    for (n_out, n_in), (asked, k) in clamped.items():
+        why = "the matrix has only n_in·n_out entries" if asked > n_in * n_out else f"whole {block}x{block} blocks"
+        print(f"lift: rank {args.rank} asks k = r·(n_in+n_out) = {asked} entries of {n_out}x{n_in} weights; "
+              f"using k = {k} ({why})")
+    for n_out, n_in in sorted(full_rank):
+        print(f"lift: LRA rank {lra_rank} >= min({n_out}, {n_in}): W' = W for {n_out}x{n_in} weights "
+              "(selection is plain weight magnitude there)")
+    probe = list(itertools.islice(batches, max(1, getattr(args, "grad_accum", 1)))) if select == "gradient" else []
+    opt = LIFTAdamW(named, ks, args.lr, args.betas, args.eps, args.weight_decay, select=select, lra_rank=lra_rank,
+                    block=block, svd=svd, interval=interval, seed=args.seed,
+                    max_steps=getattr(args, "max_steps", None), model=model, probe=probe)
+    total = sum(w.numel() for _, w in named)
+    print(f"lift: training {sum(ks):,} of {total:,} entries ({100 * sum(ks) / total:.2f}%) in {len(ks)} matrices; "
+          f"select={select}{f' (LRA rank {lra_rank}, svd {svd})' if select == 'principal' else ''}"
+          f"{f' in {block}x{block} blocks' if block else ''}, mask refresh every {interval} steps")
+    return opt
+
+
+def merge(model) -> None:
+    """LIFT already writes into the weights: just remove the gradient hooks and freeze them again."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and hasattr(m.weight, "_lift_hook"):
+            m.weight._lift_hook.remove()
+            del m.weight._lift_hook
+            m.weight.grad = None
+            m.weight.requires_grad_(False)
+
+
+def adapter_state(model, optimizer: LIFTAdamW) -> dict:
+    """The sparse update W - W0 over every entry ever trained: per target `<name>.lift_index` (flat
+    indices into the n_out x n_in weight; int32 unless the matrix has 2^31 entries or more) and
+    `<name>.lift_delta` (fp32). Apply with W.view(-1)[index] += delta."""
+    out = {}
+    for name, w, idx, w0 in zip(optimizer.param_groups[0]["param_names"], optimizer.weights,
+                                optimizer.touched, optimizer.touched_w0):
+        out[f"{name}.lift_index"] = idx.clone()
+        out[f"{name}.lift_delta"] = w.detach().view(-1)[idx].float() - w0.float()
+    return out
