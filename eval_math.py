@@ -31,8 +31,13 @@ SYNTH_SIZES = {"train": 20000, "test": 200}
 # Two domains a ~1.6M-parameter byte-level LLaMA learns on a CPU in minutes (LIFT paper §7.1:
 # learn the target, measure forgetting on the source). Texts are short (prompt + solution
 # < 130 bytes), numbers small, and the solution spells out each arithmetic step:
-#   source: one step, a + b or a - b with a, b < 50     "23 + 18 = 41.\n#### 41"
-#   target: two steps, a * b (one digit) then + or - c   "3 * 4 = 12. 12 + 5 = 17.\n#### 17"
+#   source: one step, a + b or a - b with a, b < 20              "13 + 8 = 21.\n#### 21"
+#   target: two steps, a * b with a, b in 2..5, then + or - c <= 9  "3 * 4 = 12. 12 + 5 = 17.\n#### 17"
+# Every sum/difference in the target stays in the source's range, so fine-tuning has to learn
+# 16 products and the two-step format, and the source skill is what it can forget. Measured
+# (tiny preset, batch 32, prompt masked): pretraining on source, AdamW lr 2e-3 cosine, 900 steps
+# -> source 77%; then full fine-tuning on target, lr 1e-3: target 8% -> 35% / 67% / 92% after
+# 100 / 200 / 300 steps while source falls to ~6%. (Operands < 50 reached only 17% in 1000 steps.)
 
 NAMES = ("Tom", "Amy", "Sam", "Mia", "Ben", "Zoe", "Max", "Ava")
 ITEMS = ("apples", "pens", "books", "cards", "eggs", "shells", "coins", "stamps")
@@ -48,7 +53,7 @@ TARGET_TEMPLATES = (
     ("-", "{n} has {a} bags of {b} {x} and gives {c} to {m}. How many {x} are left?"),
     ("-", "{n} buys {a} packs of {b} {x} and loses {c}. How many {x} are left?"),
 )
-SOURCE_MAX, TARGET_FACTOR_MAX, TARGET_ADD_MAX = 49, 9, 19
+SOURCE_MAX, TARGET_FACTOR_MAX, TARGET_ADD_MAX = 19, 5, 9
 TEST_EVERY = 16  # a question is a test question iff crc32(question) % 16 == 0
 
 

@@ -178,8 +178,9 @@ class LIFTAdamW(torch.optim.Optimizer):
         step t+1 on, so every mask trains `interval` steps); moments and fp32 master values of entries
         in both masks carry over, new entries start with zero moments and their current value."""
         self.n_refresh += 1
-        new_index = self._select_all()
-        for j, (w, new) in enumerate(zip(self.weights, new_index)):
+        grads = self._probe_gradients() if self.select == "gradient" else [None] * len(self.weights)
+        for j, w in enumerate(self.weights):  # one matrix at a time: transients stay one matrix large
+            new, grads[j] = self._select(j, grads[j]), None
             old, v = self.index[j], self.values[j]
             pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
             kept = old[pos] == new
@@ -194,18 +195,22 @@ class LIFTAdamW(torch.optim.Optimizer):
                 self.touched[j], order = torch.cat([self.touched[j], fresh]).sort()
                 self.touched_w0[j] = torch.cat([self.touched_w0[j], w.view(-1)[fresh]])[order]
 
+    def _select(self, j, grad=None):
+        """Sorted flat indices of the k entries matrix j trains next (Eq. 1-2 or an ablation)."""
+        w, k = self.weights[j], self.ks[j]
+        if k == w.numel():  # budget clamped to the whole matrix: nothing to choose
+            idx = torch.arange(w.numel(), device=w.device)
+        else:
+            seed = (self.seed * 1_000_003 + self.n_refresh) * 1009 + j  # lowrank / random: reproducible
+            scores = selection_scores(w, self.select, self.lra_rank, self.svd, seed, grad)
+            idx = top_k_mask(scores, k, self.block).view(-1).nonzero().squeeze(1)
+        return idx.int() if w.numel() < 2**31 else idx  # int32 where it fits: half the memory
+
     def _select_all(self):
         grads = self._probe_gradients() if self.select == "gradient" else [None] * len(self.weights)
         out = []
-        for j, w in enumerate(self.weights):
-            if self.ks[j] == w.numel():  # budget clamped to the whole matrix: nothing to choose
-                idx = torch.arange(w.numel(), device=w.device)
-            else:
-                seed = (self.seed * 1_000_003 + self.n_refresh) * 1009 + j  # lowrank / random: reproducible
-                scores = selection_scores(w, self.select, self.lra_rank, self.svd, seed, grads[j])
-                idx = top_k_mask(scores, self.ks[j], self.block).view(-1).nonzero().squeeze(1)
-                del scores
-            out.append(idx.int() if w.numel() < 2**31 else idx)  # sorted; int32 where it fits (half the memory)
+        for j in range(len(self.weights)):
+            out.append(self._select(j, grads[j]))
             grads[j] = None
         return out
 
@@ -247,20 +252,31 @@ class LIFTAdamW(torch.optim.Optimizer):
         if len(lift["index"]) != len(self.weights) or any(i.numel() != k for i, k in zip(lift["index"], self.ks)):
             raise ValueError("LIFT optimizer state has other targets or budgets k than this optimizer "
                              f"({[i.numel() for i in lift['index']]} vs {self.ks})")
+        for j, w in enumerate(self.weights):  # check everything before changing anything
+            touched = lift["touched"][j].to(w.device)
+            if not torch.equal(self._base_values(j, touched), lift["touched_w0"][j].to(w)):
+                raise ValueError(f"weight {self.param_groups[0]['param_names'][j]} is not the base weight "
+                                 "this LIFT state was trained from")
         super().load_state_dict(state_dict)
         self.t, self.n_refresh = lift["t"], lift["n_refresh"]
         for j, w in enumerate(self.weights):
             flat = w.detach().view(-1)
             flat[self.touched[j]] = self.touched_w0[j]  # back to W0 wherever this optimizer wrote
-            touched = lift["touched"][j].to(w.device)
-            if not torch.equal(flat[touched], lift["touched_w0"][j].to(flat)):
-                raise ValueError(f"weight {self.param_groups[0]['param_names'][j]} is not the base weight "
-                                 "this LIFT state was trained from")
-            flat[touched] = lift["touched_values"][j].to(flat)
-            self.touched[j], self.touched_w0[j] = touched, lift["touched_w0"][j].to(flat)
+            self.touched[j], self.touched_w0[j] = lift["touched"][j].to(w.device), lift["touched_w0"][j].to(w)
+            flat[self.touched[j]] = lift["touched_values"][j].to(w)
             self.index[j] = lift["index"][j].to(w.device)
             self.values[j].copy_(lift["master"][j])
             self.values[j].grad = None
+
+    def _base_values(self, j, idx):
+        """W0 of matrix j at the sorted flat indices idx: the weight itself where this optimizer never
+        wrote, the recorded base value where it did."""
+        out = self.weights[j].detach().view(-1)[idx].clone()
+        mine = self.touched[j]
+        pos = torch.searchsorted(mine, idx).clamp_(max=mine.numel() - 1)
+        hit = mine[pos] == idx
+        out[hit] = self.touched_w0[j][pos[hit]]
+        return out
 
 # -----------------------------------------------------------------------------
 # the method seam

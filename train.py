@@ -85,11 +85,14 @@ def parse_args(argv=None):
     a("--lora-alpha", type=float, default=None, help="LoRA scale alpha/r; default alpha = 2r")
     a("--lift-interval", type=int, default=200, help="LIFT: optimizer steps between mask refreshes (update_interval)")
     a("--lift-lra-rank", type=int, default=None, help="LIFT: rank of the low-rank approximation (default --rank)")
-    a("--lift-select", default="principal", choices=["principal", "magnitude", "gradient", "random"])
+    a("--lift-select", default="principal", choices=["principal", "magnitude", "gradient", "random"],
+      help="LIFT: how to choose the trained entries: principal (the paper), magnitude, gradient, random (ablations)")
     a("--lift-block", type=int, default=0, help="LIFT: select b x b blocks (4 = LIFT_Structured); 0 = entries")
     a("--lift-svd", default="exact", choices=["exact", "lowrank"], help="LIFT: exact or randomized SVD")
-    a("--rocoft-mode", default="row", help="RoCoFT: row or column")
-    a("--rocoft-select", default="first", help="RoCoFT: first, random, max, min, mixed")
+    a("--rocoft-mode", default="row", help="RoCoFT: row (r output features) or column (r input features)")
+    a("--rocoft-select", default="first",
+      help="RoCoFT: first (the paper's tables), random, max, min, mixed (Wanda score |W|*||X|| per row/column)")
+    a("--rocoft-score-batches", type=int, default=8, help="RoCoFT max/min/mixed: micro-batches for activation norms")
     a("--lorasb-init-samples", type=int, default=None,
       help="LoRA-SB: examples for the gradient estimate (default 0.1%% of the training set, at least 64)")
     args = p.parse_args(argv)

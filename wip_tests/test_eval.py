@@ -299,7 +299,7 @@ def test_evaluate_tiny_model(memorized):
     for pr in preds:  # each flag agrees with an independent check of the completion's "#### N"
         m = re.search(r"#### (-?\d+)", pr["completion"])
         assert pr["correct"] == (m is not None and m.group(1) == pr["gold"])
-    assert m4["datasets"]["synth-source"]["correct"] == 0        # never trained on: not all correct
+    assert m4["datasets"]["synth-source"]["correct"] < 3         # never trained on: not all correct
     assert m4["average"] == sum(r["accuracy"] for r in m4["datasets"].values()) / 2
 
 
