@@ -41,7 +41,6 @@ METHODS = {
     "hyper": ("hyper", 1e-2, 3e-3),
 }
 TARGET_GROUPS = {"all": list(LINEAR_NAMES), "attn": list(LINEAR_NAMES[:4]), "mlp": list(LINEAR_NAMES[4:])}
-BASE_DIR = Path("out") / "base-tiny"  # the cached pretrained built-in model
 
 
 def parse_args(argv=None):
@@ -56,7 +55,7 @@ def parse_args(argv=None):
     a("--train-limit", type=int, default=None, help="train on at most this many problems")
     a("--epochs", type=float, default=1.0)
     a("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); 0 = evaluate the start")
-    a("--batch-size", type=int, default=16, help="examples per micro-batch")
+    a("--batch-size", type=int, default=None, help="examples per micro-batch (default 16; built-in default 32)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--lr", type=float, default=None, help="peak learning rate; default: per method (METHODS in train.py)")
     a("--warmup-ratio", type=float, default=0.03)
@@ -80,7 +79,10 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end / on Ctrl-C)")
     a("--eval-batch-size", type=int, default=64)
     a("--max-new-tokens", type=int, default=None, help="generation budget per problem; default eval_math's")
-    a("--pretrain-steps", type=int, default=1500, help="steps to pretrain the built-in base (first run only)")
+    a("--pretrain-steps", type=int, default=900, help="steps to pretrain the built-in base (first run only)")
+    a("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
+      help="CPU threads for torch (0 = torch's default). 1 by default on CPU: the tiny model is too small to "
+           "gain from more, and on a busy machine OpenMP threads that wait for each other are many times slower")
     # method flags, namespaced
     a("--lora-alpha", type=float, default=None, help="LoRA scale alpha/r; default alpha = 2r")
     a("--lift-interval", type=int, default=200, help="LIFT: optimizer steps between mask refreshes (update_interval)")
@@ -104,6 +106,10 @@ def parse_args(argv=None):
     if args.model is None and args.data is not None:
         p.error("--data needs --model (the built-in default uses neither)")
     args.data = args.data or "synth-target"
+    if args.batch_size is None:
+        args.batch_size = 32 if args.builtin else 16
+    if args.builtin and args.max_steps is None:
+        args.max_steps = 300  # ~1-2 minutes on a laptop CPU
     if args.eval_data is None:
         args.eval_data = "synth-target,synth-source" if args.builtin else args.data
     args.eval_data = "" if args.eval_data == "none" else args.eval_data
@@ -316,7 +322,7 @@ def train(model, tok, args, problems, log_path=None):
                                              f"The last good checkpoint in {ckpt_path} is kept; try a lower --lr")
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
-                tokens_seen += int((y != -100).sum())
+                tokens_seen += int((x != tok.pad_id).sum())  # tokens processed (prompt + solution, no padding)
             norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
             if not torch.isfinite(norm):
                 raise FloatingPointError(f"gradient norm is {norm.item()} at step {step}; stopping. "
@@ -370,31 +376,40 @@ def run_eval(model, tok, args, label):
     return {name: r["accuracy"] for name, r in result["datasets"].items()}
 
 
-def pretrain_base(args):
-    """The built-in base: the tiny preset trained from random init on synth-source (full training),
-    saved once under out/base-tiny and reused by every later run."""
-    print(f"no cached base model in {BASE_DIR}: pretraining the tiny model on synth-source "
+def base_dir(args) -> Path:
+    """Where the pretrained built-in base is cached (one per pretraining length)."""
+    return Path("out") / f"base-tiny-{args.pretrain_steps}"
+
+
+def pretrain_base(args) -> Path:
+    """The built-in base: the tiny preset trained from random init (seed 0) on synth-source with full
+    training, saved once under out/ and reused by every later run."""
+    folder = base_dir(args)
+    print(f"no cached base model in {folder}: pretraining the tiny model on synth-source "
           f"({args.pretrain_steps} steps; first run only)")
-    model, tok = load("tiny", seed=args.seed)
-    pre = argparse.Namespace(**{**vars(args), "method": "full", "lr": 3e-3, "max_steps": args.pretrain_steps,
-                                "schedule": "cosine", "warmup_ratio": 0.02, "batch_size": 32, "grad_accum": 1,
-                                "weight_decay": 0.0, "resume": False, "out": str(BASE_DIR) + ".run", "eval_every": 0,
+    model, tok = load("tiny", seed=0)
+    pre = argparse.Namespace(**{**vars(args), "method": "full", "lr": 2e-3, "max_steps": args.pretrain_steps,
+                                "schedule": "cosine", "warmup_ratio": 0.03, "batch_size": 32, "grad_accum": 1,
+                                "betas": (0.9, 0.95), "max_grad_norm": 1.0, "seed": 0, "targets": list(LINEAR_NAMES),
+                                "weight_decay": 0.0, "resume": False, "out": str(folder) + ".run", "eval_every": 0,
                                 "save_every": 0, "log_every": 100, "dtype": "float32"})
     model.to(args.device)
-    train(model, tok, pre, eval_math.load_problems("synth-source", "train", seed=args.seed))
-    model.save_pretrained(BASE_DIR)
-    tok.save(BASE_DIR)
-    return BASE_DIR
+    train(model, tok, pre, eval_math.load_problems("synth-source", "train", seed=0))
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return folder
 
 
 def main(argv=None):
     args = parse_args(argv)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model_path = args.model
     if args.builtin:
-        model_path = str(BASE_DIR) if (BASE_DIR / "model.safetensors").exists() else str(pretrain_base(args))
+        model_path = str(base_dir(args)) if (base_dir(args) / "model.safetensors").exists() else str(pretrain_base(args))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if "cuda" in args.device and args.method != "full" else torch.float32
@@ -402,7 +417,7 @@ def main(argv=None):
     problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
     before = None
     if args.builtin:  # the base's accuracy, computed once per base and cached beside it
-        cache = BASE_DIR / f"eval-{args.eval_data.replace(',', '+')}-{args.eval_limit}.json"
+        cache = base_dir(args) / f"eval-{args.eval_data.replace(',', '+')}-{args.eval_limit}-seed{args.seed}.json"
         if cache.exists():
             before = json.loads(cache.read_text())
         else:

@@ -1,0 +1,1722 @@
+"""The nanopeft test suite: CPU, fp32, seeded, deterministic.
+
+Every check compares against an independent reference: Hugging Face transformers for the model,
+a dense or brute-force re-implementation written here for each method, or the papers' stated
+properties. Run: python -m pytest -q test_all.py
+"""
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported: no hub retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+from types import SimpleNamespace
+import copy
+import importlib.util
+import io
+import itertools
+import json
+import math
+import re
+import signal
+import sys
+import time
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_math as E
+import hyper
+import lift
+import lorasb
+import rocoft
+import train
+from model import LINEAR_NAMES, LLAMA3_PAT, LLAMA3_SPECIALS, ModelConfig, Tokenizer, Transformer, find_linears, generate, load
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test shapes are tiny: threads only add overhead, and on busy shared cores OpenMP threads
+    that wait for each other run many times slower than one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# =============================================================================
+# model.py
+
+
+def _hf_model(seed, **kw):
+    """A random transformers.LlamaForCausalLM with weights large enough that logits are O(1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**kw)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    return hf
+
+
+HF_CONFIGS = {
+    # GQA, Llama-3 scaling with a short original context so it changes low, medium and high bands, tied
+    "gqa-scaled-tied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=97, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                            rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    # odd head count, multi-query attention, untied, plain RoPE
+    "odd-heads-untied": dict(hidden_size=60, intermediate_size=80, num_hidden_layers=3, num_attention_heads=5,
+                             num_key_value_heads=1, vocab_size=101, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                             rope_theta=500000.0),
+    # head_dim set apart from hidden/heads, 3 heads sharing 3 KV heads, scaling, untied
+    "head-dim-scaled": dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
+                            num_key_value_heads=3, head_dim=32, vocab_size=89, tie_word_embeddings=False,
+                            rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_logits_equal_transformers(tmp_path, name):
+    hf = _hf_model(0, **HF_CONFIGS[name])
+    hf.save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        ours, loss = model(tokens[:, :-1], tokens[:, 1:])
+        ref_loss = hf(tokens, labels=tokens).loss
+    assert ref.abs().max() > 1.0  # the comparison below is not between near-zero numbers
+    assert (model(tokens) - ref).abs().max().item() <= 1e-4
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    if HF_CONFIGS[name].get("rope_scaling"):  # the scaling really changes some frequencies here
+        from model import rope_frequencies
+        plain = ModelConfig(**{**model.config.__dict__, "rope_scaling": None})
+        changed = ~torch.isclose(rope_frequencies(model.config), rope_frequencies(plain))
+        assert 0 < changed.sum() < changed.numel()
+
+
+def _write_meta(hf, folder, n_shards=1):
+    """Meta layout from the same weights: Meta names, q/k rows back in interleaved-pair order,
+    model-parallel shards split like Meta's (column-parallel on dim 0, row-parallel on dim 1)."""
+    c = hf.config
+    hd = c.hidden_size // c.num_attention_heads
+
+    def to_meta(w, n_heads):  # inverse of the permutation transformers' conversion script applies
+        return w.view(n_heads, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+    names = {"q_proj": ("attention.wq", 0), "k_proj": ("attention.wk", 0), "v_proj": ("attention.wv", 0),
+             "o_proj": ("attention.wo", 1), "gate_proj": ("feed_forward.w1", 0), "down_proj": ("feed_forward.w2", 1),
+             "up_proj": ("feed_forward.w3", 0), "input_layernorm": ("attention_norm", None),
+             "post_attention_layernorm": ("ffn_norm", None)}
+    full = {}
+    for k, v in hf.state_dict().items():
+        if k == "model.embed_tokens.weight":
+            full["tok_embeddings.weight"] = (v, 1)
+        elif k == "model.norm.weight":
+            full["norm.weight"] = (v, None)
+        elif k == "lm_head.weight":
+            full["output.weight"] = (v, 0)
+        else:
+            parts = k.split(".")
+            i, mod = parts[2], parts[-2]
+            meta, dim = names[mod]
+            if mod == "q_proj":
+                v = to_meta(v, c.num_attention_heads)
+            if mod == "k_proj":
+                v = to_meta(v, c.num_key_value_heads)
+            full[f"layers.{i}.{meta}.weight"] = (v, dim)
+    for s in range(n_shards):
+        shard = {k: (v if d is None else v.chunk(n_shards, d)[s]).clone() for k, (v, d) in full.items()}
+        torch.save(shard, folder / f"consolidated.{s:02d}.pth")
+    rs = c.rope_parameters
+    (folder / "params.json").write_text(json.dumps({
+        "dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size, "multiple_of": 32,
+        "ffn_dim_multiplier": None, "norm_eps": c.rms_norm_eps, "rope_theta": rs["rope_theta"],
+        "use_scaled_rope": True, "rope_scaling_factor": rs["factor"]}))
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_meta_layout_gives_same_logits(tmp_path, n_shards):
+    # Meta's FFN rule: dim 64, multiple_of 32 -> hidden 192; Meta's scaling has original context 8192
+    hf = _hf_model(2, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                   max_position_embeddings=16384)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "meta").mkdir()
+    hf.save_pretrained(tmp_path / "hf")
+    _write_meta(hf, tmp_path / "meta", n_shards)
+    a = Transformer.from_pretrained(tmp_path / "hf")
+    b = Transformer.from_pretrained(tmp_path / "meta")
+    assert a.config.hidden_dim == b.config.hidden_dim == 192
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert (b(tokens) - ref).abs().max().item() <= 1e-4
+        assert (a(tokens) - b(tokens)).abs().max().item() <= 1e-5
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import LlamaForCausalLM
+    for tie in (True, False):
+        cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80, multiple_of=16, rope_theta=10000.0,
+                          tie_embeddings=tie, rope_scaling={"factor": 4.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        model = Transformer(cfg).init_weights(5).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(4)
+        model.save_pretrained(tmp_path / f"m{tie}")
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / f"m{tie}").eval()
+        tokens = torch.randint(0, 80, (2, 20), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
+        again = Transformer.from_pretrained(tmp_path / f"m{tie}")
+        assert again.config.to_hf() == model.config.to_hf()
+        assert (again.lm_head.weight is again.embed_tokens.weight) == tie
+
+
+def _tiny(seed=0, vocab=64, scale=3.0):
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16, rope_theta=10000.0)
+    model = Transformer(cfg).init_weights(seed).eval()
+    with torch.no_grad():  # sharper distributions than the init, so greedy choices are not near-ties
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+def test_kv_cache_matches_full_forward():
+    model = _tiny()
+    tokens = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(3, 20)
+        pos = torch.arange(20).expand(3, 20)
+        causal = torch.ones(20, 20, dtype=torch.bool).tril()
+        out = [model(tokens[:, :12], positions=pos[:, :12], mask=causal[None, None, :12, :12], start=0)]
+        for t in range(12, 20):
+            out.append(model(tokens[:, t:t + 1], positions=pos[:, t:t + 1], mask=causal[None, None, t:t + 1, :t + 1], start=t))
+        model.clear_cache()
+    assert (torch.cat(out, 1) - full).abs().max().item() <= 1e-5
+
+
+def _greedy_no_cache(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_batched_generate_equals_one_at_a_time_and_transformers(tmp_path):
+    from transformers import LlamaForCausalLM
+    model = _tiny(1)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 16)]
+    batched = generate(model, prompts, max_new_tokens=12)
+    assert [len(b) for b in batched] == [12] * 5
+    assert batched == [_greedy_no_cache(model, p, 12) for p in prompts]
+    assert batched == [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    model.save_pretrained(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    for p, ours in zip(prompts, batched):
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                          max_new_tokens=12, min_new_tokens=12, pad_token_id=0, eos_token_id=None)
+        assert out[0, len(p):].tolist() == ours
+
+
+def test_generate_stops_per_sequence():
+    model = _tiny(2)
+    prompts = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6]]
+    free = generate(model, prompts, max_new_tokens=10)
+    stop = free[0][2]  # the third token of row 0 becomes a stop token
+    stopped = generate(model, prompts, max_new_tokens=10, stop_ids=[stop])
+    for f, s in zip(free, stopped):
+        cut = f.index(stop) if stop in f else len(f)
+        assert s == f[:cut]  # each row ends at its own first stop token, the others go on
+
+
+# =============================================================================
+# tokenizer
+
+
+def _meta_tokenizer_file():
+    spec = importlib.util.find_spec("llama_models")
+    return os.path.join(spec.submodule_search_locations[0], "llama3", "tokenizer.model")
+
+
+def test_meta_tokenizer():
+    tok = Tokenizer.from_file(_meta_tokenizer_file())
+    ids = tok.encode("This is a test sentence.", bos=True, eos=True)
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert tok.decode(ids[1:-1]) == "This is a test sentence."
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_vocab) == (128000, 128001, 128004, 128256)
+    assert 128009 in tok.stop_ids  # <|eot_id|>
+    text = "Ünïcödé 🙂 12345 <|eot_id|>\n\n  tabs\tand spaces "
+    assert tok.decode(tok.encode(text)) == text
+    assert 128009 not in tok.encode(text)  # special-token text in data stays text
+
+
+def test_tokenizer_json_matches_tokenizer_model(tmp_path):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+    TikTokenConverter(_meta_tokenizer_file(), extra_special_tokens=names).converted().save(str(tmp_path / "tokenizer.json"))
+    a, b = Tokenizer.from_file(_meta_tokenizer_file()), Tokenizer.for_model(tmp_path)
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. Ünï 🙂"
+    assert a.encode(text, bos=True, eos=True) == b.encode(text, bos=True, eos=True)
+    assert (a.bos_id, a.eos_id, a.pad_id, a.stop_ids, a.n_vocab) == (b.bos_id, b.eos_id, b.pad_id, b.stop_ids, b.n_vocab)
+
+
+def test_tokenizer_found_beside_or_under_original(tmp_path):
+    import shutil
+    (tmp_path / "original").mkdir()
+    shutil.copy(_meta_tokenizer_file(), tmp_path / "original" / "tokenizer.model")
+    assert Tokenizer.for_model(tmp_path).encode("hi") == Tokenizer.from_file(_meta_tokenizer_file()).encode("hi")
+
+
+def test_byte_tokenizer_round_trips_utf8():
+    tok = Tokenizer.bytes()
+    g = torch.Generator().manual_seed(0)
+    chars = "aZ09 \n\t#$,.-é€😀中文<|end_of_text|>"
+    for _ in range(20):
+        text = "".join(chars[i] for i in torch.randint(0, len(chars), (50,), generator=g).tolist())
+        ids = tok.encode(text, bos=True, eos=True)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        assert all(i < 256 for i in ids[1:-1]) and len(ids) == len(text.encode()) + 2
+        assert tok.decode(ids[1:-1]) == text
+    assert tok.n_vocab <= ModelConfig.from_preset("tiny").vocab_size
+
+
+# =============================================================================
+# bad input: one clear line naming the value
+
+
+def test_bad_model_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        Transformer.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        Transformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'llama-9b'.*tiny, llama-3.2-1b"):
+        ModelConfig.from_preset("llama-9b")
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load(str(tmp_path / "nope"))
+    # a tensor whose shape does not match the config is named
+    model = _tiny()
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp.down_proj.weight' .* has shape \(64, 176\), the config needs \(64, 128\)"):
+        Transformer.from_pretrained(tmp_path / "m")
+    # a tokenizer with more tokens than the model's vocabulary
+    _tiny(vocab=200).save_pretrained(tmp_path / "small")
+    Tokenizer.bytes().save(tmp_path / "small")
+    with pytest.raises(ValueError, match="259 tokens but the model's vocabulary is 200"):
+        load(str(tmp_path / "small"))
+    (tmp_path / "bad.model").write_text("not base64 at all\n")
+    with pytest.raises(ValueError, match="bad.model"):
+        Tokenizer.from_file(tmp_path / "bad.model")
+
+
+# =============================================================================
+# eval_math.py — Tests for eval_math.py: extraction and scoring tables, every loader on files written here,
+
+
+# -----------------------------------------------------------------------------
+# extraction and scoring
+
+ANSWER_CASES = [
+    ("3 * 4 = 12. 12 + 5 = 17.\n#### 17", 17.0),           # hashes
+    ("#### 1,234", 1234.0),                                  # comma in the hashed answer
+    ("She pays $1,250.50 in total.", 1250.5),                # dollars + commas + decimals
+    ("The temperature drops to -5 degrees.", -5.0),          # negative
+    ("x = 3.75", 3.75),                                      # decimal
+    ("So 18 apples.", 18.0),                                 # number before a full stop
+    ("The answer is 42. Next, Tom buys 7 pens.", 42.0),      # "The answer is" beats the last number
+    ("the answer is: $18.", 18.0),
+    ("The answer is -3", -3.0),
+    ("#### 17\nQuestion: Tom has 3 bags", 17.0),             # trailing text after the answer
+    ("5 + 7 = 12 and then 12 - 2 = 10 cookies remain", 10.0),  # last number
+    ("I do not know.", None),                                # no number at all
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", ANSWER_CASES)
+def test_extract_answer(text, expected):
+    assert E.extract_answer(text) == expected
+
+
+CHOICE_CASES = [
+    ("Answer: the correct option is (C).", "C"),
+    ("A train covers 60 km in an hour, so the answer is D.", "D"),
+    ("The answer is (B). Not (A).", "B"),
+    ("Among the options, B) 12 fits best.", "B"),
+    ("All options are close; option E is right.", "E"),
+    ("#### C", "C"),
+    ("E", "E"),
+    ("B.", "B"),
+    ("All of them look wrong.", None),
+    ("Since E = m c^2, energy grows.", None),
+    ("Answer: 12 apples", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", CHOICE_CASES)
+def test_extract_choice(text, expected):
+    assert E.extract_choice(text) == expected
+
+
+def test_extract_choice_beats_first_capital_rule():
+    """LLM-Adapters' rule (first A-E anywhere) on the same sentences is wrong where ours is right."""
+    def first_capital(s):
+        m = re.findall(r"A|B|C|D|E", s.strip())
+        return m[0] if m else None
+    wrong = [t for t, want in CHOICE_CASES if want and first_capital(t) != want]
+    assert len(wrong) >= 3 and all(E.extract_choice(t) == w for t, w in CHOICE_CASES if t in wrong)
+
+
+def test_is_correct():
+    assert E.is_correct(17.0, "17") and E.is_correct(17.0009, "17") and not E.is_correct(17.002, "17")
+    assert E.is_correct(-5.0, "-5") and E.is_correct(1250.5, "1,250.50")
+    assert E.is_correct("C", "C") and not E.is_correct("A", "C") and not E.is_correct(3.0, "C")
+    assert not E.is_correct(None, "3") and not E.is_correct(None, "A")
+
+# -----------------------------------------------------------------------------
+# loaders
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GSM_ROWS = [
+    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+    {"question": "A house costs $1,200 more than a car that costs $3,000. What do both cost?",
+     "answer": "The house costs 3,000 + 1,200 = 4,200.\nBoth cost 3,000 + 4,200 = 7,200.\n#### 7,200"},
+]
+ADAPTER_ROWS = [
+    {"instruction": "Tom has 3 apples and buys 2. How many apples?", "input": "", "output": "", "answer": "5"},
+    {"instruction": "What is 2 + 2?", "input": "Answer Choices: (A) 3 (B) 4", "output": "2 + 2 = 4. The answer is B.",
+     "answer": "B"},
+    {"instruction": "Half of 7?", "input": "", "output": "", "answer": 3.5},
+]
+
+
+def test_gsm8k_jsonl_through_datasets(tmp_path, monkeypatch):
+    import datasets
+    calls, real = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    ps = E.load_problems(str(write_jsonl(tmp_path / "mygsm.jsonl", GSM_ROWS)))
+    assert calls and calls[0][0][0] == "json"
+    assert [p["answer"] for p in ps] == ["72", "7200"] and {p["dataset"] for p in ps} == {"mygsm"}
+    assert ps[0]["question"] == GSM_ROWS[0]["question"]
+    assert ps[0]["solution"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
+    assert E.format_target(ps[0]).endswith("#### 72")
+    assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=GSM_ROWS[0]["question"])
+    assert E.load_problems(str(tmp_path / "mygsm.jsonl"), limit=1) == ps[:1]
+
+
+def test_gsm8k_hub_path_with_local_file(tmp_path, monkeypatch):
+    """The hub code path (`gsm8k`) with datasets.load_dataset answering from a local file of
+    the same shape: same hub id, config and split asked for, same problems as the jsonl."""
+    import datasets
+    local, real, calls = write_jsonl(tmp_path / "test.jsonl", GSM_ROWS), datasets.load_dataset, []
+
+    def fake(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        return real("json", data_files=str(local), split="train")
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    ps = E.load_problems("gsm8k", "test")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert [{**p, "dataset": "x"} for p in ps] == [{**p, "dataset": "x"} for p in E.load_problems(str(local))]
+    assert {p["dataset"] for p in ps} == {"gsm8k"}
+
+
+def test_gsm8k_hub_offline_is_a_clear_error(monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    t = time.time()
+    with pytest.raises(ConnectionError, match=r"openai/gsm8k.*local GSM8K-format \.jsonl") as e:
+        E.load_problems("gsm8k", "test")
+    assert "\n" not in str(e.value) and time.time() - t < 10
+
+
+def test_llm_adapters_json(tmp_path):
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps(ADAPTER_ROWS))
+    ps = E.load_problems(str(f))
+    assert [p["answer"] for p in ps] == ["5", "B", "3.5"] and ps[0]["solution"] is None
+    assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=ADAPTER_ROWS[0]["instruction"])
+    assert "### Input:\nAnswer Choices: (A) 3 (B) 4\n\n### Response:\n" in E.format_prompt(ps[1])
+    assert E.format_target(ps[0]) == "The answer is 5" and E.format_target(ps[1]) == ADAPTER_ROWS[1]["output"]
+    assert E.is_choice(ps[1]) and not E.is_choice(ps[0])
+
+
+def test_folder_of_datasets_and_names(tmp_path):
+    root = tmp_path / "dataset"
+    for name, rows in (("AQuA", ADAPTER_ROWS[1:2]), ("SVAMP", ADAPTER_ROWS[:1] * 3), ("gsm8k", ADAPTER_ROWS[2:])):
+        (root / name).mkdir(parents=True)
+        (root / name / "test.json").write_text(json.dumps(rows))
+    (root / "math_10k.json").write_text(json.dumps(ADAPTER_ROWS))
+    ps = E.load_problems(str(root), "test")
+    assert [p["dataset"] for p in ps] == ["aqua", "gsm8k", "svamp", "svamp", "svamp"]
+    assert len(E.load_problems(str(root), limit=2)) == 4       # limit is per dataset
+    assert [p["dataset"] for p in E.load_problems("svamp", data_dir=str(root))] == ["svamp"] * 3
+    assert len(E.load_problems("MATH-10K", data_dir=str(root))) == 3
+    with pytest.raises(ValueError, match=r"split 'train' does not exist .* it has: test"):
+        E.load_problems(str(root), "train")
+    with pytest.raises(ValueError, match=r"split 'train' does not exist for 'svamp'.*splits: test"):
+        E.load_problems("svamp", "train", data_dir=str(root))
+
+
+def test_bad_rows_name_row_and_file(tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", [GSM_ROWS[0], {"question": "no answer here"}])
+    with pytest.raises(ValueError, match=r"^row 1 of .*bad\.jsonl has no answer ending in '#### N'"):
+        E.load_problems(str(f))
+    g = tmp_path / "bad.json"
+    g.write_text(json.dumps([ADAPTER_ROWS[0], ADAPTER_ROWS[1], {"text": "hello"}]))
+    with pytest.raises(ValueError, match=r"^row 2 of .*bad\.json has neither 'question' \(GSM8K\) nor 'instruction'"):
+        E.load_problems(str(g))
+    g.write_text(json.dumps([{"instruction": "Q?", "input": "", "output": "x"}]))
+    with pytest.raises(ValueError, match=r"^row 0 of .*bad\.json has no 'answer'"):
+        E.load_problems(str(g))
+
+
+def test_eval_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown dataset 'nosuch'; known: gsm8k, synth-source, synth-target"):
+        E.load_problems("nosuch", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"data path '.*missing\.jsonl' does not exist"):
+        E.load_problems(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.json").write_text("[]")
+    for f in ("empty.jsonl", "empty.json"):
+        with pytest.raises(ValueError, match="'empty'.* (is empty|has no problems)"):
+            E.load_problems(str(tmp_path / f))
+    for spec in ("gsm8k", "synth-source"):
+        with pytest.raises(ValueError, match=r"split 'validation' does not exist .*splits: train, test"):
+            E.load_problems(spec, "validation")
+    with pytest.raises(ValueError, match="limit=0"):
+        E.load_problems("synth-target", limit=0)
+    with pytest.raises(ValueError, match="no problems"):
+        E.evaluate(None, None, [])
+
+# -----------------------------------------------------------------------------
+# synthetic data
+
+
+def test_synthetic_deterministic_disjoint_correct():
+    for domain in ("source", "target"):
+        train, test = E.load_problems(f"synth-{domain}", "train"), E.load_problems(f"synth-{domain}", "test")
+        assert (len(train), len(test)) == (20000, 200)
+        assert train == E.load_problems(f"synth-{domain}", "train") and test[:50] == E.load_problems(f"synth-{domain}", limit=50)
+        other = E.load_problems(f"synth-{domain}", "test", seed=1)
+        assert other != test
+        train_q = {p["question"] for p in train}
+        assert len(train_q) == len(train) and len({p["question"] for p in test}) == len(test)
+        assert not train_q & {p["question"] for p in test + other}  # disjoint, for any seed
+        for p in train[:500] + test:
+            # check each arithmetic step of the solution independently, and that it uses the question's numbers
+            steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", p["solution"])
+            assert len(steps) == (1 if domain == "source" else 2)
+            for a, op, b, r in steps:
+                assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(r) >= 0
+            assert ("*" in p["solution"]) == (domain == "target")
+            assert p["solution"].endswith(f"\n#### {steps[-1][3]}") and p["answer"] == steps[-1][3]
+            nums = [int(x) for x in re.findall(r"\d+", p["question"])]
+            assert sorted(nums) == sorted([int(steps[0][0]), int(steps[0][2])] + ([int(steps[1][2])] if len(steps) > 1 else []))
+            assert len((E.format_prompt(p) + E.format_target(p)).encode()) < 140
+
+
+def test_prompt_target_boundary_tokenizes_cleanly():
+    """encode(prompt) + encode(target) == encode(prompt + target): checked for the byte tokenizer,
+    and for Llama-3's pre-tokenizer regex (BPE never merges across its pieces)."""
+    regex = pytest.importorskip("regex")
+    tok = Tokenizer.bytes()
+    probs = E.load_problems("synth-target", limit=5) + E.load_problems("synth-source", limit=5)
+    probs += [dict(question=r["question"], answer="1", solution=r["answer"], template="alpaca") for r in GSM_ROWS]
+    probs += [dict(question="Q?", input="(A) 1 (B) 2", answer="B", solution=None, template="alpaca")]
+    for p in probs:
+        a, b = E.format_prompt(p), E.format_target(p)
+        assert tok.encode(a, bos=True) + tok.encode(b, eos=True) == tok.encode(a + b, bos=True, eos=True)
+        assert regex.findall(LLAMA3_PAT, a) + regex.findall(LLAMA3_PAT, b) == regex.findall(LLAMA3_PAT, a + b)
+
+# -----------------------------------------------------------------------------
+# evaluation on a tiny model
+
+
+def eval_tiny_model(seed=0):
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=16)
+    return Transformer(cfg).init_weights(seed)
+
+
+@pytest.fixture(scope="module")
+def memorized():
+    """A tiny model trained (as train.py builds sequences) until it reproduces 4 problems."""
+    torch.manual_seed(0)
+    tok, model = Tokenizer.bytes(), eval_tiny_model()
+    seen = E.load_problems("synth-target", "train", limit=4)
+    seqs = [(tok.encode(E.format_prompt(p), bos=True), tok.encode(E.format_target(p), eos=True)) for p in seen]
+    T = max(len(a) + len(b) for a, b in seqs) - 1
+    x, y = torch.full((4, T), tok.pad_id), torch.full((4, T), -100)
+    for i, (a, b) in enumerate(seqs):
+        s = torch.tensor(a + b)
+        x[i, :len(s) - 1], y[i, len(a) - 1:len(s) - 1] = s[:-1], s[len(a):]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, tok, seen
+
+
+def test_evaluate_tiny_model(memorized):
+    model, tok, seen = memorized
+    problems = seen + E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=3)
+    m1 = E.evaluate(model, tok, problems, batch_size=1, progress=False)
+    m4 = E.evaluate(model, tok, problems, batch_size=4, progress=False)
+    assert m1["predictions"] == m4["predictions"]                 # batch size changes no prediction
+    preds = m4["predictions"]
+    assert [p["question"] for p in preds] == [p["question"] for p in problems]  # original order
+    for p, pr in zip(seen, preds):                               # memorized: the exact target, stopped at eos
+        assert pr["completion"] == E.format_target(p) and pr["correct"]
+    for name, r in m4["datasets"].items():
+        kept = [pr for pr in preds if pr["dataset"] == name]
+        assert r["n"] == len(kept) and r["correct"] == sum(pr["correct"] for pr in kept)
+        assert r["accuracy"] == sum(pr["correct"] for pr in kept) / len(kept)
+    for pr in preds:  # each flag agrees with an independent check of the completion's "#### N"
+        m = re.search(r"#### (-?\d+)", pr["completion"])
+        assert pr["correct"] == (m is not None and m.group(1) == pr["gold"])
+    assert m4["datasets"]["synth-source"]["correct"] < 3         # never trained on: not all correct
+    assert m4["average"] == sum(r["accuracy"] for r in m4["datasets"].values()) / 2
+
+
+def test_chunked_decoding_matches_generate(monkeypatch):
+    """Decoding in chunks with stop-string checks equals one plain generate call."""
+    tok, model = Tokenizer.bytes(), eval_tiny_model(1)
+    problems = E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=2)
+    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
+    ref = [tok.decode(o) for o in generate(model, prompts, 30, tok.stop_ids, tok.pad_id)]
+    monkeypatch.setattr(E, "GENERATE_CHUNK", 8)
+    assert E.complete(model, tok, prompts, 30) == [t.split("\nQuestion:")[0] for t in ref]
+    got = E.evaluate(model, tok, problems, batch_size=2, max_new_tokens=30, progress=False)
+    assert [p["completion"] for p in got["predictions"]] == E.complete(model, tok, prompts, 30)
+
+
+def test_stop_strings_and_default_length():
+    assert E._cut_at_stop(" 3 + 4 = 7.\n#### 7\nQuestion: Tom has") == (" 3 + 4 = 7.\n#### 7", True)
+    assert E._cut_at_stop("12\n\n### Instruction:\nNext") == ("12\n\n", True)
+    assert E._cut_at_stop("#### 72 apples") == ("#### 72 apples", False)
+    synth = E.load_problems("synth-target")
+    longest = max(len(E.format_target(p)) for p in synth)
+    assert longest < E.default_max_new_tokens(synth) <= 2 * longest + 16 < 100
+    assert E.default_max_new_tokens([dict(question="q", answer="1", solution=None)]) == 512
+
+
+def test_cli(tmp_path, capsys):
+    E.main(["--model", "tiny", "--data", "synth-source,synth-target", "--limit", "3", "--batch-size", "2",
+            "--max-new-tokens", "4", "--out", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"synth-source\s+3\s+\d+\s+[\d.]+%", out) and "average" in out
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(preds) == 6 and metrics["datasets"]["synth-target"]["n"] == 3 and metrics["max_new_tokens"] == 4
+    with pytest.raises(SystemExit, match="error: unknown dataset 'nosuch'"):
+        E.main(["--data", "nosuch", "--out", str(tmp_path)])
+
+
+# =============================================================================
+# train.py
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    """A small random LLaMA with the byte tokenizer, saved as a Hugging Face folder."""
+    d = tmp_path_factory.mktemp("small")
+    cfg = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=16, rope_theta=10000.0,
+                      tie_embeddings=True)
+    Transformer(cfg).init_weights(0).save_pretrained(d)
+    Tokenizer.bytes().save(d)
+    return d
+
+
+def _argv(small_dir, out, *extra):
+    return ["--model", str(small_dir), "--data", "synth-target", "--train-limit", "64", "--eval-data", "none",
+            "--batch-size", "4", "--seq-len", "96", "--out", str(out), "--log-every", "1", *extra]
+
+
+def _weights(out):
+    return Transformer.from_pretrained(out).state_dict()
+
+
+def test_full_ft_matches_handwritten_adamw(small_dir, tmp_path):
+    """Five steps of `--method full` against AdamW written out by hand (Loshchilov & Hutter, Alg. 2),
+    with the same batches, gradient clipping, warmup and linear decay."""
+    steps, lr, wd, clip, (b1, b2), eps = 5, 1e-3, 0.1, 0.5, (0.9, 0.95), 1e-6
+    train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", str(steps), "--lr", str(lr),
+                     "--weight-decay", str(wd), "--max-grad-norm", str(clip), "--betas", f"{b1},{b2}", "--eps",
+                     str(eps), "--warmup-ratio", "0.4", "--grad-accum", "2"))
+    got = _weights(tmp_path / "run")
+
+    import eval_math
+    model = Transformer.from_pretrained(small_dir)
+    tok = Tokenizer.bytes()
+    examples, _ = train.tokenize(eval_math.load_problems("synth-target", "train", limit=64), tok, 96)
+    params = dict(model.named_parameters())
+    m = {k: torch.zeros_like(p) for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    warmup = math.ceil(0.4 * steps)
+    for t in range(steps):
+        lr_t = lr * ((t + 1) / warmup if t < warmup else 1 - (t - warmup) / (steps - warmup))
+        for j in range(2):
+            x, y = train.collate(train.micro_batch(examples, 2 * t + j, 4, 0), tok.pad_id, "cpu")
+            (model(x, y)[1] / 2).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values()))
+        scale = min(1.0, clip / (norm.item() + 1e-6))
+        with torch.no_grad():
+            for k, p in params.items():
+                g = p.grad * scale
+                m[k] = b1 * m[k] + (1 - b1) * g
+                v[k] = b2 * v[k] + (1 - b2) * g * g
+                mhat, vhat = m[k] / (1 - b1 ** (t + 1)), v[k] / (1 - b2 ** (t + 1))
+                p.mul_(1 - lr_t * wd)
+                p.sub_(lr_t * mhat / (vhat.sqrt() + eps))
+                p.grad = None
+    for k, p in model.state_dict().items():
+        assert torch.allclose(got[k], p, atol=1e-6, rtol=0), k
+    assert (got["layers.0.mlp.up_proj.weight"] != Transformer.from_pretrained(small_dir).layers[0].mlp.up_proj.weight).any()
+
+
+def test_loss_falls_and_saved_folder_loads_everywhere(small_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+    import eval_math
+    metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "30", "--lr", "3e-3",
+                               "--eval-data", "synth-target", "--eval-limit", "8", "--max-new-tokens", "8"))
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert len(log) == 30
+    assert sum(r["loss"] for r in log[-5:]) / 5 < 0.6 * sum(r["loss"] for r in log[:5]) / 5
+    assert set(metrics["accuracy"]) == {"synth-target"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 30
+    ours = Transformer.from_pretrained(tmp_path / "run").eval()
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "run").eval()
+    model, tok = __import__("model").load(str(tmp_path / "run"))
+    x = torch.tensor([tok.encode("Question: 3 + 4?", bos=True)])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+    r = eval_math.evaluate(model, tok, eval_math.load_problems("synth-target", "test", limit=4), batch_size=4,
+                           max_new_tokens=8)
+    assert len(r["predictions"]) == 4
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_is_bit_identical(small_dir, tmp_path, method):
+    common = ["--method", method, "--rank", "4", "--lr", "3e-3", "--weight-decay", "0.01"]
+    train.main(_argv(small_dir, tmp_path / "straight", *common, "--max-steps", "10"))
+    # interrupted after step 5 (a Ctrl-C during step 5 finishes the step and checkpoints), then resumed
+    calls = []
+
+    def ctrl_c_on_step_5(optimizer, a, k):  # a global post-step hook: every method's optimizer fires it
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(ctrl_c_on_step_5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(_argv(small_dir, tmp_path / "split", *common, "--max-steps", "10"))
+    finally:
+        handle.remove()
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["method"] == method
+    train.main(_argv(small_dir, tmp_path / "split", *common, "--max-steps", "10", "--resume"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # with a constant schedule, 5 steps then resumed to 10 equals 10 straight
+    const = [*common, "--schedule", "constant", "--warmup-ratio", "0"]
+    train.main(_argv(small_dir, tmp_path / "c10", *const, "--max-steps", "10"))
+    train.main(_argv(small_dir, tmp_path / "c5", *const, "--max-steps", "5"))
+    train.main(_argv(small_dir, tmp_path / "c5", *const, "--max-steps", "10", "--resume"))
+    a, b = _weights(tmp_path / "c10"), _weights(tmp_path / "c5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_steps_zero_is_the_starting_model(small_dir, tmp_path):
+    train.main(_argv(small_dir, tmp_path / "run", "--method", "lora", "--rank", "4", "--max-steps", "0"))
+    a, b = _weights(tmp_path / "run"), Transformer.from_pretrained(small_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(small_dir, tmp_path, capsys):
+    with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is (nan|inf) at step \d+"):
+        train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "20", "--lr", "1e6",
+                         "--save-every", "1", "--max-grad-norm", "0", "--warmup-ratio", "0"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _cli_error(argv, capsys):
+    """Run train.py's command line; return its one-line error."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True,
+                       cwd=os.path.dirname(train.__file__))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    return lines[-1]
+
+
+def test_train_bad_inputs(small_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "dora"])
+    assert "unknown method 'dora'; available: full, lora" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--rank", "0"])
+    assert "--rank must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'qkv' matches no Linear layer; the model has: down_proj, gate_proj"):
+        train.main(_argv(small_dir, tmp_path / "a", "--method", "lora", "--targets", "q_proj,qkv", "--max-steps", "1"))
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        train.main(_argv(tmp_path / "no-such-model", tmp_path / "b", "--max-steps", "1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train.main(["--model", str(small_dir), "--data", str(empty), "--out", str(tmp_path / "c"), "--max-steps", "1"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(_argv(small_dir, tmp_path / "d", "--method", "full", "--max-steps", "1", "--resume"))
+    train.main(_argv(small_dir, tmp_path / "e", "--method", "full", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="checkpoint of method 'full', not 'lora'"):
+        train.main(_argv(small_dir, tmp_path / "e", "--method", "lora", "--max-steps", "2", "--resume"))
+    (tmp_path / "e" / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        train.main(_argv(small_dir, tmp_path / "e", "--method", "full", "--max-steps", "2", "--resume"))
+    # from the command line: one line on stderr, exit status 2
+    assert _cli_error(_argv(small_dir, tmp_path / "f", "--targets", "qq", "--max-steps", "1"), capsys).startswith(
+        "error: target module 'qq' matches no Linear layer")
+
+
+# =============================================================================
+# lift.py — Tests of lift.py against brute-force / dense references written here (CPU, fp32, seeded).
+
+
+def lift_tiny_model():
+    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)).init_weights(0)
+
+
+def lift_args(**kw):
+    a = dict(rank=2, targets=list(LINEAR_NAMES), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+             lr_first=1e-2, max_steps=1000, grad_accum=2, batch_size=2, seed=0, lift_interval=200,
+             lift_lra_rank=None, lift_select="principal", lift_block=0, lift_svd="exact")
+    a.update(kw)
+    return types.SimpleNamespace(**a)
+
+
+def make_batches(n=8, B=2, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, 64, (B, T + 1), generator=g)
+        out.append((x[:, :-1], x[:, 1:]))
+    return out
+
+
+def targets_of(model):
+    return [(n, m.weight) for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES]
+
+
+def ref_low_rank(W, r):
+    """Brute force Eq. (1): full SVD in float64, keep the r largest singular triplets."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=True)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def ref_top_k(scores, k):
+    """Brute force Eq. (2): sort all entries, mark the first k."""
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(scores.shape)
+
+
+def assert_same_selection(mask, scores, k, rtol=1e-5):
+    """mask == brute-force top-k of scores, except possibly at entries within rounding of the k-th value."""
+    assert mask.dtype == torch.bool and int(mask.sum()) == k
+    ref = ref_top_k(scores, k)
+    diff = mask ^ ref
+    if diff.any():
+        kth = scores.flatten().sort(descending=True).values[k - 1]
+        assert ((scores[diff] - kth).abs() <= rtol * kth.abs()).all(), f"{int(diff.sum())} entries differ"
+
+
+def flat_mask(idx, shape):
+    m = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    m[idx] = True
+    return m.view(shape)
+
+
+# -----------------------------------------------------------------------------
+# principal_mask
+
+
+@pytest.mark.parametrize("shape,rank,k", [((24, 40), 3, 100), ((48, 16), 1, 64), ((33, 33), 7, 400), ((40, 24), 5, 960)])
+def test_principal_mask_matches_bruteforce(shape, rank, k):
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + rank))
+    mask = lift.principal_mask(W, rank, k)
+    assert mask.shape == W.shape and int(mask.sum()) == k
+    assert_same_selection(mask, ref_low_rank(W, rank).abs(), k)
+
+
+def test_full_rank_is_magnitude_selection():
+    W = torch.randn(20, 30, generator=torch.Generator().manual_seed(1))
+    for rank in (20, 25, 1000):
+        assert torch.equal(lift.principal_mask(W, rank, 150), ref_top_k(W.abs(), 150))
+    assert not torch.equal(lift.principal_mask(W, 2, 150), ref_top_k(W.abs(), 150))  # rank reduction matters
+
+
+def test_lowrank_svd_agrees_with_exact_on_low_rank_matrix():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(64, 4, generator=g) @ torch.randn(4, 96, generator=g) + 1e-3 * torch.randn(64, 96, generator=g)
+    k = lift.budget(64, 96, 4)
+    exact, approx = lift.principal_mask(W, 4, k), lift.principal_mask(W, 4, k, svd="lowrank", seed=3)
+    assert int(approx.sum()) == k and (exact & approx).sum() / k > 0.99
+    assert torch.equal(approx, lift.principal_mask(W, 4, k, svd="lowrank", seed=3))  # reproducible
+
+
+# -----------------------------------------------------------------------------
+# the optimizer against a dense masked AdamW
+
+
+def test_optimizer_matches_dense_masked_adamw():
+    lr, betas, eps, wd, accum, interval, steps = 5e-3, (0.9, 0.95), 1e-8, 0.1, 3, 10, 32
+    base = lift_tiny_model()
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    batches = make_batches(12)
+    args = lift_args(lr=lr, betas=betas, weight_decay=wd, grad_accum=accum, lift_interval=interval)
+    opt = lift.prepare(model, args, iter(batches))
+    lifted = targets_of(model)
+    assert [n + ".weight" for n, _ in lifted] == opt.param_groups[0]["param_names"]
+
+    # dense reference: masks by brute force, dense moments kept zero outside the mask
+    ref_w = [w for _, w in targets_of(ref)]
+    for w in ref_w:
+        w.requires_grad_(True)
+    ks = [lift.budget(*w.shape, args.rank) for w in ref_w]
+    masks = [ref_top_k(ref_low_rank(w.detach(), args.rank).abs(), k) for w, k in zip(ref_w, ks)]
+    m = [torch.zeros_like(w) for w in ref_w]
+    v = [torch.zeros_like(w) for w in ref_w]
+    carried, err = 0, 0.0
+    for t in range(1, steps + 1):
+        for j, (_, w) in enumerate(lifted):
+            assert torch.equal(flat_mask(opt.index[j], w.shape), masks[j])
+        before = [w.detach().clone() for _, w in lifted]
+        idx_before = [i.clone() for i in opt.index]
+        for i in range(accum):
+            x, y = batches[((t - 1) * accum + i) % len(batches)]
+            (model(x, y)[1] / accum).backward()
+            assert all(w.grad is None for _, w in lifted)  # dense grads freed inside backward
+            assert all(p.grad is None for p in model.parameters())
+            (ref(x, y)[1] / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            b1, b2 = betas
+            for j, w in enumerate(ref_w):
+                g = w.grad * masks[j]
+                w.grad = None
+                m[j] = b1 * m[j] + (1 - b1) * g
+                v[j] = b2 * v[j] + (1 - b2) * g * g
+                m_hat, v_hat = m[j] / (1 - b1 ** t), v[j] / (1 - b2 ** t)
+                new = w * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+                w.copy_(torch.where(masks[j], new, w))
+            for j, (_, w) in enumerate(lifted):  # between refreshes only masked entries change
+                assert not ((w.detach() != before[j]) & ~flat_mask(idx_before[j], w.shape)).any()
+            if t % interval == 0:  # Algorithm 1, lines 6-11, dense form
+                new_masks = [ref_top_k(ref_low_rank(w, args.rank).abs(), k) for w, k in zip(ref_w, ks)]
+                for j in range(len(ref_w)):
+                    kept = int((masks[j] & new_masks[j]).sum())
+                    carried += 0 < kept < ks[j]
+                    m[j], v[j] = m[j] * new_masks[j], v[j] * new_masks[j]
+                masks = new_masks
+        for (_, w), r in zip(lifted, ref_w):
+            err = max(err, float((w.detach() - r.detach()).abs().max()))
+            assert err <= 1e-6, f"step {t}"
+    print("max |W - W_ref| over all steps:", err)
+    assert opt.t == steps and opt.n_refresh == 3 and carried > 0  # refreshes moved some entries, kept others
+
+    # optimizer state is O(k) per matrix: vectors of length k, plus the touched entries
+    sd = opt.state_dict()
+    for j, (_, w) in enumerate(lifted):
+        k, n_touched = ks[j], opt.touched[j].numel()
+        assert n_touched <= (1 + opt.n_refresh) * k < w.numel()
+        tensors = [sd["state"][j]["exp_avg"], sd["state"][j]["exp_avg_sq"]] + [sd["lift"][key][j] for key in
+                   ("index", "master", "touched", "touched_w0", "touched_values")]
+        assert all(x.numel() <= n_touched for x in tensors)
+        assert sum(x.numel() for x in tensors) == 4 * k + 3 * n_touched
+
+
+def test_trainable_count_and_clamping_announced(capsys):
+    model = lift_tiny_model()
+    opt = lift.prepare(model, lift_args(rank=40), iter(make_batches(2)))
+    out = capsys.readouterr().out
+    expect = sum(min(40 * (w.shape[0] + w.shape[1]), w.numel()) for _, w in targets_of(model))
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == expect
+    assert "5120" in out and "4096" in out and "3840" in out and "2048" in out  # 64x64 and 32x64 clamp
+    assert "LRA rank 40 >= min" in out
+    assert all(p.dtype == torch.float32 for p in opt.param_groups[0]["params"])
+
+
+# -----------------------------------------------------------------------------
+# selection ablations
+
+
+def test_magnitude_selection():
+    model = lift_tiny_model()
+    opt = lift.prepare(model, lift_args(rank=3, lift_select="magnitude"), iter(make_batches(2)))
+    for j, (_, w) in enumerate(targets_of(model)):
+        assert torch.equal(flat_mask(opt.index[j], w.shape), ref_top_k(w.detach().abs(), lift.budget(*w.shape, 3)))
+
+
+def test_gradient_selection_initial_and_refresh():
+    base, batches = lift_tiny_model(), make_batches(6)
+    model = copy.deepcopy(base)
+    opt = lift.prepare(model, lift_args(lift_select="gradient", grad_accum=2, lift_interval=2, lr=5e-2),
+                       itertools.cycle(batches))
+
+    def brute(ref):  # summed dense gradient over the first grad_accum batches, plain autograd
+        ws = [w for _, w in targets_of(ref)]
+        for w in ws:
+            w.requires_grad_(True)
+        for x, y in batches[:2]:
+            ref(x, y)[1].backward()
+        return [ref_top_k(w.grad.abs(), lift.budget(*w.shape, 2)) for w in ws]
+
+    for j, ref_mask in enumerate(brute(copy.deepcopy(base))):
+        assert torch.equal(flat_mask(opt.index[j], ref_mask.shape), ref_mask)
+    for x, y in batches[2:4]:  # two steps -> a refresh from the current weights
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.n_refresh == 1
+    now = copy.deepcopy(model)
+    lift.merge(now)
+    for j, ref_mask in enumerate(brute(now)):
+        assert_same_selection(flat_mask(opt.index[j], ref_mask.shape), ref_mask.float(), int(ref_mask.sum()))
+
+
+def test_random_selection():
+    model = lift_tiny_model()
+    idx0 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random"), iter([])).index
+    idx1 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random"), iter([])).index
+    idx2 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random", seed=1), iter([])).index
+    counts = torch.zeros(176 * 64)
+    for j, (_, w) in enumerate(targets_of(model)):
+        k = lift.budget(*w.shape, 4)
+        assert idx0[j].numel() == k == idx0[j].unique().numel() and int(idx0[j].max()) < w.numel()
+        assert torch.equal(idx0[j], idx1[j]) and not torch.equal(idx0[j], idx2[j])
+        if w.numel() == counts.numel():
+            counts[idx0[j]] += 1
+    # 4 matrices of 176x64 at k/numel = 0.43 each: every entry picked ~1.7 times; no region is favoured
+    rows = counts.view(176, 64).sum(1)
+    assert rows.min() > 0.5 * rows.mean() and rows.max() < 1.5 * rows.mean()
+
+
+def test_structured_blocks_match_bruteforce():
+    model = lift_tiny_model()
+    opt = lift.prepare(model, lift_args(rank=3, lift_block=4), iter([]))
+    for j, (_, w) in enumerate(targets_of(model)):
+        n_out, n_in = w.shape
+        k = lift.budget(n_out, n_in, 3, block=4)
+        assert k % 16 == 0 and opt.index[j].numel() == k
+        s = ref_low_rank(w.detach(), 3).abs()
+        blocks = torch.tensor([[float(s[4 * a:4 * a + 4, 4 * b:4 * b + 4].sum()) for b in range(n_in // 4)]
+                               for a in range(n_out // 4)], dtype=torch.float64)
+        got = flat_mask(opt.index[j], w.shape)
+        got_blocks = got.view(n_out // 4, 4, n_in // 4, 4).all(3).all(1)
+        assert torch.equal(got, got_blocks.repeat_interleave(4, 0).repeat_interleave(4, 1))  # whole blocks only
+        assert_same_selection(got_blocks, blocks, k // 16)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint / resume, adapter, merge
+
+
+def lift_train(model, opt, batches, steps, start, accum=2):
+    for t in range(start, start + steps):
+        for i in range(accum):
+            x, y = batches[(t * accum + i) % len(batches)]
+            (model(x, y)[1] / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_checkpoint_resume_is_bit_identical():
+    base, batches = lift_tiny_model(), make_batches(10)
+    args = lift_args(lr=3e-2, weight_decay=0.05, lift_interval=5)
+    a = copy.deepcopy(base)
+    opt_a = lift.prepare(a, args, iter(batches))
+    lift_train(a, opt_a, batches, 12, 0)
+    assert opt_a.n_refresh == 2
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)  # as train.py loads checkpoints
+    at_save = [p.detach().clone() for p in a.parameters()]
+
+    b = copy.deepcopy(base)
+    opt_b = lift.prepare(b, args, iter(batches))
+    opt_b.load_state_dict(sd)
+    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb)
+    # some entries were trained under an earlier mask and since deselected; they came back too
+    gone = [(w.detach().view(-1) != w0.detach().view(-1)) & ~flat_mask(i, w.shape).view(-1)
+            for (_, w), (_, w0), i in zip(targets_of(a), targets_of(base), opt_a.index)]
+    assert sum(int(g.sum()) for g in gone) > 0
+    lift_train(a, opt_a, batches, 8, 12)  # crosses the refreshes after steps 15 and 20
+    lift_train(b, opt_b, batches, 8, 12)
+    assert opt_b.n_refresh == 4
+    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb)
+
+    # the sparse adapter: W0 + delta at the touched indices gives the trained weights back
+    adapter = lift.adapter_state(a, opt_a)
+    for (name, w), (_, w0) in zip(targets_of(a), targets_of(base)):
+        idx, delta = adapter[f"{name}.weight.lift_index"], adapter[f"{name}.weight.lift_delta"]
+        assert idx.numel() < w.numel()
+        rebuilt = w0.detach().clone().view(-1)
+        rebuilt[idx] += delta
+        assert torch.allclose(rebuilt.view(w.shape), w.detach(), rtol=0, atol=1e-7)
+
+    opt_a.load_state_dict(sd)  # rolling back a trained optimizer works too: it undoes its own writes first
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), at_save))
+
+    other = lift_tiny_model().init_weights(1)  # another base model: refused
+    opt_c = lift.prepare(other, args, iter(batches))
+    with pytest.raises(ValueError, match="not the base weight"):
+        opt_c.load_state_dict(sd)
+
+
+def test_merge_and_bf16_weights():
+    model, batches = lift_tiny_model().to(torch.bfloat16), make_batches(4)
+    opt = lift.prepare(model, lift_args(lr=1e-2, lift_interval=2), iter(batches))
+    lift_train(model, opt, batches, 2, 0)
+    # after the refresh, entries kept in both masks still carry their fp32 master values
+    masters = torch.cat([p for p in opt.param_groups[0]["params"]])
+    assert opt.n_refresh == 1 and (masters != masters.to(torch.bfloat16).float()).any()
+    lift_train(model, opt, batches, 1, 2)
+    for j, (_, w) in enumerate(targets_of(model)):
+        assert w.dtype == torch.bfloat16 and opt.param_groups[0]["params"][j].dtype == torch.float32
+        assert torch.equal(w.detach().view(-1)[opt.index[j]], opt.param_groups[0]["params"][j].to(torch.bfloat16))
+    x = batches[0][0]
+    before = model(x)
+    keys = set(lift_tiny_model().state_dict())
+    lift.merge(model)
+    assert set(model.state_dict()) == keys and torch.equal(model(x), before)
+    assert not any(hasattr(w, "_lift_hook") or w.requires_grad for _, w in targets_of(model))
+
+
+@pytest.mark.parametrize("bad,match", [(dict(lift_select="wanda"), "lift_select"), (dict(lift_block=3), "lift_block=3"),
+                                       (dict(lift_interval=0), "lift_interval"), (dict(lift_svd="qr"), "lift_svd"),
+                                       (dict(lift_lra_rank=-1), "lift_lra_rank")])
+def test_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        lift.prepare(lift_tiny_model(), lift_args(**bad), iter([]))
+
+
+# =============================================================================
+# rocoft.py and hyper.py — Tests for rocoft.py and hyper.py against dense references, brute force and the papers' properties.
+
+
+def tiny():
+    # shapes: q/o 64x64, k/v 32x64, gate/up 176x64, down 64x176
+    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                   multiple_of=16)).init_weights(0)
+
+
+def rh_args(**kw):
+    a = dict(rank=3, targets=list(LINEAR_NAMES), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+             lr_first=1e-2, max_steps=10, grad_accum=1, batch_size=4, seed=0,
+             rocoft_mode="row", rocoft_select="first", rocoft_score_batches=2)
+    a.update(kw)
+    return SimpleNamespace(**a)
+
+
+def make_data(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, 64, (4, 16), generator=g)
+        y = torch.roll(x, -1, 1)
+        y[:, :3] = -100  # a "prompt" that is not trained on
+        out.append((x, y))
+    return out
+
+
+def rh_train(model, opt, data, steps):
+    losses = []
+    for x, y in itertools.islice(itertools.cycle(data), steps):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def modules_of(model, cls):
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+METHODS = [("rocoft", dict(rocoft_mode="row", rocoft_select="random")),
+           ("rocoft", dict(rocoft_mode="column", rocoft_select="random")),
+           ("hyper", {})]
+MOD = {"rocoft": rocoft, "hyper": hyper}
+
+
+# ---------------------------------------------------------------------------- both methods
+
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
+    data = make_data()
+    base = tiny()
+    x = data[0][0]
+    with torch.no_grad():
+        ref = base(x)
+    model = tiny()
+    opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(data)))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # exact no-op at initialisation
+    rh_train(model, opt, data, 4)
+    with torch.no_grad():
+        before = model(x)
+        assert (before - ref).abs().max() > 1e-4  # it did learn something
+        MOD[method].merge(model)
+        after = model(x)
+    assert set(model.state_dict()) == set(base.state_dict())
+    assert all(type(m) is nn.Linear for _, m in find_linears(model, LINEAR_NAMES))
+    assert all(m.weight.dtype == torch.float32 and not m.weight.requires_grad for _, m in find_linears(model, LINEAR_NAMES))
+    torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_trainable_count_matches_formula(method, kw):
+    model = tiny()
+    shapes = [m.weight.shape for _, m in find_linears(tiny(), LINEAR_NAMES)]
+    r = 3
+    if method == "hyper":
+        expected = sum(n_out + n_in for n_out, n_in in shapes)
+    elif kw["rocoft_mode"] == "row":
+        expected = sum(r * n_in for n_out, n_in in shapes)
+    else:
+        expected = sum(r * n_out for n_out, n_in in shapes)
+    opt = MOD[method].prepare(model, rh_args(rank=r, **kw), iter(itertools.cycle(make_data())))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    assert sum(p.numel() for p in params) == expected
+    assert len(names) == len(params) == (2 if method == "hyper" else 1) * len(shapes)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    # nothing else in the model trains (no norms, embeddings, lm_head)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params}
+    sd = dict(model.named_parameters())
+    assert all(sd[n] is p for n, p in zip(names, params))
+
+
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_checkpoint_round_trip_is_bit_identical(method, kw):
+    data = make_data()
+    base_keys = set(tiny().state_dict())
+    m1 = tiny()
+    opt1 = MOD[method].prepare(m1, rh_args(**kw), iter(itertools.cycle(data)))
+    rh_train(m1, opt1, data, 3)
+    saved = {k: v.clone() for k, v in m1.state_dict().items() if k not in base_keys}
+    assert set(saved) == set(MOD[method].adapter_state(m1, opt1))
+    opt_state = copy.deepcopy(opt1.state_dict())
+    losses1 = rh_train(m1, opt1, data[3:], 3)
+
+    # resume on a fresh base model; a different seed proves the row/column index comes from the checkpoint
+    m2 = tiny()
+    opt2 = MOD[method].prepare(m2, rh_args(**kw, seed=123), iter(itertools.cycle(data)))
+    if method == "rocoft":
+        assert any(not torch.equal(m.index, saved[f"{n}.index"]) for n, m in modules_of(m2, rocoft.RoCoFTLinear).items())
+    missing, unexpected = m2.load_state_dict(saved, strict=False)
+    assert not unexpected and set(missing) <= base_keys
+    opt2.load_state_dict(opt_state)
+    losses2 = rh_train(m2, opt2, data[3:], 3)
+    assert losses1 == losses2
+    s1, s2 = MOD[method].adapter_state(m1, opt1), MOD[method].adapter_state(m2, opt2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_bf16_base_keeps_fp32_adapter(method, kw):
+    model = tiny().to(torch.bfloat16)
+    opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(make_data())))
+    x, y = make_data()[0]
+    model(x, y)[1].backward()
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    MOD[method].merge(model)
+    assert all(m.weight.dtype == torch.bfloat16 for _, m in find_linears(model, LINEAR_NAMES))
+
+
+# ---------------------------------------------------------------------------- RoCoFT
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+def test_rocoft_changes_only_selected_rows_or_columns(mode):
+    data = make_data()
+    W0 = {n: m.weight.detach().clone() for n, m in find_linears(tiny(), LINEAR_NAMES)}
+    model = tiny()
+    opt = rocoft.prepare(model, rh_args(rocoft_mode=mode, rocoft_select="random"), iter(itertools.cycle(data)))
+    index = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
+    rh_train(model, opt, data, 4)
+    rocoft.merge(model)
+    for n, m in find_linears(model, LINEAR_NAMES):
+        changed = (m.weight - W0[n]) != 0
+        touched = changed.any(1) if mode == "row" else changed.any(0)
+        assert touched.nonzero().flatten().tolist() == index[n]  # exactly the selected ones, all of them
+
+
+class DenseRoCoFT(nn.Module):
+    """Reference: W = W0 + mask ⊙ Δ with a dense trainable Δ."""
+
+    def __init__(self, W0, mask):
+        super().__init__()
+        self.register_buffer("W0", W0.detach().clone())
+        self.register_buffer("mask", mask)
+        self.delta = nn.Parameter(torch.zeros_like(W0))
+
+    def forward(self, x):
+        return F.linear(x, self.W0 + self.mask * self.delta)
+
+
+class DenseHyper(nn.Module):
+    """Reference: W' = a ⊙ W0 ⊙ b as a dense matrix."""
+
+    def __init__(self, W0):
+        super().__init__()
+        self.register_buffer("W0", W0.detach().clone())
+        self.a = nn.Parameter(torch.ones(W0.shape[0]))
+        self.b = nn.Parameter(torch.ones(W0.shape[1]))
+
+    def forward(self, x):
+        return F.linear(x, self.a[:, None] * self.W0 * self.b[None, :])
+
+
+def swap(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+@pytest.mark.parametrize("method,kw", METHODS)
+def test_matches_dense_reference_after_training(method, kw):
+    data, steps = make_data(), 6
+    args = rh_args(**kw)
+    model = tiny()
+    opt = MOD[method].prepare(model, args, iter(itertools.cycle(data)))
+    ref = tiny()
+    ref.requires_grad_(False)
+    refs = {}
+    for n, m in find_linears(ref, LINEAR_NAMES):
+        if method == "hyper":
+            refs[n] = DenseHyper(m.weight)
+        else:
+            mask = torch.zeros_like(m.weight)
+            idx = model.get_submodule(n).index
+            if kw["rocoft_mode"] == "row":
+                mask[idx] = 1.0
+            else:
+                mask[:, idx] = 1.0
+            refs[n] = DenseRoCoFT(m.weight, mask)
+        swap(ref, n, refs[n])
+    ref_opt = torch.optim.AdamW([p for r in refs.values() for p in r.parameters()], lr=args.lr,
+                                betas=args.betas, eps=args.eps, weight_decay=0.0)
+    l1 = rh_train(model, opt, data, steps)
+    l2 = rh_train(ref, ref_opt, data, steps)
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
+    MOD[method].merge(model)
+    moved = 0.0
+    for n, r in refs.items():
+        W = model.get_submodule(n).weight
+        W_ref = r.W0 * r.a[:, None] * r.b[None, :] if method == "hyper" else r.W0 + r.mask * r.delta
+        torch.testing.assert_close(W, W_ref, atol=1e-6, rtol=0)
+        moved = max(moved, (W_ref - r.W0).abs().max().item())
+    assert moved > 1e-3
+
+
+def brute_force_pick(model, data, n_batches, mode, how, r):
+    """Wanda score by the paper's definition, from the full stored activations; pick by sorting."""
+    lins = find_linears(model, LINEAR_NAMES)
+    X = {n: [] for n, _ in lins}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: X[n].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for n, m in lins]
+    with torch.no_grad():
+        for x, _ in data[:n_batches]:
+            model(x)
+    for h in hooks:
+        h.remove()
+    picks = {}
+    for n, m in lins:
+        Xn = torch.cat(X[n]).double()                                  # [tokens, n_in]
+        norm = Xn.pow(2).sum(0).sqrt()                                 # ‖X_j‖₂
+        S = m.weight.double().abs() * norm[None, :]                    # Eq. (3)
+        score = (S.sum(1) if mode == "row" else S.sum(0)).tolist()
+        order = sorted(range(len(score)), key=lambda i: -score[i])     # highest first, ties by index
+        if how == "max":
+            chosen = order[:r]
+        elif how == "min":
+            chosen = sorted(range(len(score)), key=lambda i: score[i])[:r]
+        else:
+            chosen = order[:math.ceil(r / 2)] + order[len(order) - r // 2:]
+        picks[n] = sorted(chosen)
+    return picks
+
+
+@pytest.mark.parametrize("mode", ["row", "column"])
+@pytest.mark.parametrize("how", ["max", "min", "mixed"])
+def test_rocoft_score_selection_matches_brute_force(mode, how):
+    data, r = make_data(), 5
+    expected = brute_force_pick(tiny(), data, 2, mode, how, r)
+    model = tiny()
+    rocoft.prepare(model, rh_args(rank=r, rocoft_mode=mode, rocoft_select=how, rocoft_score_batches=2),
+                   iter(itertools.cycle(data)))
+    got = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
+    assert got == expected
+
+
+def test_rocoft_first_and_random_selection():
+    data = make_data()
+
+    def indices(**kw):
+        model = tiny()
+        rocoft.prepare(model, rh_args(rank=4, **kw), iter(itertools.cycle(data)))
+        return {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
+
+    assert all(v == [0, 1, 2, 3] for v in indices(rocoft_select="first").values())
+    a, b, c = (indices(rocoft_select="random", rocoft_mode="column", seed=s) for s in (0, 0, 1))
+    assert a == b and a != c
+    n_in = {n: m.weight.shape[1] for n, m in find_linears(tiny(), LINEAR_NAMES)}
+    for n, v in a.items():
+        assert len(set(v)) == 4 and v == sorted(v) and 0 <= v[0] and v[-1] < n_in[n]
+    assert len({tuple(v) for v in a.values()}) > 1  # matrices get their own draws
+
+
+def test_rocoft_bad_mode_and_select():
+    for kw, bad in ((dict(rocoft_mode="diagonal"), "diagonal"), (dict(rocoft_select="best"), "best")):
+        with pytest.raises(ValueError) as e:
+            rocoft.prepare(tiny(), rh_args(**kw), iter(itertools.cycle(make_data())))
+        msg = str(e.value)
+        assert bad in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="row, column"):
+        rocoft.prepare(tiny(), rh_args(rocoft_mode="diagonal"), iter(itertools.cycle(make_data())))
+
+
+def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
+    model = tiny()
+    opt = rocoft.prepare(model, rh_args(rank=40), iter(itertools.cycle(make_data())))  # k/v have 32 rows
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "rank 40" in line]
+    assert len(lines) == 1 and "32x64" in lines[0] and "using 32" in lines[0]
+    shapes = [m.weight.shape for _, m in find_linears(tiny(), LINEAR_NAMES)]
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(min(40, o) * i for o, i in shapes)
+    assert all(m.index.tolist() == list(range(32)) for n, m in modules_of(model, rocoft.RoCoFTLinear).items()
+               if n.endswith(("k_proj", "v_proj")))
+
+
+# ---------------------------------------------------------------------------- HyperAdapt
+
+def test_hyper_ignores_rank_with_a_note(capsys):
+    hyper.prepare(tiny(), rh_args(rank=7), None)
+    out = capsys.readouterr().out
+    assert "rank 7" in out and "ignored" in out
+
+
+class Toy(nn.Module):
+    """One target matrix, y = W x, to train on a regression problem."""
+
+    def __init__(self, W0):
+        super().__init__()
+        self.q_proj = nn.Linear(W0.shape[1], W0.shape[0], bias=False, dtype=W0.dtype)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(W0)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+def fit(module, params, W0, steps=150, lr=2e-2):
+    """Regress onto T = diag(a*) W0 diag(b*) + noise, so the update is large."""
+    g = torch.Generator().manual_seed(3)
+    n_out, n_in = W0.shape
+    T = (1 + 0.5 * torch.randn(n_out, 1, generator=g, dtype=W0.dtype)) * W0 * (1 + 0.5 * torch.randn(1, n_in, generator=g, dtype=W0.dtype))
+    T = T + 0.1 * torch.randn(n_out, n_in, generator=g, dtype=W0.dtype)
+    X = torch.randn(128, n_in, generator=g, dtype=W0.dtype)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if not isinstance(params, torch.optim.Optimizer) else params
+    for _ in range(steps):
+        loss = F.mse_loss(module(X), X @ T.T)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def hyper_delta(W0):
+    toy = Toy(W0)
+    opt = hyper.prepare(toy, rh_args(targets=["q_proj"], lr=2e-2), None)
+    fit(toy, opt, W0)
+    n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    hyper.merge(toy)
+    return toy.q_proj.weight.detach() - W0, n_params
+
+
+def test_hyper_rank_bound_on_low_rank_W0():
+    g = torch.Generator().manual_seed(0)
+    W0 = (torch.randn(24, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 40, generator=g, dtype=torch.float64)) / 6
+    dW, _ = hyper_delta(W0)
+    rank = torch.linalg.matrix_rank(dW).item()
+    assert torch.linalg.matrix_rank(W0).item() == 3
+    assert 3 < rank <= min(2 * 3, 24, 40)  # Lemma: rank(ΔW) <= min(2 rank(W0), n_out, n_in); above rank(W0)
+
+
+def normalised_rank(dW, W0):
+    """The paper's measure: #singular values of ΔW >= 1e-2, over rank(W0)."""
+    return (torch.linalg.svdvals(dW) >= 1e-2).sum().item() / torch.linalg.matrix_rank(W0).item()
+
+
+def test_hyper_normalised_rank_far_above_lora_with_same_budget():
+    g = torch.Generator().manual_seed(0)
+    n_out, n_in = 24, 40
+    W0 = torch.randn(n_out, n_in, generator=g) / math.sqrt(n_in)  # full rank 24
+    dW_hyper, n_hyper = hyper_delta(W0)
+    # a rank-1 LoRA has r (n_out + n_in) = n_out + n_in parameters: the same budget
+    B = nn.Parameter(torch.zeros(n_out, 1))
+    A = nn.Parameter(torch.randn(1, n_in, generator=g) / math.sqrt(n_in))
+    assert B.numel() + A.numel() == n_hyper
+    fit(lambda x: F.linear(x, W0) + (x @ A.T) @ B.T, [A, B], W0)
+    dW_lora = (B @ A).detach()
+    nr_hyper, nr_lora = normalised_rank(dW_hyper, W0), normalised_rank(dW_lora, W0)
+    assert nr_lora <= 1 / n_out
+    assert nr_hyper >= 0.75 and nr_hyper >= 10 * nr_lora
+
+
+# =============================================================================
+# lorasb.py — Tests for lorasb.py: LoRA, LoRA-XS, LoRA-SB on a tiny LLaMA (CPU, fp32, seeded).
+
+
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)
+PERM = torch.randperm(64, generator=torch.Generator().manual_seed(123))
+
+
+def base_model(seed=0):
+    return Transformer(CFG).init_weights(seed)
+
+
+def batches(seed=1, bsz=4, T=16):
+    """Synthetic next-token task: the target of token t is a fixed permutation of it."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randint(0, 64, (bsz, T), generator=g)
+        yield x, PERM[x]
+
+
+def lorasb_args(method, rank=8, lr=1e-2, **kw):
+    a = dict(method=method, rank=rank, targets=list(LINEAR_NAMES), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+             weight_decay=0.0, lr_first=lr, seed=0, lora_alpha=None, lorasb_init_samples=10)
+    return types.SimpleNamespace(**(a | kw))
+
+
+def shapes(model):
+    """(name, n_out, n_in) of every target Linear of a plain base model."""
+    return [(n, *m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in LINEAR_NAMES]
+
+
+def trainable(opt):
+    return {n: p for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
+
+
+def lorasb_train(model, opt, it, steps):
+    losses = []
+    for _ in range(steps):
+        x, y = next(it)
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def check_merge(model):
+    x, _ = next(batches(seed=99))
+    before = model(x)
+    lorasb.merge(model)
+    after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(base_model().state_dict())
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES)
+
+# -----------------------------------------------------------------------------
+# 1. LoRA
+
+
+def test_lora_noop_trains_only_A_B_count_and_merge():
+    model, ref = base_model(), base_model()
+    opt = lorasb.prepare(model, lorasb_args("lora"), batches())
+    x, _ = next(batches(seed=7))
+    assert torch.equal(model(x), ref(x))                           # B = 0: an exact no-op at step 0
+    r = 8
+    assert sum(p.numel() for p in trainable(opt).values()) == sum(r * (o + i) for _, o, i in shapes(ref))
+    assert all(n.endswith((".A", ".B")) for n in trainable(opt))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable(opt))
+    frozen = {k: v.clone() for k, v in ref.state_dict().items()}
+    adapters = {n: p.detach().clone() for n, p in trainable(opt).items()}
+    lorasb_train(model, opt, batches(seed=2), 3)
+    for k, v in frozen.items():                                    # the base model did not move
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(not torch.equal(p, adapters[n]) for n, p in trainable(opt).items())  # A and B both train
+    m = model.layers[0].self_attn.q_proj
+    assert m.scale == 2.0                                          # default alpha = 2r
+    check_merge(model)
+
+
+def test_rank_clamp_is_reported(capsys):
+    model = base_model()
+    opt = lorasb.prepare(model, lorasb_args("lora", rank=40), batches())
+    out = capsys.readouterr().out
+    assert "--rank 40" in out and "32x64" in out and "r=32" in out   # k_proj, v_proj are 32 x 64
+    expect = sum(min(40, o, i) * (o + i) for _, o, i in shapes(base_model()))
+    assert sum(p.numel() for p in trainable(opt).values()) == expect
+
+
+def test_lorasb_bad_inputs():
+    with pytest.raises(ValueError, match="method 'dora'"):
+        lorasb.prepare(base_model(), lorasb_args("dora"), batches())
+    with pytest.raises(ValueError, match="lr_first=0"):
+        lorasb.prepare(base_model(), lorasb_args("lorasb", lr_first=0), batches())
+    with pytest.raises(ValueError, match="lorasb_init_samples"):
+        lorasb.prepare(base_model(), lorasb_args("lorasb", lorasb_init_samples=0), batches())
+
+# -----------------------------------------------------------------------------
+# 2. LoRA-XS
+
+
+def test_loraxs_init_count_only_R_trains_and_merge():
+    r = 8
+    model, ref = base_model(), base_model()
+    opt = lorasb.prepare(model, lorasb_args("loraxs", rank=r), batches())
+    for name, n_out, n_in in shapes(ref):
+        m, W0 = model.get_submodule(name), ref.get_submodule(name).weight
+        # LoRA-XS: B = U_r (orthonormal columns spanning W0's top-r left singular space), A = S_r V_r^T
+        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.A, m.B.T @ W0, atol=1e-6, rtol=1e-5)   # U_r^T W0 = S_r V_r^T
+        s = torch.linalg.svdvals(W0)                                         # B A = best rank-r W0
+        torch.testing.assert_close(torch.linalg.norm(W0 - m.B @ m.A), s[r:].norm(), rtol=1e-4, atol=1e-6)
+        assert m.R.shape == (r, r) and m.R.abs().max() < 1e-4 and m.scale == 1.0   # R ~ N(0, 1e-5^2)
+        torch.testing.assert_close(m.delta(), m.B @ m.R @ m.A)
+    R = torch.cat([model.get_submodule(n).R.flatten() for n, *_ in shapes(ref)])
+    assert 0.7e-5 < R.std() < 1.3e-5
+    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
+    assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
+    lorasb_train(model, opt, batches(seed=2), 3)
+    for k, v in buffers.items():                                  # W0, A, B frozen
+        assert torch.equal(model.state_dict()[k], v), k
+    check_merge(model)
+
+# -----------------------------------------------------------------------------
+# 3. LoRA-SB
+
+
+def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
+    r, n, lr1 = 8, 10, 3e-3
+    model = base_model()
+    opt = lorasb.prepare(model, lorasb_args("lorasb", rank=r, lr_first=lr1, lorasb_init_samples=n), batches())
+    out = capsys.readouterr().out
+    assert "gradient estimate 10/10" in out and "from 10 examples" in out
+    # Reference: the same 10 examples (the first 10 rows batches() yields) in ONE batch, plain autograd.
+    # No ignored targets and equal lengths, so this token-mean loss equals lorasb's example-weighted
+    # sum of batch means.
+    ref = base_model()
+    it = batches()
+    xs, ys = zip(*[next(it) for _ in range(3)])
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    ref(x, y)[1].backward()
+    for name, n_out, n_in in shapes(base_model()):
+        m = model.get_submodule(name)
+        dW = -lr1 * torch.sign(ref.get_submodule(name).weight.grad)             # Eq. (6)-(7)
+        s = torch.linalg.svdvals(dW)
+        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal columns
+        torch.testing.assert_close(m.A @ m.A.T, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal rows
+        torch.testing.assert_close(torch.diagonal(m.R), s[:r], rtol=1e-4, atol=0)  # R = Sigma_r
+        torch.testing.assert_close(m.R, torch.diag(torch.diagonal(m.R)))
+        # Eckart-Young: the error of B R A equals the norm of the discarded singular values
+        torch.testing.assert_close(torch.linalg.norm(dW - m.B @ m.R @ m.A), s[r:].norm(), rtol=1e-4, atol=0)
+        assert m.scale == 1.0
+    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
+    assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(".R"))
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
+    x0, _ = next(batches(seed=7))
+    assert not torch.allclose(model(x0), base_model()(x0))       # deliberately not a no-op at step 0
+    lorasb_train(model, opt, batches(seed=2), 3)
+    for k, v in buffers.items():                                  # W0, A, B frozen; only R moved
+        assert torch.equal(model.state_dict()[k], v), k
+    check_merge(model)
+
+
+@pytest.mark.parametrize("method", ["lora", "lorasb"])
+def test_checkpoint_round_trip(method):
+    """Save what train.py saves (state-dict entries the base lacks + optimizer state), build the base
+    again, prepare with the same seed and a fresh batches iterator, load, and continue: bit-identical."""
+    args = lorasb_args(method)
+    model = base_model()
+    opt = lorasb.prepare(model, args, batches())
+    data = [b for b, _ in zip(batches(seed=2), range(5))]
+    lorasb_train(model, opt, iter(data[:2]), 2)
+    base_keys = set(base_model().state_dict())
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k not in base_keys}
+    assert saved.keys() == lorasb.adapter_state(model, opt).keys()
+    assert {k.rsplit(".", 1)[1] for k in saved} == ({"A", "B"} if method == "lora" else {"A", "B", "R"})
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    losses = lorasb_train(model, opt, iter(data[2:]), 3)
+
+    model2 = base_model()
+    opt2 = lorasb.prepare(model2, args, batches())
+    missing, unexpected = model2.load_state_dict(saved, strict=False)
+    assert not unexpected and not (set(saved) & set(missing))
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf))
+    assert lorasb_train(model2, opt2, iter(data[2:]), 3) == losses
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+
+
+def test_lorasb_beats_loraxs_on_synthetic_task():
+    """The LoRA-SB paper's Figure 2 claim at tiny scale: same r, same lr, same steps, same data."""
+    final = {}
+    for method in ("loraxs", "lorasb"):
+        torch.manual_seed(0)
+        model = base_model()
+        opt = lorasb.prepare(model, lorasb_args(method, rank=4, lr=1e-2, lorasb_init_samples=32),
+                             batches(seed=1000, bsz=8))
+        losses = lorasb_train(model, opt, batches(seed=1, bsz=8), 40)
+        final[method] = sum(losses[-5:]) / 5
+    print(f"final training loss (mean of last 5 of 40 steps), r=4, lr=1e-2: {final}")
+    # measured: loraxs ~4.14, lorasb ~3.90 (ln 64 = 4.16); margins were > 0.2 over seeds 0-2
+    assert final["lorasb"] < final["loraxs"] - 0.1
