@@ -80,11 +80,99 @@ def bench_train(args):
           f"{args.batch * args.seq / t:,.0f} tokens/s")
 
 
+METHOD_RUNS = {  # name -> train.py flags; LIFT's budget equals LoRA's at the same rank
+    "full": ["--method", "full"], "lora": ["--method", "lora"], "lift": ["--method", "lift"],
+    "rocoft-row": ["--method", "rocoft", "--rocoft-mode", "row"],
+    "rocoft-column": ["--method", "rocoft", "--rocoft-mode", "column"],
+    "hyper": ["--method", "hyper"], "loraxs": ["--method", "loraxs"], "lorasb": ["--method", "lorasb"],
+}
+BENCH_CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=264, multiple_of=256)  # ~25M
+
+
+def bench_one(args):
+    """One method in this process: steps of forward+backward+clip+step on random tokens."""
+    import contextlib
+    import io
+    import itertools
+    import train
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BENCH_CONFIG)).init_weights(0)
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    g = torch.Generator().manual_seed(1)
+    data = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4))]
+    targs = train.parse_args([*METHOD_RUNS[args.method], "--model", "x", "--data", "x", "--rank", str(args.rank),
+                              "--lr", "1e-4"])
+    targs.lr_first, targs.n_train, targs.lorasb_init_samples, targs.max_steps = 1e-4, 1000, 16, 1000
+    with contextlib.redirect_stdout(io.StringIO()):
+        t = time.perf_counter()
+        opt = train.method_module(targs.method).prepare(model, targs, itertools.cycle(data))
+        t_prepare = time.perf_counter() - t
+    params = [p for gr in opt.param_groups for p in gr["params"]]
+    times = []
+    for i, (x, y) in enumerate(itertools.islice(itertools.cycle(data), args.warmup + args.steps)):
+        t = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    rec = {"method": args.method, "trainable": sum(p.numel() for p in params), "step_s": sorted(times)[len(times) // 2],
+           "prepare_s": t_prepare, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "model_mb": rss_model / 1024}
+    if hasattr(opt, "refresh"):  # LIFT: one mask refresh of every target matrix
+        t = time.perf_counter()
+        opt.refresh()
+        rec["refresh_s"] = time.perf_counter() - t
+    print(json.dumps(rec))
+
+
+def bench_methods(args):
+    rows = []
+    for m in args.methods.split(","):
+        cmd = [sys.executable, __file__, "_one", "--method", m, "--rank", str(args.rank), "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  {m}: done", file=sys.stderr, flush=True)
+    ref = {r["method"]: r for r in rows}
+    lora, full = ref.get("lora"), ref.get("full")
+    print(f"methods on a ~25M LLaMA ({BENCH_CONFIG}), rank {args.rank}, batch {args.batch} x "
+          f"{args.seq} tokens, {torch.get_num_threads()} threads, median of {args.steps} steps; one process per method")
+    print(f"{'method':<15}{'trainable':>12}{'step ms':>9}{'/LoRA':>7}{'peak MB':>9}{'above model':>12}"
+          f"{'/LoRA':>7}{'/full':>7}")
+    for r in rows:
+        above = r["peak_mb"] - r["model_mb"]
+        rel = lambda a, b: f"{a / b:>7.2f}" if b else f"{'':>7}"
+        print(f"{r['method']:<15}{r['trainable']:>12,}{1e3 * r['step_s']:>9.0f}"
+              f"{rel(r['step_s'], lora['step_s'] if lora else 0)}{r['peak_mb']:>9.0f}{above:>12.0f}"
+              f"{rel(above, lora['peak_mb'] - lora['model_mb'] if lora else 0)}"
+              f"{rel(above, full['peak_mb'] - full['model_mb'] if full else 0)}")
+    if "lift" in ref and "refresh_s" in ref["lift"]:
+        r = ref["lift"]
+        share = r["refresh_s"] / (r["refresh_s"] + args.interval * r["step_s"])
+        print(f"LIFT mask refresh: {r['refresh_s']:.2f} s for all matrices = {100 * share:.1f}% of training time "
+              f"at one refresh every {args.interval} steps")
+    if "lorasb" in ref:
+        print(f"LoRA-SB initialisation (gradient estimate + SVDs): {ref['lorasb']['prepare_s']:.2f} s "
+              f"= {ref['lorasb']['prepare_s'] / ref['lorasb']['step_s']:.1f} training steps")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["generate", "train"])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("what", choices=["generate", "train", "methods", "_one"])
+    ap.add_argument("--batch", type=int, default=None, help="default 32 (generate, train), 4 (methods)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--methods", default="full,lora,lift,rocoft-row,rocoft-column,hyper,loraxs,lorasb")
+    ap.add_argument("--method", default="lora")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--interval", type=int, default=200, help="LIFT refresh interval for the amortised cost")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"generate": bench_generate, "train": bench_train}[args.what](args)
+    args.batch = args.batch or (4 if args.what in ("methods", "_one") else 32)
+    torch.set_num_threads(args.threads)
+    {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "_one": bench_one}[args.what](args)
