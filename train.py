@@ -29,12 +29,13 @@ import eval_math
 from model import LINEAR_NAMES, Transformer, adamw, load
 
 # method -> (module that implements it, lr for the tiny built-in model, lr for real LLMs).
-# Real-model lrs follow the papers: LIFT 2e-4 (Table 5), LoRA 2e-4, LoRA-SB/XS 1e-4 (math),
-# RoCoFT 1e-3, HyperAdapt 3e-3; full fine-tuning 1e-5.
+# Real-model lrs follow the papers: LIFT 2e-4 (Table 5), LoRA 2e-4, LoRA-SB 1e-4 (math), LoRA-XS 4e-3
+# (its authors' MetaMathQA script), RoCoFT 1e-3, HyperAdapt 3e-3; full fine-tuning 1e-5. The tiny
+# model's lrs come from short sweeps on the built-in data.
 METHODS = {
     "full": ("train", 1e-3, 1e-5),
     "lora": ("lorasb", 3e-3, 2e-4),
-    "loraxs": ("lorasb", 1e-2, 1e-4),
+    "loraxs": ("lorasb", 1e-2, 4e-3),
     "lorasb": ("lorasb", 1e-2, 1e-4),
     "lift": ("lift", 1e-3, 2e-4),
     "rocoft": ("rocoft", 3e-3, 1e-3),
@@ -84,7 +85,7 @@ def parse_args(argv=None):
       help="CPU threads for torch (0 = torch's default). 1 by default on CPU: the tiny model is too small to "
            "gain from more, and on a busy machine OpenMP threads that wait for each other are many times slower")
     # method flags, namespaced
-    a("--lora-alpha", type=float, default=None, help="LoRA scale alpha/r; default alpha = 2r")
+    a("--lora-alpha", type=float, default=None, help="LoRA only: scale alpha/r, default alpha = 2r (LoRA-XS/SB use scale 1)")
     a("--lift-interval", type=int, default=200, help="LIFT: optimizer steps between mask refreshes (update_interval)")
     a("--lift-lra-rank", type=int, default=None, help="LIFT: rank of the low-rank approximation (default --rank)")
     a("--lift-select", default="principal", choices=["principal", "magnitude", "gradient", "random"],
@@ -118,6 +119,8 @@ def parse_args(argv=None):
     args.betas = tuple(float(b) for b in args.betas.split(","))
     if args.lr is None:
         args.lr = METHODS[args.method][1 if args.builtin or args.model == "tiny" else 2]
+        print(f"--lr not set: using {args.lr:g}, the default for {args.method} on "
+              f"{'the tiny model' if args.builtin or args.model == 'tiny' else 'real LLMs'} (METHODS in train.py)")
     return args
 
 # -----------------------------------------------------------------------------
@@ -258,7 +261,7 @@ def train(model, tok, args, problems, log_path=None):
     args.max_steps_resolved, args.n_train = total, len(examples)
     args.lr_first = args.lr * lr_mult(0, total, warmup, args.schedule)
     if args.lorasb_init_samples is None:
-        args.lorasb_init_samples = max(64, round(0.001 * len(examples)))
+        args.lorasb_init_samples = min(len(examples), max(64, round(0.001 * len(examples))))
 
     def side_batches():  # for methods that look at data first; its own order, not the training one
         i = 0
