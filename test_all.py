@@ -757,6 +757,50 @@ def test_resume_is_bit_identical(small_dir, tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _expected_trainable(method, r, shapes, n_model):
+    """Each paper's count per n_out x n_in target (README's table), summed over the targets."""
+    per = {"lora": lambda o, i: r * (i + o), "lift": lambda o, i: min(r * (i + o), i * o),
+           "rocoft-row": lambda o, i: r * i, "rocoft-column": lambda o, i: r * o,
+           "loraxs": lambda o, i: r * r, "lorasb": lambda o, i: r * r, "hyper": lambda o, i: i + o}
+    return n_model if method == "full" else sum(per[method](o, i) for o, i in shapes)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lift", "rocoft-row", "rocoft-column", "loraxs", "lorasb", "hyper"])
+def test_every_method_through_train_py(small_dir, tmp_path, capsys, method):
+    """The seam end to end: train.py's table shows the paper's count, training changes the model,
+    the merged folder has the base model's tensors only."""
+    name, *mode = method.split("-")
+    flags = ["--rocoft-mode", mode[0]] if mode else []
+    metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", name, "--rank", "4", "--max-steps", "3",
+                               "--lr", "1e-2", "--lorasb-init-samples", "8", *flags))
+    base = Transformer.from_pretrained(small_dir)
+    shapes = [tuple(m.weight.shape) for _, m in find_linears(base, LINEAR_NAMES)]
+    expected = _expected_trainable(method, 4, shapes, sum(p.numel() for p in base.parameters()))
+    assert metrics["trainable"] == expected
+    assert f"{expected:,}" in capsys.readouterr().out  # the table's total row
+    merged = _weights(tmp_path / "run")
+    assert set(merged) == set(base.state_dict())
+    assert any(not torch.equal(merged[k], v) for k, v in base.state_dict().items())
+
+
+def test_builtin_default_end_to_end(tmp_path, monkeypatch, capsys):
+    """`python train.py --method lift` with no model or data: pretrain the tiny base once (cached),
+    fine-tune on synth-target, print before/after accuracy on target and source."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--method", "lift", "--rank", "8", "--pretrain-steps", "3", "--max-steps", "2", "--eval-limit", "4",
+            "--max-new-tokens", "6", "--log-every", "1"]
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert "pretraining the tiny model on synth-source (3 steps" in out
+    assert (tmp_path / "out" / "base-tiny-3" / "model.safetensors").exists()
+    table = out[out.rindex("accuracy    "):]
+    assert "synth-target" in table and "synth-source" in table
+    assert re.search(r"^base\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
+    assert re.search(r"^lift r=8\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
+    train.main(argv)  # the second run reuses the cached base and its cached accuracy
+    assert "pretraining" not in capsys.readouterr().out
+
+
 def test_max_steps_zero_is_the_starting_model(small_dir, tmp_path):
     train.main(_argv(small_dir, tmp_path / "run", "--method", "lora", "--rank", "4", "--max-steps", "0"))
     a, b = _weights(tmp_path / "run"), Transformer.from_pretrained(small_dir).state_dict()
