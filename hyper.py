@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, find_linears, replace_module
+from model import adamw, find_linears, plain_linear, replace_module
 
 
 class HyperLinear(nn.Module):
@@ -59,9 +59,7 @@ def merge(model) -> None:
             continue
         W = m.weight
         W.copy_(W * m.a[:, None] * m.b[None, :])  # bf16 W * fp32 a promotes to fp32
-        lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-        lin.weight = W
-        replace_module(model, name, lin)
+        replace_module(model, name, plain_linear(W))
 
 
 def adapter_state(model, optimizer=None) -> dict:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, find_linears, replace_module
+from model import adamw, find_linears, plain_linear, replace_module
 
 METHODS = ("lora", "loraxs", "lorasb")
 LORAXS_R_STD = 1e-5  # LoRA-XS: R drawn from N(0, sigma^2), sigma = 1e-5 (the authors' code)
@@ -212,9 +212,7 @@ def merge(model) -> None:
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]:
         with torch.no_grad():
             m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
-        lin = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=m.bias is not None, device="meta")
-        lin.weight, lin.bias = m.weight, m.bias
-        replace_module(model, name, lin)
+        replace_module(model, name, plain_linear(m.weight, m.bias))
 
 
 def adapter_state(model, optimizer=None) -> dict:

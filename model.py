@@ -623,6 +623,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def plain_linear(weight: nn.Parameter, bias=None) -> nn.Linear:
+    """An nn.Linear around existing tensors (no new allocation): what `merge` puts back."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight, lin.bias = weight, bias
+    return lin
+
+
 def adamw(params, args) -> torch.optim.AdamW:
     """AdamW with the run's hyperparameters (fused kernels on CUDA)."""
     params = list(params)  # tensors or (name, tensor) pairs; pairs give param_groups their 'param_names'

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, find_linears, replace_module
+from model import adamw, find_linears, plain_linear, replace_module
 
 MODES = ("row", "column")
 SELECTS = ("first", "random", "max", "min", "mixed")
@@ -155,9 +155,7 @@ def merge(model) -> None:
             W[m.index] = (W[m.index] + m.D).to(W.dtype)
         else:
             W[:, m.index] = (W[:, m.index] + m.D).to(W.dtype)
-        lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-        lin.weight = W
-        replace_module(model, name, lin)
+        replace_module(model, name, plain_linear(W))
 
 
 def adapter_state(model, optimizer=None) -> dict:

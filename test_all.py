@@ -1211,9 +1211,10 @@ def make_data(n=6, seed=1):
     return out
 
 
-def rh_train(model, opt, data, steps):
+def run_steps(model, opt, batches, steps):
+    """Plain training steps (no clipping, constant lr) on an iterator of (x, y); the losses."""
     losses = []
-    for x, y in itertools.islice(itertools.cycle(data), steps):
+    for x, y in itertools.islice(batches, steps):
         _, loss = model(x, y)
         loss.backward()
         opt.step()
@@ -1245,7 +1246,7 @@ def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
     opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(data)))
     with torch.no_grad():
         assert torch.equal(model(x), ref)  # exact no-op at initialisation
-    rh_train(model, opt, data, 4)
+    run_steps(model, opt, itertools.cycle(data), 4)
     with torch.no_grad():
         before = model(x)
         assert (before - ref).abs().max() > 1e-4  # it did learn something
@@ -1287,11 +1288,11 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     base_keys = set(tiny().state_dict())
     m1 = tiny()
     opt1 = MOD[method].prepare(m1, rh_args(**kw), iter(itertools.cycle(data)))
-    rh_train(m1, opt1, data, 3)
+    run_steps(m1, opt1, itertools.cycle(data), 3)
     saved = {k: v.clone() for k, v in m1.state_dict().items() if k not in base_keys}
     assert set(saved) == set(MOD[method].adapter_state(m1, opt1))
     opt_state = copy.deepcopy(opt1.state_dict())
-    losses1 = rh_train(m1, opt1, data[3:], 3)
+    losses1 = run_steps(m1, opt1, itertools.cycle(data[3:]), 3)
 
     # resume on a fresh base model; a different seed proves the row/column index comes from the checkpoint
     m2 = tiny()
@@ -1301,7 +1302,7 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     missing, unexpected = m2.load_state_dict(saved, strict=False)
     assert not unexpected and set(missing) <= base_keys
     opt2.load_state_dict(opt_state)
-    losses2 = rh_train(m2, opt2, data[3:], 3)
+    losses2 = run_steps(m2, opt2, itertools.cycle(data[3:]), 3)
     assert losses1 == losses2
     s1, s2 = MOD[method].adapter_state(m1, opt1), MOD[method].adapter_state(m2, opt2)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -1328,7 +1329,7 @@ def test_rocoft_changes_only_selected_rows_or_columns(mode):
     model = tiny()
     opt = rocoft.prepare(model, rh_args(rocoft_mode=mode, rocoft_select="random"), iter(itertools.cycle(data)))
     index = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
-    rh_train(model, opt, data, 4)
+    run_steps(model, opt, itertools.cycle(data), 4)
     rocoft.merge(model)
     for n, m in find_linears(model, LINEAR_NAMES):
         changed = (m.weight - W0[n]) != 0
@@ -1390,8 +1391,8 @@ def test_matches_dense_reference_after_training(method, kw):
         swap(ref, n, refs[n])
     ref_opt = torch.optim.AdamW([p for r in refs.values() for p in r.parameters()], lr=args.lr,
                                 betas=args.betas, eps=args.eps, weight_decay=0.0)
-    l1 = rh_train(model, opt, data, steps)
-    l2 = rh_train(ref, ref_opt, data, steps)
+    l1 = run_steps(model, opt, itertools.cycle(data), steps)
+    l2 = run_steps(ref, ref_opt, itertools.cycle(data), steps)
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
     MOD[method].merge(model)
     moved = 0.0
@@ -1593,18 +1594,6 @@ def trainable(opt):
     return {n: p for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
 
 
-def lorasb_train(model, opt, it, steps):
-    losses = []
-    for _ in range(steps):
-        x, y = next(it)
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def check_merge(model):
     x, _ = next(batches(seed=99))
     before = model(x)
@@ -1629,7 +1618,7 @@ def test_lora_noop_trains_only_A_B_count_and_merge():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable(opt))
     frozen = {k: v.clone() for k, v in ref.state_dict().items()}
     adapters = {n: p.detach().clone() for n, p in trainable(opt).items()}
-    lorasb_train(model, opt, batches(seed=2), 3)
+    run_steps(model, opt, batches(seed=2), 3)
     for k, v in frozen.items():                                    # the base model did not move
         assert torch.equal(model.state_dict()[k], v), k
     assert all(not torch.equal(p, adapters[n]) for n, p in trainable(opt).items())  # A and B both train
@@ -1677,7 +1666,7 @@ def test_loraxs_init_count_only_R_trains_and_merge():
     assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
     assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
     buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
-    lorasb_train(model, opt, batches(seed=2), 3)
+    run_steps(model, opt, batches(seed=2), 3)
     for k, v in buffers.items():                                  # W0, A, B frozen
         assert torch.equal(model.state_dict()[k], v), k
     check_merge(model)
@@ -1717,7 +1706,7 @@ def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
     buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
     x0, _ = next(batches(seed=7))
     assert not torch.allclose(model(x0), base_model()(x0))       # deliberately not a no-op at step 0
-    lorasb_train(model, opt, batches(seed=2), 3)
+    run_steps(model, opt, batches(seed=2), 3)
     for k, v in buffers.items():                                  # W0, A, B frozen; only R moved
         assert torch.equal(model.state_dict()[k], v), k
     check_merge(model)
@@ -1731,14 +1720,14 @@ def test_checkpoint_round_trip(method):
     model = base_model()
     opt = lorasb.prepare(model, args, batches())
     data = [b for b, _ in zip(batches(seed=2), range(5))]
-    lorasb_train(model, opt, iter(data[:2]), 2)
+    run_steps(model, opt, iter(data[:2]), 2)
     base_keys = set(base_model().state_dict())
     saved = {k: v.clone() for k, v in model.state_dict().items() if k not in base_keys}
     assert saved.keys() == lorasb.adapter_state(model, opt).keys()
     assert {k.rsplit(".", 1)[1] for k in saved} == ({"A", "B"} if method == "lora" else {"A", "B", "R"})
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
-    losses = lorasb_train(model, opt, iter(data[2:]), 3)
+    losses = run_steps(model, opt, iter(data[2:]), 3)
 
     model2 = base_model()
     opt2 = lorasb.prepare(model2, args, batches())
@@ -1746,7 +1735,7 @@ def test_checkpoint_round_trip(method):
     assert not unexpected and not (set(saved) & set(missing))
     buf.seek(0)
     opt2.load_state_dict(torch.load(buf))
-    assert lorasb_train(model2, opt2, iter(data[2:]), 3) == losses
+    assert run_steps(model2, opt2, iter(data[2:]), 3) == losses
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v), k
 
@@ -1759,7 +1748,7 @@ def test_lorasb_beats_loraxs_on_synthetic_task():
         model = base_model()
         opt = lorasb.prepare(model, lorasb_args(method, rank=4, lr=1e-2, lorasb_init_samples=32),
                              batches(seed=1000, bsz=8))
-        losses = lorasb_train(model, opt, batches(seed=1, bsz=8), 40)
+        losses = run_steps(model, opt, batches(seed=1, bsz=8), 40)
         final[method] = sum(losses[-5:]) / 5
     print(f"final training loss (mean of last 5 of 40 steps), r=4, lr=1e-2: {final}")
     # measured: loraxs ~4.14, lorasb ~3.90 (ln 64 = 4.16); margins were > 0.2 over seeds 0-2
