@@ -195,6 +195,10 @@ class Attention(nn.Module):
             k, v = ck[:, :, :start + T], cv[:, :, :start + T]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1:  # one decoding step: the heads sharing a KV head become its "queries", no KV copy
+            rep = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, rep, self.head_dim), k, v, attn_mask=mask)
+            y = y.view(B, self.n_heads, 1, self.head_dim)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
