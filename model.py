@@ -337,6 +337,11 @@ class Transformer(nn.Module):
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
+            index = path / "model.safetensors.index.json"
+            if index.exists():  # stale shards would win over the new weights on the next load
+                for shard in set(json.loads(index.read_text())["weight_map"].values()):
+                    (path / shard).unlink(missing_ok=True)
+                index.unlink()
             for f in tmp.iterdir():
                 os.replace(f, path / f.name)
             tmp.rmdir()
@@ -535,12 +540,15 @@ class Tokenizer:
         to_byte = {chr(b): b for b in visible} | {chr(256 + i): b for i, b in enumerate(extra)}
         ranks = {bytes(to_byte[c] for c in tok): i for tok, i in tj["model"]["vocab"].items()}
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
-        pat = LLAMA3_PAT
-        for pre in (tj.get("pre_tokenizer") or {}).get("pretokenizers", []):
+        pat, pre_tok = LLAMA3_PAT, tj.get("pre_tokenizer") or {}
+        for pre in pre_tok.get("pretokenizers", [pre_tok]):
             if pre.get("type") == "Split" and "Regex" in pre.get("pattern", {}):
                 pat = pre["pattern"]["Regex"]
         def pick(*names):
-            return next(n for n in names if n in specials)
+            found = next((n for n in names if n in specials), None)
+            if found is None:
+                raise ValueError(f"{str(path)!r} has none of the special tokens {', '.join(names)}")
+            return found
         stops = [s for s in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if s in specials]
         return cls(Path(path).name, ranks, specials, pat, pick("<|begin_of_text|>"), pick("<|end_of_text|>"),
                    pick("<|finetune_right_pad_id|>", "<|end_of_text|>"), stops, source=str(path))
@@ -591,6 +599,7 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
         if tok is None:
             raise ValueError(f"preset {name_or_path!r} has no built-in tokenizer; pass a model folder with tokenizer.model")
         model = model.to(device=device, dtype=dtype)
+        model.inv_freq = rope_frequencies(cfg, device=model.inv_freq.device)  # .to(dtype) cast it too
     else:
         if not os.path.exists(name_or_path):
             raise FileNotFoundError(f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")

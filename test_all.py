@@ -196,6 +196,13 @@ def _tiny(seed=0, vocab=64, scale=3.0):
     return model
 
 
+def test_bf16_preset_keeps_fp32_rope_frequencies():
+    from model import rope_frequencies
+    model, _ = load("tiny", dtype=torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(model.inv_freq, rope_frequencies(model.config))  # fp32, as from_pretrained has it
+
+
 def test_kv_cache_matches_full_forward():
     model = _tiny()
     tokens = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(0))
@@ -799,6 +806,30 @@ def test_builtin_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert re.search(r"^lift r=8\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
     train.main(argv)  # the second run reuses the cached base and its cached accuracy
     assert "pretraining" not in capsys.readouterr().out
+
+
+def test_truncation_keeps_inputs_and_targets_aligned(small_dir, tmp_path, capsys):
+    """--seq-len shorter than the prompts: every example is cut, counted, and still trains."""
+    import eval_math
+    problems = eval_math.load_problems("synth-target", "train", limit=4)
+    for seq_len in (8, 100):
+        examples, truncated = train.tokenize(problems, Tokenizer.bytes(), seq_len)
+        assert all(len(x) == len(y) <= seq_len for x, y in examples)
+        assert truncated == sum(len(eval_math.format_prompt(p) + eval_math.format_target(p)) + 2 > seq_len + 1
+                                for p in problems)
+    with pytest.raises(ValueError, match="--seq-len 8 leaves no solution tokens in any example"):
+        train.main(_argv(small_dir, tmp_path / "a", "--method", "full", "--max-steps", "1", "--seq-len", "8"))
+    train.main(_argv(small_dir, tmp_path / "b", "--method", "full", "--max-steps", "2", "--seq-len", "100"))
+    out = capsys.readouterr().out
+    assert re.search(r"note: [1-9]\d* of 64 examples were longer than --seq-len 100", out)
+    assert "loss nan" not in out
+
+
+def test_resume_with_other_data_order_is_refused(small_dir, tmp_path):
+    train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="--grad-accum 1, this run has 2; resume needs the same"):
+        train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "2", "--grad-accum", "2",
+                         "--resume"))
 
 
 def test_max_steps_zero_is_the_starting_model(small_dir, tmp_path):

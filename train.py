@@ -136,8 +136,9 @@ def tokenize(problems, tok, seq_len, train_on_prompt=False):
         if len(seq) > seq_len + 1:
             seq, truncated = seq[:seq_len + 1], truncated + 1
         x, y = seq[:-1], seq[1:]
-        if not train_on_prompt:
-            y = [-100] * (len(prompt) - 1) + y[len(prompt) - 1:]
+        if not train_on_prompt:  # (a prompt longer than seq_len leaves no target at all)
+            n = min(len(prompt) - 1, len(y))
+            y = [-100] * n + y[n:]
         examples.append((x, y))
     return examples, truncated
 
@@ -253,6 +254,12 @@ def train(model, tok, args, problems, log_path=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     examples, truncated = tokenize(problems, tok, args.seq_len, args.train_on_prompt)
+    kept = [(x, y) for x, y in examples if any(t != -100 for t in y)]
+    if len(kept) < len(examples):
+        print(f"note: {len(examples) - len(kept)} examples have no solution tokens within --seq-len {args.seq_len}; skipped")
+    if not kept:
+        raise ValueError(f"--seq-len {args.seq_len} leaves no solution tokens in any example; raise it")
+    examples = kept
     if truncated:
         print(f"note: {truncated} of {len(examples)} examples were longer than --seq-len {args.seq_len} and were truncated")
     steps_per_epoch = max(1, len(examples) // (args.batch_size * args.grad_accum))
@@ -288,6 +295,10 @@ def train(model, tok, args, problems, log_path=None):
         torch.set_rng_state(ckpt["rng"])
         if ckpt["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        for key in ("batch_size", "grad_accum", "seed", "train_limit"):  # the data position depends on these
+            if ckpt["args"].get(key) != getattr(args, key):
+                raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} "
+                                 f"{ckpt['args'].get(key)}, this run has {getattr(args, key)}; resume needs the same")
         start = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {start}")
 
