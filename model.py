@@ -7,12 +7,11 @@ methods can target layers by the names the papers use.
 
 Run `python model.py` for a tiny demo: build the built-in model, generate a few tokens.
 """
-import base64
 import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported: no hub retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path
 from types import SimpleNamespace
 import copy
 import importlib.util
@@ -850,7 +849,6 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(small_dir, tmp_path, capsys):
 def _cli_error(argv, capsys):
     """Run train.py's command line; return its one-line error."""
     import subprocess
-    import sys
     r = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True,
                        cwd=os.path.dirname(train.__file__))
     assert r.returncode == 2, r.stdout + r.stderr

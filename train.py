@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import eval_math
-from model import LINEAR_NAMES, Transformer, adamw, load
+from model import LINEAR_NAMES, adamw, load
 
 # method -> (module that implements it, lr for the tiny built-in model, lr for real LLMs).
 # Real-model lrs follow the papers: LIFT 2e-4 (Table 5), LoRA 2e-4, LoRA-SB 1e-4 (math), LoRA-XS 4e-3
