@@ -46,6 +46,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_model(seed=0, vocab=64):
+    """The small random LLaMA most tests use: q/o 64x64, k/v 32x64, gate/up 176x64, down 64x176."""
+    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+                                   multiple_of=16)).init_weights(seed)
+
+
 # =============================================================================
 # model.py
 
@@ -566,16 +572,11 @@ def test_prompt_target_boundary_tokenizes_cleanly():
 # evaluation on a tiny model
 
 
-def eval_tiny_model(seed=0):
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=16)
-    return Transformer(cfg).init_weights(seed)
-
-
 @pytest.fixture(scope="module")
 def memorized():
     """A tiny model trained (as train.py builds sequences) until it reproduces 4 problems."""
     torch.manual_seed(0)
-    tok, model = Tokenizer.bytes(), eval_tiny_model()
+    tok, model = Tokenizer.bytes(), tiny_model(vocab=264)
     seen = E.load_problems("synth-target", "train", limit=4)
     seqs = [(tok.encode(E.format_prompt(p), bos=True), tok.encode(E.format_target(p), eos=True)) for p in seen]
     T = max(len(a) + len(b) for a, b in seqs) - 1
@@ -615,7 +616,7 @@ def test_evaluate_tiny_model(memorized):
 
 def test_chunked_decoding_matches_generate(monkeypatch):
     """Decoding in chunks with stop-string checks equals one plain generate call."""
-    tok, model = Tokenizer.bytes(), eval_tiny_model(1)
+    tok, model = Tokenizer.bytes(), tiny_model(1, vocab=264)
     problems = E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=2)
     prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
     ref = [tok.decode(o) for o in generate(model, prompts, 30, tok.stop_ids, tok.pad_id)]
@@ -888,10 +889,6 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
 # lift.py — Tests of lift.py against brute-force / dense references written here (CPU, fp32, seeded).
 
 
-def lift_tiny_model():
-    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)).init_weights(0)
-
-
 def lift_args(**kw):
     a = dict(rank=2, targets=list(LINEAR_NAMES), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
              lr_first=1e-2, max_steps=1000, grad_accum=2, batch_size=2, seed=0, lift_interval=200,
@@ -977,7 +974,7 @@ def test_lowrank_svd_agrees_with_exact_on_low_rank_matrix():
 
 def test_optimizer_matches_dense_masked_adamw():
     lr, betas, eps, wd, accum, interval, steps = 5e-3, (0.9, 0.95), 1e-8, 0.1, 3, 10, 32
-    base = lift_tiny_model()
+    base = tiny_model()
     model, ref = copy.deepcopy(base), copy.deepcopy(base)
     batches = make_batches(12)
     args = lift_args(lr=lr, betas=betas, weight_decay=wd, grad_accum=accum, lift_interval=interval)
@@ -1044,7 +1041,7 @@ def test_optimizer_matches_dense_masked_adamw():
 
 
 def test_trainable_count_and_clamping_announced(capsys):
-    model = lift_tiny_model()
+    model = tiny_model()
     opt = lift.prepare(model, lift_args(rank=40), iter(make_batches(2)))
     out = capsys.readouterr().out
     expect = sum(min(40 * (w.shape[0] + w.shape[1]), w.numel()) for _, w in targets_of(model))
@@ -1059,14 +1056,14 @@ def test_trainable_count_and_clamping_announced(capsys):
 
 
 def test_magnitude_selection():
-    model = lift_tiny_model()
+    model = tiny_model()
     opt = lift.prepare(model, lift_args(rank=3, lift_select="magnitude"), iter(make_batches(2)))
     for j, (_, w) in enumerate(targets_of(model)):
         assert torch.equal(flat_mask(opt.index[j], w.shape), ref_top_k(w.detach().abs(), lift.budget(*w.shape, 3)))
 
 
 def test_gradient_selection_initial_and_refresh():
-    base, batches = lift_tiny_model(), make_batches(6)
+    base, batches = tiny_model(), make_batches(6)
     model = copy.deepcopy(base)
     opt = lift.prepare(model, lift_args(lift_select="gradient", grad_accum=2, lift_interval=2, lr=5e-2),
                        itertools.cycle(batches))
@@ -1093,7 +1090,7 @@ def test_gradient_selection_initial_and_refresh():
 
 
 def test_random_selection():
-    model = lift_tiny_model()
+    model = tiny_model()
     idx0 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random"), iter([])).index
     idx1 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random"), iter([])).index
     idx2 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random", seed=1), iter([])).index
@@ -1110,7 +1107,7 @@ def test_random_selection():
 
 
 def test_structured_blocks_match_bruteforce():
-    model = lift_tiny_model()
+    model = tiny_model()
     opt = lift.prepare(model, lift_args(rank=3, lift_block=4), iter([]))
     for j, (_, w) in enumerate(targets_of(model)):
         n_out, n_in = w.shape
@@ -1139,7 +1136,7 @@ def lift_train(model, opt, batches, steps, start, accum=2):
 
 
 def test_checkpoint_resume_is_bit_identical():
-    base, batches = lift_tiny_model(), make_batches(10)
+    base, batches = tiny_model(), make_batches(10)
     args = lift_args(lr=3e-2, weight_decay=0.05, lift_interval=5)
     a = copy.deepcopy(base)
     opt_a = lift.prepare(a, args, iter(batches))
@@ -1178,14 +1175,14 @@ def test_checkpoint_resume_is_bit_identical():
     opt_a.load_state_dict(sd)  # rolling back a trained optimizer works too: it undoes its own writes first
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), at_save))
 
-    other = lift_tiny_model().init_weights(1)  # another base model: refused
+    other = tiny_model().init_weights(1)  # another base model: refused
     opt_c = lift.prepare(other, args, iter(batches))
     with pytest.raises(ValueError, match="not the base weight"):
         opt_c.load_state_dict(sd)
 
 
 def test_merge_and_bf16_weights():
-    model, batches = lift_tiny_model().to(torch.bfloat16), make_batches(4)
+    model, batches = tiny_model().to(torch.bfloat16), make_batches(4)
     opt = lift.prepare(model, lift_args(lr=1e-2, lift_interval=2), iter(batches))
     lift_train(model, opt, batches, 2, 0)
     # after the refresh, entries kept in both masks still carry their fp32 master values
@@ -1197,7 +1194,7 @@ def test_merge_and_bf16_weights():
         assert torch.equal(w.detach().view(-1)[opt.index[j]], opt.param_groups[0]["params"][j].to(torch.bfloat16))
     x = batches[0][0]
     before = model(x)
-    keys = set(lift_tiny_model().state_dict())
+    keys = set(tiny_model().state_dict())
     lift.merge(model)
     assert set(model.state_dict()) == keys and torch.equal(model(x), before)
     assert not any(hasattr(w, "_lift_hook") or w.requires_grad for _, w in targets_of(model))
@@ -1208,17 +1205,11 @@ def test_merge_and_bf16_weights():
                                        (dict(lift_lra_rank=-1), "lift_lra_rank")])
 def test_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
-        lift.prepare(lift_tiny_model(), lift_args(**bad), iter([]))
+        lift.prepare(tiny_model(), lift_args(**bad), iter([]))
 
 
 # =============================================================================
 # rocoft.py and hyper.py — Tests for rocoft.py and hyper.py against dense references, brute force and the papers' properties.
-
-
-def tiny():
-    # shapes: q/o 64x64, k/v 32x64, gate/up 176x64, down 64x176
-    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
-                                   multiple_of=16)).init_weights(0)
 
 
 def rh_args(**kw):
@@ -1267,11 +1258,11 @@ MOD = {"rocoft": rocoft, "hyper": hyper}
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
     data = make_data()
-    base = tiny()
+    base = tiny_model()
     x = data[0][0]
     with torch.no_grad():
         ref = base(x)
-    model = tiny()
+    model = tiny_model()
     opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(data)))
     with torch.no_grad():
         assert torch.equal(model(x), ref)  # exact no-op at initialisation
@@ -1289,8 +1280,8 @@ def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
 
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_trainable_count_matches_formula(method, kw):
-    model = tiny()
-    shapes = [m.weight.shape for _, m in find_linears(tiny(), LINEAR_NAMES)]
+    model = tiny_model()
+    shapes = [m.weight.shape for _, m in find_linears(tiny_model(), LINEAR_NAMES)]
     r = 3
     if method == "hyper":
         expected = sum(n_out + n_in for n_out, n_in in shapes)
@@ -1314,8 +1305,8 @@ def test_trainable_count_matches_formula(method, kw):
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_checkpoint_round_trip_is_bit_identical(method, kw):
     data = make_data()
-    base_keys = set(tiny().state_dict())
-    m1 = tiny()
+    base_keys = set(tiny_model().state_dict())
+    m1 = tiny_model()
     opt1 = MOD[method].prepare(m1, rh_args(**kw), iter(itertools.cycle(data)))
     run_steps(m1, opt1, itertools.cycle(data), 3)
     saved = {k: v.clone() for k, v in m1.state_dict().items() if k not in base_keys}
@@ -1324,7 +1315,7 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     losses1 = run_steps(m1, opt1, itertools.cycle(data[3:]), 3)
 
     # resume on a fresh base model; a different seed proves the row/column index comes from the checkpoint
-    m2 = tiny()
+    m2 = tiny_model()
     opt2 = MOD[method].prepare(m2, rh_args(**kw, seed=123), iter(itertools.cycle(data)))
     if method == "rocoft":
         assert any(not torch.equal(m.index, saved[f"{n}.index"]) for n, m in modules_of(m2, rocoft.RoCoFTLinear).items())
@@ -1339,7 +1330,7 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
 
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_bf16_base_keeps_fp32_adapter(method, kw):
-    model = tiny().to(torch.bfloat16)
+    model = tiny_model().to(torch.bfloat16)
     opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(make_data())))
     x, y = make_data()[0]
     model(x, y)[1].backward()
@@ -1354,8 +1345,8 @@ def test_bf16_base_keeps_fp32_adapter(method, kw):
 @pytest.mark.parametrize("mode", ["row", "column"])
 def test_rocoft_changes_only_selected_rows_or_columns(mode):
     data = make_data()
-    W0 = {n: m.weight.detach().clone() for n, m in find_linears(tiny(), LINEAR_NAMES)}
-    model = tiny()
+    W0 = {n: m.weight.detach().clone() for n, m in find_linears(tiny_model(), LINEAR_NAMES)}
+    model = tiny_model()
     opt = rocoft.prepare(model, rh_args(rocoft_mode=mode, rocoft_select="random"), iter(itertools.cycle(data)))
     index = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
     run_steps(model, opt, itertools.cycle(data), 4)
@@ -1401,9 +1392,9 @@ def swap(model, name, new):
 def test_matches_dense_reference_after_training(method, kw):
     data, steps = make_data(), 6
     args = rh_args(**kw)
-    model = tiny()
+    model = tiny_model()
     opt = MOD[method].prepare(model, args, iter(itertools.cycle(data)))
-    ref = tiny()
+    ref = tiny_model()
     ref.requires_grad_(False)
     refs = {}
     for n, m in find_linears(ref, LINEAR_NAMES):
@@ -1465,8 +1456,8 @@ def brute_force_pick(model, data, n_batches, mode, how, r):
 @pytest.mark.parametrize("how", ["max", "min", "mixed"])
 def test_rocoft_score_selection_matches_brute_force(mode, how):
     data, r = make_data(), 5
-    expected = brute_force_pick(tiny(), data, 2, mode, how, r)
-    model = tiny()
+    expected = brute_force_pick(tiny_model(), data, 2, mode, how, r)
+    model = tiny_model()
     rocoft.prepare(model, rh_args(rank=r, rocoft_mode=mode, rocoft_select=how, rocoft_score_batches=2),
                    iter(itertools.cycle(data)))
     got = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
@@ -1477,14 +1468,14 @@ def test_rocoft_first_and_random_selection():
     data = make_data()
 
     def indices(**kw):
-        model = tiny()
+        model = tiny_model()
         rocoft.prepare(model, rh_args(rank=4, **kw), iter(itertools.cycle(data)))
         return {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
 
     assert all(v == [0, 1, 2, 3] for v in indices(rocoft_select="first").values())
     a, b, c = (indices(rocoft_select="random", rocoft_mode="column", seed=s) for s in (0, 0, 1))
     assert a == b and a != c
-    n_in = {n: m.weight.shape[1] for n, m in find_linears(tiny(), LINEAR_NAMES)}
+    n_in = {n: m.weight.shape[1] for n, m in find_linears(tiny_model(), LINEAR_NAMES)}
     for n, v in a.items():
         assert len(set(v)) == 4 and v == sorted(v) and 0 <= v[0] and v[-1] < n_in[n]
     assert len({tuple(v) for v in a.values()}) > 1  # matrices get their own draws
@@ -1493,20 +1484,20 @@ def test_rocoft_first_and_random_selection():
 def test_rocoft_bad_mode_and_select():
     for kw, bad in ((dict(rocoft_mode="diagonal"), "diagonal"), (dict(rocoft_select="best"), "best")):
         with pytest.raises(ValueError) as e:
-            rocoft.prepare(tiny(), rh_args(**kw), iter(itertools.cycle(make_data())))
+            rocoft.prepare(tiny_model(), rh_args(**kw), iter(itertools.cycle(make_data())))
         msg = str(e.value)
         assert bad in msg and "\n" not in msg
     with pytest.raises(ValueError, match="row, column"):
-        rocoft.prepare(tiny(), rh_args(rocoft_mode="diagonal"), iter(itertools.cycle(make_data())))
+        rocoft.prepare(tiny_model(), rh_args(rocoft_mode="diagonal"), iter(itertools.cycle(make_data())))
 
 
 def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
-    model = tiny()
+    model = tiny_model()
     opt = rocoft.prepare(model, rh_args(rank=40), iter(itertools.cycle(make_data())))  # k/v have 32 rows
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "rank 40" in line]
     assert len(lines) == 1 and "32x64" in lines[0] and "using 32" in lines[0]
-    shapes = [m.weight.shape for _, m in find_linears(tiny(), LINEAR_NAMES)]
+    shapes = [m.weight.shape for _, m in find_linears(tiny_model(), LINEAR_NAMES)]
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(min(40, o) * i for o, i in shapes)
     assert all(m.index.tolist() == list(range(32)) for n, m in modules_of(model, rocoft.RoCoFTLinear).items()
                if n.endswith(("k_proj", "v_proj")))
@@ -1515,7 +1506,7 @@ def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
 # ---------------------------------------------------------------------------- HyperAdapt
 
 def test_hyper_ignores_rank_with_a_note(capsys):
-    hyper.prepare(tiny(), rh_args(rank=7), None)
+    hyper.prepare(tiny_model(), rh_args(rank=7), None)
     out = capsys.readouterr().out
     assert "rank 7" in out and "ignored" in out
 
@@ -1591,12 +1582,7 @@ def test_hyper_normalised_rank_far_above_lora_with_same_budget():
 # lorasb.py — Tests for lorasb.py: LoRA, LoRA-XS, LoRA-SB on a tiny LLaMA (CPU, fp32, seeded).
 
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)
 PERM = torch.randperm(64, generator=torch.Generator().manual_seed(123))
-
-
-def base_model(seed=0):
-    return Transformer(CFG).init_weights(seed)
 
 
 def batches(seed=1, bsz=4, T=16):
@@ -1629,7 +1615,7 @@ def check_merge(model):
     lorasb.merge(model)
     after = model(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert set(model.state_dict()) == set(base_model().state_dict())
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES)
 
 # -----------------------------------------------------------------------------
@@ -1637,7 +1623,7 @@ def check_merge(model):
 
 
 def test_lora_noop_trains_only_A_B_count_and_merge():
-    model, ref = base_model(), base_model()
+    model, ref = tiny_model(), tiny_model()
     opt = lorasb.prepare(model, lorasb_args("lora"), batches())
     x, _ = next(batches(seed=7))
     assert torch.equal(model(x), ref(x))                           # B = 0: an exact no-op at step 0
@@ -1657,21 +1643,21 @@ def test_lora_noop_trains_only_A_B_count_and_merge():
 
 
 def test_rank_clamp_is_reported(capsys):
-    model = base_model()
+    model = tiny_model()
     opt = lorasb.prepare(model, lorasb_args("lora", rank=40), batches())
     out = capsys.readouterr().out
     assert "--rank 40" in out and "32x64" in out and "r=32" in out   # k_proj, v_proj are 32 x 64
-    expect = sum(min(40, o, i) * (o + i) for _, o, i in shapes(base_model()))
+    expect = sum(min(40, o, i) * (o + i) for _, o, i in shapes(tiny_model()))
     assert sum(p.numel() for p in trainable(opt).values()) == expect
 
 
 def test_lorasb_bad_inputs():
     with pytest.raises(ValueError, match="method 'dora'"):
-        lorasb.prepare(base_model(), lorasb_args("dora"), batches())
+        lorasb.prepare(tiny_model(), lorasb_args("dora"), batches())
     with pytest.raises(ValueError, match="lr_first=0"):
-        lorasb.prepare(base_model(), lorasb_args("lorasb", lr_first=0), batches())
+        lorasb.prepare(tiny_model(), lorasb_args("lorasb", lr_first=0), batches())
     with pytest.raises(ValueError, match="lorasb_init_samples"):
-        lorasb.prepare(base_model(), lorasb_args("lorasb", lorasb_init_samples=0), batches())
+        lorasb.prepare(tiny_model(), lorasb_args("lorasb", lorasb_init_samples=0), batches())
 
 # -----------------------------------------------------------------------------
 # 2. LoRA-XS
@@ -1679,7 +1665,7 @@ def test_lorasb_bad_inputs():
 
 def test_loraxs_init_count_only_R_trains_and_merge():
     r = 8
-    model, ref = base_model(), base_model()
+    model, ref = tiny_model(), tiny_model()
     opt = lorasb.prepare(model, lorasb_args("loraxs", rank=r), batches())
     for name, n_out, n_in in shapes(ref):
         m, W0 = model.get_submodule(name), ref.get_submodule(name).weight
@@ -1706,19 +1692,19 @@ def test_loraxs_init_count_only_R_trains_and_merge():
 
 def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
     r, n, lr1 = 8, 10, 3e-3
-    model = base_model()
+    model = tiny_model()
     opt = lorasb.prepare(model, lorasb_args("lorasb", rank=r, lr_first=lr1, lorasb_init_samples=n), batches())
     out = capsys.readouterr().out
     assert "gradient estimate 10/10" in out and "from 10 examples" in out
     # Reference: the same 10 examples (the first 10 rows batches() yields) in ONE batch, plain autograd.
     # No ignored targets and equal lengths, so this token-mean loss equals lorasb's example-weighted
     # sum of batch means.
-    ref = base_model()
+    ref = tiny_model()
     it = batches()
     xs, ys = zip(*[next(it) for _ in range(3)])
     x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
     ref(x, y)[1].backward()
-    for name, n_out, n_in in shapes(base_model()):
+    for name, n_out, n_in in shapes(tiny_model()):
         m = model.get_submodule(name)
         dW = -lr1 * torch.sign(ref.get_submodule(name).weight.grad)             # Eq. (6)-(7)
         s = torch.linalg.svdvals(dW)
@@ -1734,7 +1720,7 @@ def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
     assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(".R"))
     buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
     x0, _ = next(batches(seed=7))
-    assert not torch.allclose(model(x0), base_model()(x0))       # deliberately not a no-op at step 0
+    assert not torch.allclose(model(x0), tiny_model()(x0))       # deliberately not a no-op at step 0
     run_steps(model, opt, batches(seed=2), 3)
     for k, v in buffers.items():                                  # W0, A, B frozen; only R moved
         assert torch.equal(model.state_dict()[k], v), k
@@ -1746,11 +1732,11 @@ def test_checkpoint_round_trip(method):
     """Save what train.py saves (state-dict entries the base lacks + optimizer state), build the base
     again, prepare with the same seed and a fresh batches iterator, load, and continue: bit-identical."""
     args = lorasb_args(method)
-    model = base_model()
+    model = tiny_model()
     opt = lorasb.prepare(model, args, batches())
     data = [b for b, _ in zip(batches(seed=2), range(5))]
     run_steps(model, opt, iter(data[:2]), 2)
-    base_keys = set(base_model().state_dict())
+    base_keys = set(tiny_model().state_dict())
     saved = {k: v.clone() for k, v in model.state_dict().items() if k not in base_keys}
     assert saved.keys() == lorasb.adapter_state(model, opt).keys()
     assert {k.rsplit(".", 1)[1] for k in saved} == ({"A", "B"} if method == "lora" else {"A", "B", "R"})
@@ -1758,7 +1744,7 @@ def test_checkpoint_round_trip(method):
     torch.save(opt.state_dict(), buf)
     losses = run_steps(model, opt, iter(data[2:]), 3)
 
-    model2 = base_model()
+    model2 = tiny_model()
     opt2 = lorasb.prepare(model2, args, batches())
     missing, unexpected = model2.load_state_dict(saved, strict=False)
     assert not unexpected and not (set(saved) & set(missing))
@@ -1774,7 +1760,7 @@ def test_lorasb_beats_loraxs_on_synthetic_task():
     final = {}
     for method in ("loraxs", "lorasb"):
         torch.manual_seed(0)
-        model = base_model()
+        model = tiny_model()
         opt = lorasb.prepare(model, lorasb_args(method, rank=4, lr=1e-2, lorasb_init_samples=32),
                              batches(seed=1000, bsz=8))
         losses = run_steps(model, opt, batches(seed=1, bsz=8), 40)
