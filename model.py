@@ -490,11 +490,14 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
         else:
             name = t.name  # reported as unexpected by _check_state_dict
         try:
-            w = dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, KeyError, ValueError) as e:
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[t.name])  # a copy
+        except NotImplementedError:
             raise ValueError(f"{path!r}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
-                             f"cannot dequantize ({e})") from None
-        w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shapes[t.name]))  # a copy: never the mmap
+                             "cannot dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K- and "
+                             "IQ-quants can)") from None
+        except ValueError as e:  # fewer bytes than the header promises
+            raise ValueError(f"{path!r} is truncated or corrupt: tensor {t.name} ({e})") from None
+        w = torch.from_numpy(w)
         if name.endswith("q_proj.weight"):
             w = _meta_to_hf_qk(w, cfg.n_heads)
         elif name.endswith("k_proj.weight"):

