@@ -4,6 +4,7 @@ Speed and memory, side by side, in one run (ratios, not timed tests).
     python bench.py generate     # batched generate vs transformers' generate, same tiny model, same tokens
     python bench.py train        # forward+backward tokens/s of the tiny preset
     python bench.py methods      # step time and peak memory of every method on one ~25M model
+    python bench.py methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
 same batches and a comparable budget, and prints ratios to LoRA and to full fine-tuning.
@@ -11,6 +12,7 @@ transformers is needed only by `generate` (it is a test dependency, not a runtim
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer, generate
+from model import ModelConfig, Transformer, generate, load
 
 
 def _timed(fn, repeat=3):
@@ -89,17 +91,40 @@ METHOD_RUNS = {  # name -> train.py flags; LIFT's budget equals LoRA's at the sa
 BENCH_CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=264, multiple_of=256)  # ~25M
 
 
+def _rss_mb(field="VmRSS") -> float:
+    """Resident memory of this process from /proc (Linux): VmRSS now, or VmHWM, its peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def bench_one(args):
-    """One method in this process: steps of forward+backward+clip+step on random tokens."""
+    """One method in this process: steps of forward+backward+clip+step on random tokens. Memory is
+    the process's peak RSS during training minus its RSS once the weights are loaded and touched
+    (the peak is reset after loading, so dequantizing a GGUF or reading safetensors does not count)."""
     import contextlib
+    import gc
     import io
     import itertools
     import train
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**BENCH_CONFIG)).init_weights(0)
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.model:
+        model = load(args.model)[0]
+    else:
+        model = Transformer(ModelConfig(**BENCH_CONFIG)).init_weights(0)
+    model.grad_checkpoint = args.grad_checkpoint
+    model.train()
+    sum(float(p.sum()) for p in model.parameters())  # touch every page of the weights
+    gc.collect()
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (Linux >= 4.0)
+    except OSError:
+        pass
+    rss_model = _rss_mb()
+    vocab = min(model.config.vocab_size, 32000)
     g = torch.Generator().manual_seed(1)
-    data = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4))]
+    data = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(4))]
     targs = train.parse_args([*METHOD_RUNS[args.method], "--model", "x", "--data", "x", "--rank", str(args.rank),
                               "--lr", "1e-4"])
     targs.lr_first, targs.n_train, targs.lorasb_init_samples, targs.max_steps = 1e-4, 1000, 16, 1000
@@ -119,8 +144,8 @@ def bench_one(args):
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     rec = {"method": args.method, "trainable": sum(p.numel() for p in params), "step_s": sorted(times)[len(times) // 2],
-           "prepare_s": t_prepare, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "model_mb": rss_model / 1024}
+           "prepare_s": t_prepare, "peak_mb": _rss_mb("VmHWM"), "model_mb": rss_model,
+           "params": sum(p.numel() for p in model.parameters())}
     if hasattr(opt, "refresh"):  # LIFT: one mask refresh of every target matrix
         t = time.perf_counter()
         opt.refresh()
@@ -132,20 +157,25 @@ def bench_methods(args):
     rows = []
     for m in args.methods.split(","):
         cmd = [sys.executable, __file__, "_one", "--method", m, "--rank", str(args.rank), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads)] + (["--model", args.model] if args.model else []) \
+            + (["--grad-checkpoint"] if args.grad_checkpoint else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  {m}: done", file=sys.stderr, flush=True)
     ref = {r["method"]: r for r in rows}
     lora, full = ref.get("lora"), ref.get("full")
-    print(f"methods on a ~25M LLaMA ({BENCH_CONFIG}), rank {args.rank}, batch {args.batch} x "
-          f"{args.seq} tokens, {torch.get_num_threads()} threads, median of {args.steps} steps; one process per method")
-    print(f"{'method':<15}{'trainable':>12}{'step ms':>9}{'/LoRA':>7}{'peak MB':>9}{'above model':>12}"
+    model = args.model or f"a ~25M LLaMA ({BENCH_CONFIG})"
+    tokens = args.batch * args.seq
+    print(f"methods on {model} ({rows[0]['params']:,} parameters), rank {args.rank}, batch {args.batch} x {args.seq} "
+          f"tokens, activation checkpointing {'on' if args.grad_checkpoint else 'off'}, {args.threads} threads, "
+          f"median of {args.steps} steps; one process per method; load average {os.getloadavg()[0]:.2f}")
+    print(f"{'method':<15}{'trainable':>12}{'step ms':>9}{'tokens/s':>10}{'/LoRA':>7}{'peak MB':>9}{'above model':>12}"
           f"{'/LoRA':>7}{'/full':>7}")
     for r in rows:
         above = r["peak_mb"] - r["model_mb"]
         rel = lambda a, b: f"{a / b:>7.2f}" if b else f"{'':>7}"
-        print(f"{r['method']:<15}{r['trainable']:>12,}{1e3 * r['step_s']:>9.0f}"
+        print(f"{r['method']:<15}{r['trainable']:>12,}{1e3 * r['step_s']:>9.0f}{tokens / r['step_s']:>10,.0f}"
               f"{rel(r['step_s'], lora['step_s'] if lora else 0)}{r['peak_mb']:>9.0f}{above:>12.0f}"
               f"{rel(above, lora['peak_mb'] - lora['model_mb'] if lora else 0)}"
               f"{rel(above, full['peak_mb'] - full['model_mb'] if full else 0)}")
@@ -172,6 +202,8 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--interval", type=int, default=200, help="LIFT refresh interval for the amortised cost")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="methods: a model to load (e.g. smollm2-135m); default a random ~25M LLaMA")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="methods: activation checkpointing per block")
     args = ap.parse_args()
     args.batch = args.batch or (4 if args.what in ("methods", "_one") else 32)
     torch.set_num_threads(args.threads)

@@ -434,10 +434,16 @@ def print_table(metrics: dict, file=None):
 # forgetting on a real model: how far fine-tuning moved it from what it could already do
 # A pretrained model has no "source task" to lose, and an instruct model cannot do the synthetic
 # arithmetic, so its forgetting is measured on text it wrote itself: the base model's greedy
-# continuations of neutral prompts (generated once, cached by train.py). The base model's loss on
-# them is low (they are its own most likely tokens); the rise of the tuned model's loss on the same
-# tokens is how much probability it moved away from the base's behaviour — a cross-entropy
-# measure of drift that needs no labels, in the spirit of LIFT §7.1 (learn the target, keep the rest).
+# continuations of neutral prompts (generated once, cached by train.py), scored three ways:
+#  - loss rise: the tuned model's cross-entropy on the base's tokens minus the base's own. Only
+#    a change that makes the base's text less likely counts; a model that grew more confident in
+#    the same text scores below zero.
+#  - KL(base || tuned) per token: how far the next-token distributions moved, in any direction.
+#    Over the base's top-k tokens plus one bucket for the rest (a lower bound on the full KL, and
+#    exact when the rest's mass is negligible), so the reference fits in a small cache.
+#  - agreement: the share of the base's greedy tokens the tuned model still predicts first.
+# No labels needed: the papers' "learn the target, keep the rest" (LIFT §7.1) on a model whose
+# "rest" is whatever it had learned.
 
 NEUTRAL_TOPICS = ("the ocean", "a small village", "the history of bread", "how bees make honey", "the moon",
                   "learning to play the piano", "a rainy afternoon", "the printing press", "mountains in winter",
@@ -448,14 +454,15 @@ NEUTRAL_TOPICS = ("the ocean", "a small village", "the history of bread", "how b
 # end at once on half the topics; with these it writes all 48 tokens on 119 of 120 (measured).
 NEUTRAL_STEMS = ("A short paragraph about {}:\n\n", "Something interesting about {}:", "{} - a short description.\n\n",
                  "Here is a story about {}:\n\n", "Write a short paragraph about {}.\n\n")
+KL_TOP_K = 64
 
 
 def neutral_prompts(n: int = 100) -> list[str]:
-    """n prompts with nothing to do with math (20 topics x 5 phrasings, in a fixed order)."""
+    """n prompts with nothing to do with math (20 topics x 5 phrasings, spread evenly)."""
     prompts = [stem.format(topic) for stem in NEUTRAL_STEMS for topic in NEUTRAL_TOPICS]
     if not 1 <= n <= len(prompts):
         raise ValueError(f"the number of neutral prompts must be 1..{len(prompts)}, got {n}")
-    return prompts[::len(prompts) // n][:n] if n < len(prompts) else prompts
+    return [prompts[i * len(prompts) // n] for i in range(n)]
 
 
 def self_text(model, tokenizer, n: int = 100, max_new_tokens: int = 48, batch_size: int = 32) -> list[dict]:
@@ -472,29 +479,60 @@ def self_text(model, tokenizer, n: int = 100, max_new_tokens: int = 48, batch_si
     return [r for r in out if r["text"]]
 
 
-def text_loss(model, tokenizer, texts: list[dict], batch_size: int = 16) -> float:
-    """Mean cross-entropy (nats per token) of `model` on the `text` tokens of self_text's rows,
-    given their prompts."""
+def text_logprobs(model, tokenizer, texts: list[dict], batch_size: int = 16):
+    """Yield the next-token log-probabilities [n, vocab] (fp32) at each `text` token of the rows,
+    given their prompts, and those tokens [n]; one batch at a time."""
     import torch
+    device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    device = model.embed_tokens.weight.device
     with torch.no_grad():
         for b in range(0, len(texts), batch_size):
-            rows = [r["prompt"] + r["text"] for r in texts[b:b + batch_size]]
-            T = max(map(len, rows)) - 1
-            x = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
-            y = torch.full((len(rows), T), -100, dtype=torch.long)
-            for i, (row, r) in enumerate(zip(rows, texts[b:b + batch_size])):
-                x[i, :len(row) - 1] = torch.tensor(row[:-1])
-                y[i, len(r["prompt"]) - 1:len(row) - 1] = torch.tensor(r["text"])
-            logits = model(x.to(device)).float()
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum",
-                                                       ignore_index=-100).item()
-            count += int((y != -100).sum())
+            rows = texts[b:b + batch_size]
+            seqs = [r["prompt"] + r["text"] for r in rows]
+            x = torch.full((len(rows), max(map(len, seqs)) - 1), tokenizer.pad_id, dtype=torch.long)
+            y = torch.full_like(x, -100)
+            for i, (seq, r) in enumerate(zip(seqs, rows)):
+                x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+                y[i, len(r["prompt"]) - 1:len(seq) - 1] = torch.tensor(r["text"])
+            keep = y != -100
+            yield model(x.to(device)).float()[keep.to(device)].log_softmax(-1), y[keep].to(device)
     model.train(was_training)
-    return total / count
+
+
+def drift_reference(model, tokenizer, texts: list[dict], k: int = KL_TOP_K) -> dict:
+    """What the base model predicts on its own text: its loss, and per token its top-k ids and
+    log-probabilities (the KL reference)."""
+    import torch
+    ids, logp, nll = [], [], []
+    for lp, y in text_logprobs(model, tokenizer, texts):
+        top = lp.topk(k, dim=-1)
+        ids.append(top.indices.int().cpu())
+        logp.append(top.values.cpu())
+        nll.append(-lp.gather(1, y[:, None])[:, 0].cpu())
+    return {"top_ids": torch.cat(ids), "top_logp": torch.cat(logp), "loss": float(torch.cat(nll).mean())}
+
+
+def drift(model, tokenizer, texts: list[dict], ref: dict) -> dict:
+    """How far `model` moved from the base of `ref` (drift_reference) on the base's own text:
+    {loss, base_loss, loss_rise, kl, agreement, tokens} — see the section comment above."""
+    import torch
+    nll, kl, agree, at = [], [], [], 0
+    for lp, y in text_logprobs(model, tokenizer, texts):
+        n = len(y)
+        top_ids, p_logp = ref["top_ids"][at:at + n].to(lp.device).long(), ref["top_logp"][at:at + n].to(lp.device)
+        at += n
+        q_logp = lp.gather(1, top_ids)
+        p_rest = (1 - p_logp.exp().sum(1)).clamp(min=1e-12)
+        q_rest = (1 - q_logp.exp().sum(1)).clamp(min=1e-12)
+        kl.append((p_logp.exp() * (p_logp - q_logp)).sum(1) + p_rest * (p_rest.log() - q_rest.log()))
+        nll.append(-lp.gather(1, y[:, None])[:, 0])
+        agree.append(lp.argmax(-1) == top_ids[:, 0])
+    if at != len(ref["top_ids"]):
+        raise ValueError(f"the drift reference covers {len(ref['top_ids'])} tokens, these texts {at}")
+    loss = float(torch.cat(nll).mean())
+    return {"tokens": at, "base_loss": ref["loss"], "loss": loss, "loss_rise": loss - ref["loss"],
+            "kl": float(torch.cat(kl).mean()), "agreement": float(torch.cat(agree).float().mean())}
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -417,8 +417,39 @@ def test_train_on_gguf_exports_a_complete_hf_model(smol_file, smol, tmp_path, me
     assert not torch.equal(base.layers[0].self_attn.q_proj.weight, ours.layers[0].self_attn.q_proj.weight)
     if method == "lora":  # the forgetting measure is printed beside accuracy, and its parts add up
         f = metrics["forgetting"]
-        assert f["texts"] == 2 and f["tokens"] > 0 and f["rise"] == pytest.approx(f["loss"] - f["base_loss"])
+        assert f["texts"] == 2 and f["tokens"] > 0 and f["loss_rise"] == pytest.approx(f["loss"] - f["base_loss"])
+        assert f["kl"] > 0 and 0 <= f["agreement"] <= 1
         assert "forgetting" in capsys.readouterr().out and metrics["accuracy_before"] is not None
+
+
+def test_drift_measures_against_dense_kl():
+    """eval_math.drift on a tiny model: zero for the base itself; for a perturbed model, the top-k KL
+    is a lower bound of the dense KL(base || tuned) computed here, and equals it when k = vocab."""
+    tok = Tokenizer.bytes()
+    base = tiny_model(vocab=264).eval()
+    texts = E.self_text(base, tok, n=6, max_new_tokens=12)
+    assert len(texts) == 6 and all(len(r["text"]) == 12 for r in texts)
+    same = E.drift(base, tok, texts, E.drift_reference(base, tok, texts))
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["agreement"] == 1 and same["loss_rise"] == 0
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.layers[0].mlp.down_proj.weight.add_(0.5 * torch.randn_like(tuned.layers[0].mlp.down_proj.weight))
+    dense_kl, dense_nll, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for r in texts:
+            x = torch.tensor([r["prompt"] + r["text"]])
+            p = base(x)[0, len(r["prompt"]) - 1:-1].log_softmax(-1)
+            q = tuned(x)[0, len(r["prompt"]) - 1:-1].log_softmax(-1)
+            dense_kl += float((p.exp() * (p - q)).sum())
+            dense_nll += float(-q.gather(1, torch.tensor(r["text"])[:, None]).sum())
+            n += len(r["text"])
+    exact = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=264))
+    assert exact["kl"] == pytest.approx(dense_kl / n, rel=1e-3) and exact["loss"] == pytest.approx(dense_nll / n, rel=1e-5)
+    approx = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=8))
+    assert 0 < approx["kl"] <= exact["kl"] + 1e-6 and exact["tokens"] == n
+    assert E.neutral_prompts(3) == [E.neutral_prompts(100)[i] for i in (0, 33, 66)]
+    with pytest.raises(ValueError, match="1..100, got 0"):
+        E.neutral_prompts(0)
 
 
 def _write_gguf(path, model, arch="llama", tokenizer="gpt2", raw_type=None):

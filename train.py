@@ -430,18 +430,20 @@ def base_cache(args, model_path) -> Path:
 
 
 def forgetting_set(model, tok, args, cache: Path):
-    """(texts, base loss) of eval_math.self_text, generated with the base model on the first run."""
-    f = cache / f"selftext-{args.forget_prompts}.json"
+    """(texts, reference) for eval_math.drift: the base model's own text and predictions,
+    computed on the first run and cached (a torch file, read with weights_only=True)."""
+    f = cache / f"selftext-{args.forget_prompts}.pt"
     if f.exists():
-        d = json.loads(f.read_text())
-        return d["texts"], d["base_loss"]
+        d = torch.load(f, weights_only=True)
+        return d["texts"], d["ref"]
     print(f"forgetting set: the base model's greedy continuations of {args.forget_prompts} neutral prompts "
           "(first run only)", flush=True)
     texts = eval_math.self_text(model, tok, args.forget_prompts, batch_size=args.eval_batch_size)
-    base_loss = eval_math.text_loss(model, tok, texts)
+    ref = eval_math.drift_reference(model, tok, texts)
     cache.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"texts": texts, "base_loss": base_loss}))
-    return texts, base_loss
+    torch.save({"texts": texts, "ref": ref}, f"{f}.tmp")
+    os.replace(f"{f}.tmp", f)
+    return texts, ref
 
 
 def main(argv=None):
@@ -474,31 +476,28 @@ def main(argv=None):
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(before))
     if measure_forgetting:
-        texts, base_loss = forgetting_set(model, tok, args, cache)
+        texts, reference = forgetting_set(model, tok, args, cache)
     model, optimizer, info = train(model, tok, args, problems)
     model.save_pretrained(args.out)
     tok.save(args.out)
     label = f"{args.method} r={args.rank}"
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
     if measure_forgetting:
-        loss = eval_math.text_loss(model, tok, texts)
-        forget = {"texts": len(texts), "tokens": sum(len(t["text"]) for t in texts), "base_loss": base_loss,
-                  "loss": loss, "rise": loss - base_loss}
+        forget = {"texts": len(texts), **eval_math.drift(model, tok, texts, reference)}
     metrics = {"method": args.method, "rank": args.rank, **info, "accuracy": after, "accuracy_before": before,
                "forgetting": forget}
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if before or forget:
-        specs = list(after) if before else []
-        extra = ["forgetting (loss on base's own text)"] if forget else []
-        print("\n" + f"{'accuracy':<22}" + "".join(f"{s:>14}" for s in specs) + "".join(f"{e:>40}" for e in extra))
-        if before:
-            print(f"{'base':<22}" + "".join(f"{100 * before[s]:>13.1f}%" for s in specs)
-                  + (f"{forget['base_loss']:>40.4f}" if forget else ""))
-        print(f"{label:<22}" + "".join(f"{100 * after[s]:>13.1f}%" for s in specs)
-              + (f"{forget['loss']:>31.4f} ({forget['rise']:+.4f})" if forget else ""))
-        if forget:
-            print(f"forgetting: the tuned model's loss on {forget['tokens']} tokens the base model wrote itself "
-                  f"({forget['texts']} neutral prompts) rose by {forget['rise']:+.4f} nats/token")
+    if before:
+        specs = list(after)
+        print("\n" + f"{'accuracy':<22}" + "".join(f"{s:>14}" for s in specs))
+        print(f"{'base':<22}" + "".join(f"{100 * before[s]:>13.1f}%" for s in specs))
+        print(f"{label:<22}" + "".join(f"{100 * after[s]:>13.1f}%" for s in specs))
+    if forget:
+        f = forget
+        print(f"\nforgetting, on {f['tokens']:,} tokens the base model wrote itself ({f['texts']} neutral prompts):")
+        print(f"{'':<22}{'loss':>10}{'loss rise':>11}{'KL(base||tuned)':>17}{'agreement':>11}")
+        print(f"{'base':<22}{f['base_loss']:>10.4f}{'':>11}{0:>17.5f}{100:>10.1f}%")
+        print(f"{label:<22}{f['loss']:>10.4f}{f['loss_rise']:>+11.4f}{f['kl']:>17.5f}{100 * f['agreement']:>10.1f}%")
     print(f"\nsaved to {args.out} (merged model, tokenizer, checkpoint, log.jsonl, metrics.json)")
     return metrics
 
