@@ -82,12 +82,6 @@ def bench_train(args):
           f"{args.batch * args.seq / t:,.0f} tokens/s")
 
 
-METHOD_RUNS = {  # name -> train.py flags; LIFT's budget equals LoRA's at the same rank
-    "full": ["--method", "full"], "lora": ["--method", "lora"], "lift": ["--method", "lift"],
-    "rocoft-row": ["--method", "rocoft", "--rocoft-mode", "row"],
-    "rocoft-column": ["--method", "rocoft", "--rocoft-mode", "column"],
-    "hyper": ["--method", "hyper"], "loraxs": ["--method", "loraxs"], "lorasb": ["--method", "lorasb"],
-}
 BENCH_CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=264, multiple_of=256)  # ~25M
 
 
@@ -125,12 +119,14 @@ def bench_one(args):
     vocab = min(model.config.vocab_size, 32000)
     g = torch.Generator().manual_seed(1)
     data = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(4))]
-    targs = train.parse_args([*METHOD_RUNS[args.method], "--model", "x", "--data", "x", "--rank", str(args.rank),
-                              "--lr", "1e-4"])
-    targs.lr_first, targs.n_train, targs.lorasb_init_samples, targs.max_steps = 1e-4, 1000, 16, 1000
+    name, *mode = args.method.split("-")
+    module, settings = train.METHODS[name]
+    knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 16}
+    s = settings(lr=1e-4, **{k: v for k, v in knobs.items() if v is not None and k in settings.__dataclass_fields__})
+    run = {"lift": dict(max_steps=1000), "lorasb": dict(lr_first=1e-4, n_train=1000)}.get(name, {})
     with contextlib.redirect_stdout(io.StringIO()):
         t = time.perf_counter()
-        opt = train.method_module(targs.method).prepare(model, targs, itertools.cycle(data))
+        opt = module.prepare(model, s, itertools.cycle(data), seed=0, **run)
         t_prepare = time.perf_counter() - t
     params = [p for gr in opt.param_groups for p in gr["params"]]
     times = []

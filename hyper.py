@@ -1,6 +1,6 @@
 """
-HyperAdapt (hyperadapt.txt; its method section is lost in the extract, NOTES.md gives it):
-scale the rows and columns of each frozen weight matrix,
+HyperAdapt: scale the rows and columns of each frozen weight matrix. Gurung & Campbell, "HyperAdapt:
+Simple High-Rank Adaptation" (arXiv 2509.18629):
 
     W' = diag(a) · W0 · diag(b),   a ∈ R^{n_out}, b ∈ R^{n_in}, both initialised to ones,
 
@@ -10,11 +10,33 @@ has rank ≤ min(2·rank(W0), n_out, n_in) (the paper's Lemma), far more than a 
 number of parameters (rank 1). The forward never builds W':  y = a ⊙ (W0 (b ⊙ x)).
 After `merge` the scales are folded into W (no inference latency).
 """
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, find_linears, plain_linear, replace_module
+from model import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+
+PAPER = "HyperAdapt (Gurung & Campbell), arithmetic reasoning hyperparameters"
+
+
+@dataclass
+class Settings:
+    """HyperAdapt's settings: the paper's arithmetic setup (Math10K), each default with its source.
+    No rank: n_out + n_in scales per matrix. `tiny` is the value the built-in tiny model uses instead."""
+    targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={"source": f"{PAPER}: Q, K, V, O, Gate, Up, Down"})
+    lr: float = field(default=3e-3, metadata={"source": PAPER, "tiny": 1e-2})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "not given; PyTorch's AdamW default"})
+    eps: float = field(default=1e-8, metadata={"source": "not given; PyTorch's AdamW default"})
+    weight_decay: float = field(default=0.0, metadata={
+        "source": "not given; 0, since decay pulls the scales toward 0, not toward 1"})
+    max_grad_norm: float = field(default=1.0, metadata={"source": PAPER})
+    schedule: str = field(default="cosine", metadata={"source": PAPER})
+    warmup_ratio: float = field(default=0.86, metadata={
+        "source": f"{PAPER}: 100 warmup steps of ~116 (3 epochs of Math10K at batch 256)"})
+    epochs: float = field(default=3.0, metadata={"source": PAPER})
+    batch_size: int = field(default=256, metadata={"source": PAPER})
 
 
 class HyperLinear(nn.Module):
@@ -28,26 +50,28 @@ class HyperLinear(nn.Module):
         self.b = nn.Parameter(torch.ones(n_in, dtype=torch.float32, device=base.weight.device))
 
     def forward(self, x):
-        return F.linear(x * self.b.to(x.dtype), self.weight) * self.a.to(x.dtype)  # a ⊙ (W0 (b ⊙ x))
+        # a ⊙ (W0 (b ⊙ x)); each product in fp32, rounded once to x's dtype: scales cast to bf16 first
+        # would lose every change below bf16's resolution (0.4-0.8% near 1) on a bf16 base
+        h = F.linear((x.float() * self.b).to(x.dtype), self.weight)
+        return (h.float() * self.a).to(x.dtype)
 
     def extra_repr(self):
         n_out, n_in = self.weight.shape
         return f"{n_in} -> {n_out}"
 
 
-def prepare(model, args, batches) -> torch.optim.Optimizer:
+def prepare(model, s: Settings, batches, seed: int = 0) -> torch.optim.Optimizer:
     """Freeze the model, wrap each target Linear in a HyperLinear, return AdamW over all a and b.
-    `args.rank` has no meaning here; `batches` is not used."""
-    print(f"hyper: rank {args.rank} ignored (HyperAdapt trains n_out + n_in scales per matrix, no rank)")
-    if args.weight_decay:
-        print(f"hyper: note: weight_decay {args.weight_decay} pulls the scales a, b toward 0 (not toward 1), "
+    `batches` is not used: HyperAdapt starts from a = b = 1, W' = W0."""
+    if s.weight_decay:
+        print(f"hyper: note: weight_decay {s.weight_decay} pulls the scales a, b toward 0 (not toward 1), "
               "shrinking W; 0 is the usual choice")
     model.requires_grad_(False)
-    for name, m in find_linears(model, args.targets):
+    for name, m in find_linears(model, s.targets):
         replace_module(model, name, HyperLinear(m))
     named = [(f"{n}.{k}", getattr(m, k)) for n, m in model.named_modules() if isinstance(m, HyperLinear)
              for k in ("a", "b")]
-    return adamw(named, args)
+    return adamw(named, s.lr, s.betas, s.eps, s.weight_decay)
 
 
 @torch.no_grad()

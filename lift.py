@@ -1,14 +1,15 @@
 """
-LIFT: Low-rank Informed sparse Fine-Tuning (Liu et al., ICML 2025, lift.txt).
+LIFT: Low-rank Informed sparse Fine-Tuning. Liu et al., "LIFT the Veil for the Truth: Principal Weights
+Emerge after Rank Reduction for Reasoning-Focused Supervised Fine-Tuning", ICML 2025 (arXiv 2506.00772).
 
 For each target matrix W (n_out x n_in) LIFT trains only k of its entries, the *Principal Weights*:
 the k entries of largest magnitude in W', the best rank-r approximation of W (Eq. 1-2). By default
 k = r·(n_in + n_out), the parameter count of a rank-r LoRA on that matrix. Training is Adam on those
 entries alone (Algorithm 1, Appendix A): per matrix the optimizer keeps the selected flat indices, an
 fp32 master copy of their values and the moments m, v, all vectors of length k, nothing the size of
-the matrix. Every `lift_interval` optimizer steps the mask is recomputed from the current weights;
-moments of entries kept in both masks carry over, new entries start at zero, the step counter t of
-the bias correction runs on.
+the matrix. Before every `interval`-th optimizer step (Algorithm 1, line 5: t mod T = 0) the mask is
+recomputed from the current weights; moments of entries kept in both masks carry over, new entries
+start at zero, the step counter t of the bias correction runs on.
 
 LIFT changes no module; its state lives in the optimizer `prepare` returns:
 - param_groups hold the compact fp32 value vectors (numel k each, named after their weights), so the
@@ -21,20 +22,73 @@ LIFT changes no module; its state lives in the optimizer `prepare` returns:
 Weight decay is decoupled AdamW decay (Loshchilov & Hutter) applied to the selected entries only:
 an entry outside the current mask is frozen, decay included.
 
-Selection ablations (§6.1, Table 17, Appendix G.7): lift_select = principal (LIFT) | magnitude |W| |
-gradient |sum of gradients over a few training batches| | random, and lift_block = 4 for
-LIFT_Structured, which selects whole 4x4 blocks (block score = sum of the entries' scores).
+Selection ablations (§6.1, Table 17, Appendix G.7): select = principal (LIFT) | magnitude |W| |
+gradient | random, and block = 4 for LIFT_Structured, which selects whole 4x4 blocks (block score =
+sum of the entries' scores). `gradient` scores |sum of the dense gradients over grad-accum training
+batches| at the current weights, at the start and at every refresh. The paper does not say which
+gradient it used; the authors' code starts from a random mask and re-scores with the last step's
+Adam direction masked to the current selection (zero elsewhere), which is random selection in
+effect, so this baseline is ours, not theirs.
 """
 import itertools
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from model import find_linears
+from model import LINEAR_NAMES, find_linears
 
 SELECTS = ("principal", "magnitude", "gradient", "random")
 SVDS = ("exact", "lowrank")
+PAPER = "LIFT (Liu et al., ICML 2025)"
+
+
+@dataclass
+class Settings:
+    """LIFT's settings: the paper's math setup (LLaMA on MATH-10K), each default with its source.
+    `tiny` is the value the built-in tiny model uses instead."""
+    rank: int = field(default=128, metadata={"source": f"{PAPER}, Table 2: the best rank for all four models"})
+    targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={
+        "source": f"{PAPER}, §3.2: every weight matrix of attention and MLP"})
+    lr: float = field(default=2e-4, metadata={"source": f"{PAPER}, App. D.1, Table 6 (LLaMA-3.2-1B, LLaMA-3-8B)",
+                                              "tiny": 1e-3})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"source": "the authors' code (finetune_sft.py)"})
+    eps: float = field(default=1e-6, metadata={"source": "the authors' code (finetune_sft.py)"})
+    weight_decay: float = field(default=0.0, metadata={"source": "the authors' scripts (--weight_decay 0.)"})
+    max_grad_norm: float = field(default=0.0, metadata={"source": "the authors' code: no gradient clipping"})
+    schedule: str = field(default="linear", metadata={"source": f"{PAPER}, Table 6"})
+    warmup_ratio: float = field(default=0.03, metadata={"source": f"{PAPER}, Table 6"})
+    epochs: float = field(default=3.0, metadata={"source": f"{PAPER}, Table 6"})
+    batch_size: int = field(default=16, metadata={"source": f"{PAPER}, Table 6 (1 x 16 accumulation)"})
+    interval: int = field(default=200, metadata={
+        "help": "optimizer steps between mask refreshes (Algorithm 1's update_interval)",
+        "source": "the authors' code default; App. B.1 sweeps 50-1000, a middle value is best"})
+    lra_rank: int | None = field(default=None, metadata={
+        "help": "rank of the low-rank approximation W' (default: the rank)",
+        "source": f"{PAPER}, §3: r; the authors' configs use 32-128 by model size"})
+    select: str = field(default="principal", metadata={
+        "help": "which entries train: principal (LIFT), magnitude, gradient, random (the ablation)",
+        "choices": SELECTS, "source": f"{PAPER}, Eq. (1)-(2); the others §6.1, Table 17"})
+    block: int = field(default=0, metadata={
+        "help": "select b x b blocks (4 = LIFT_Structured); 0 = single entries", "source": f"{PAPER}, App. G.7"})
+    svd: str = field(default="exact", metadata={
+        "help": "SVD of the approximation: exact, or lowrank (randomized, for large matrices)", "choices": SVDS,
+        "source": "the exact truncated SVD of Eq. (1)"})
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+        if self.select not in SELECTS:
+            raise ValueError(f"--lift-select {self.select!r} is not one of {', '.join(SELECTS)}")
+        if self.svd not in SVDS:
+            raise ValueError(f"--lift-svd {self.svd!r} is not one of {', '.join(SVDS)}")
+        if not isinstance(self.block, int) or self.block < 0:
+            raise ValueError(f"--lift-block {self.block!r} must be 0 (off) or a block size >= 1 (4 = LIFT_Structured)")
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"--lift-interval {self.interval!r} must be a positive number of optimizer steps")
+        if self.lra_rank is not None and (not isinstance(self.lra_rank, int) or self.lra_rank < 1):
+            raise ValueError(f"--lift-lra-rank {self.lra_rank!r} must be a positive int (or unset for --rank)")
 
 # -----------------------------------------------------------------------------
 # selecting the Principal Weights
@@ -91,7 +145,7 @@ def selection_scores(weight, select: str, rank: int, svd: str = "exact", seed: i
     if select == "random":
         g = torch.Generator(device=weight.device).manual_seed(seed)
         return torch.rand(weight.shape, generator=g, device=weight.device)
-    raise ValueError(f"lift_select={select!r} is not one of {', '.join(SELECTS)}")
+    raise ValueError(f"select={select!r} is not one of {', '.join(SELECTS)}")
 
 
 def budget(n_out: int, n_in: int, rank: int, block: int = 0) -> int:
@@ -168,15 +222,19 @@ class LIFTAdamW(torch.optim.Optimizer):
             denom = (s.sqrt() / math.sqrt(bias2)).add_(eps)              # line 17
             v.addcdiv_(m, denom, value=-lr / bias1)                      # line 18
             w.view(-1)[self.index[j]] = v.to(w.dtype)                    # write back in the weight's dtype
-        if self.t % self.interval == 0 and (self.max_steps is None or self.t < self.max_steps):
+        # Algorithm 1, line 5: at the start of step t with t mod T = 0, the mask is recomputed from the
+        # current weights. The gradient of step t is gathered under the mask during its backward, so
+        # the refresh happens here, after step t - 1 (the authors' code does the same).
+        nxt = self.t + 1
+        if nxt % self.interval == 0 and (self.max_steps is None or nxt <= self.max_steps):
             self.refresh()
         return loss
 
     @torch.no_grad()
     def refresh(self):
-        """Algorithm 1, lines 5-11: recompute the mask from the current weights theta_t (used from
-        step t+1 on, so every mask trains `interval` steps); moments and fp32 master values of entries
-        in both masks carry over, new entries start with zero moments and their current value."""
+        """Algorithm 1, lines 5-11: recompute the mask from the current weights (used from the next
+        step on); moments and fp32 master values of entries in both masks carry over, new entries
+        start with zero moments and their current value."""
         self.n_refresh += 1
         grads = self._probe_gradients() if self.select == "gradient" else [None] * len(self.weights)
         for j, w in enumerate(self.weights):  # one matrix at a time: transients stay one matrix large
@@ -282,57 +340,41 @@ class LIFTAdamW(torch.optim.Optimizer):
 # the method seam
 
 
-def prepare(model, args, batches) -> LIFTAdamW:
+def prepare(model, s: Settings, batches, seed: int = 0, max_steps: int | None = None,
+            grad_accum: int = 1) -> LIFTAdamW:
     """Freeze the model, select k Principal Weights in each target Linear, return the LIFT optimizer.
-    Reads args.rank, targets, lr, betas, eps, weight_decay, seed, grad_accum, max_steps and
-    lift_interval, lift_lra_rank (None = rank), lift_select, lift_block, lift_svd."""
-    select = getattr(args, "lift_select", "principal")
-    block = getattr(args, "lift_block", 0)
-    svd = getattr(args, "lift_svd", "exact")
-    interval = getattr(args, "lift_interval", 200)
-    lra_rank = getattr(args, "lift_lra_rank", None)
-    lra_rank = args.rank if lra_rank is None else lra_rank
-    if select not in SELECTS:
-        raise ValueError(f"lift_select={select!r} is not one of {', '.join(SELECTS)}")
-    if svd not in SVDS:
-        raise ValueError(f"lift_svd={svd!r} is not one of {', '.join(SVDS)}")
-    if not isinstance(block, int) or block < 0:
-        raise ValueError(f"lift_block={block!r} must be 0 (off) or a block size >= 1 (4 = LIFT_Structured)")
-    if not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"lift_interval={interval!r} must be a positive number of optimizer steps")
-    if not isinstance(lra_rank, int) or lra_rank < 1:
-        raise ValueError(f"lift_lra_rank={lra_rank!r} must be a positive int (or None for --rank)")
-
+    `max_steps`: no refresh after the last step; `grad_accum`: batches the gradient ablation scores."""
+    lra_rank = s.rank if s.lra_rank is None else s.lra_rank
     model.requires_grad_(False)
     named, ks, clamped, full_rank = [], [], {}, set()
-    for name, lin in find_linears(model, args.targets):
+    for name, lin in find_linears(model, s.targets):
         w = lin.weight
         n_out, n_in = w.shape
-        if block and (n_out % block or n_in % block):
-            raise ValueError(f"lift_block={block} does not divide {name}.weight of shape {n_out}x{n_in}")
-        asked, k = args.rank * (n_in + n_out), budget(n_out, n_in, args.rank, block)
+        if s.block and (n_out % s.block or n_in % s.block):
+            raise ValueError(f"--lift-block {s.block} does not divide {name}.weight of shape {n_out}x{n_in}")
+        asked, k = s.rank * (n_in + n_out), budget(n_out, n_in, s.rank, s.block)
         if k != asked:
             clamped[(n_out, n_in)] = (asked, k)
-        if select == "principal" and lra_rank >= min(n_out, n_in):
+        if s.select == "principal" and lra_rank >= min(n_out, n_in):
             full_rank.add((n_out, n_in))
         w.requires_grad_(True)  # so autograd reaches it; the hook keeps only the selected entries
         named.append((f"{name}.weight", w))
         ks.append(k)
     for (n_out, n_in), (asked, k) in clamped.items():
-        why = "the matrix has only n_in·n_out entries" if asked > n_in * n_out else f"whole {block}x{block} blocks"
-        print(f"lift: rank {args.rank} asks k = r·(n_in+n_out) = {asked} entries of {n_out}x{n_in} weights; "
+        why = "the matrix has only n_in·n_out entries" if asked > n_in * n_out else f"whole {s.block}x{s.block} blocks"
+        print(f"lift: rank {s.rank} asks k = r·(n_in+n_out) = {asked} entries of {n_out}x{n_in} weights; "
               f"using k = {k} ({why})")
     for n_out, n_in in sorted(full_rank):
         print(f"lift: LRA rank {lra_rank} >= min({n_out}, {n_in}): W' = W for {n_out}x{n_in} weights "
               "(selection is plain weight magnitude there)")
-    probe = list(itertools.islice(batches, max(1, getattr(args, "grad_accum", 1)))) if select == "gradient" else []
-    opt = LIFTAdamW(named, ks, args.lr, args.betas, args.eps, args.weight_decay, select=select, lra_rank=lra_rank,
-                    block=block, svd=svd, interval=interval, seed=args.seed,
-                    max_steps=getattr(args, "max_steps", None), model=model, probe=probe)
+    probe = list(itertools.islice(batches, max(1, grad_accum))) if s.select == "gradient" else []
+    opt = LIFTAdamW(named, ks, s.lr, s.betas, s.eps, s.weight_decay, select=s.select, lra_rank=lra_rank,
+                    block=s.block, svd=s.svd, interval=s.interval, seed=seed, max_steps=max_steps, model=model,
+                    probe=probe)
     total = sum(w.numel() for _, w in named)
     print(f"lift: training {sum(ks):,} of {total:,} entries ({100 * sum(ks) / total:.2f}%) in {len(ks)} matrices; "
-          f"select={select}{f' (LRA rank {lra_rank}, svd {svd})' if select == 'principal' else ''}"
-          f"{f' in {block}x{block} blocks' if block else ''}, mask refresh every {interval} steps")
+          f"select={s.select}{f' (LRA rank {lra_rank}, svd {s.svd})' if s.select == 'principal' else ''}"
+          f"{f' in {s.block}x{s.block} blocks' if s.block else ''}, mask refresh every {s.interval} steps")
     return opt
 
 

@@ -15,20 +15,102 @@ Trainable numbers per matrix: LoRA r (n_in + n_out); LoRA-XS and LoRA-SB r^2.
 The update is applied as x -> A -> (R) -> B, never as a dense Delta W: r (n_in + n_out) (+ r^2)
 multiply-adds per token. `merge` folds it into plain nn.Linear weights.
 
-Seam (see train.py): prepare(model, args, batches) -> optimizer, merge(model), adapter_state(model,
-optimizer). args.method picks one of METHODS. Flags read here: rank, targets, seed, lr, betas, eps,
-weight_decay (optimizer), lora_alpha (LoRA), lr_first and lorasb_init_samples (LoRA-SB).
+Papers: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022); Bałazy et al.,
+"LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters" (arXiv 2405.17604); Ponkshe,
+Singhal et al., "Initialization using Update Approximation is a Silver Bullet for Extreme Efficient
+Low-Rank Fine-Tuning" (LoRA-SB, arXiv 2411.19557).
+
+Seam (see train.py): each method has its settings (LoRA, LoRAXS, LoRASB below, the papers' defaults);
+prepare(model, settings, batches, ...) -> optimizer, merge(model), adapter_state(model, optimizer).
 """
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, find_linears, plain_linear, replace_module
+from model import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
 
-METHODS = ("lora", "loraxs", "lorasb")
 LORAXS_R_STD = 1e-5  # LoRA-XS: R drawn from N(0, sigma^2), sigma = 1e-5 (the authors' code)
+LIFT = "LIFT (Liu et al., ICML 2025)'s LoRA baseline"
+XS = "the LoRA-XS authors' MetaMathQA script (run_math_tuning.sh)"
+SB = "LoRA-SB (Ponkshe et al.)"
+TRAINER = "the Hugging Face Trainer's default (their code)"
+ALL = "all seven projections"
+
+
+def _check_rank(rank):
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--rank must be a positive integer, got {rank}")
+
+
+@dataclass
+class LoRA:
+    """LoRA as the papers' math tables run it (LIFT's baseline: LLaMA on MATH-10K). `tiny`: the
+    built-in tiny model's value."""
+    rank: int = field(default=128, metadata={"source": f"{LIFT}: rank 128 (64 for LLaMA-3-8B), App. D"})
+    targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={"source": f"{LIFT}: {ALL}"})
+    lr: float = field(default=2e-4, metadata={"source": f"{LIFT}, App. D, Table 6", "tiny": 3e-3})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"source": f"{LIFT} (the authors' code)"})
+    eps: float = field(default=1e-8, metadata={"source": f"{LIFT} (the authors' code)"})
+    weight_decay: float = field(default=0.0, metadata={"source": f"{LIFT} (the authors' scripts)"})
+    max_grad_norm: float = field(default=0.0, metadata={"source": f"{LIFT}: no clipping in the authors' loop"})
+    schedule: str = field(default="linear", metadata={"source": f"{LIFT}, Table 6"})
+    warmup_ratio: float = field(default=0.03, metadata={"source": f"{LIFT}, Table 6"})
+    epochs: float = field(default=3.0, metadata={"source": f"{LIFT}, Table 6"})
+    batch_size: int = field(default=16, metadata={"source": f"{LIFT}, Table 6"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "LoRA scale alpha/r; default alpha = 2r", "source": f"{LIFT}: alpha = 2r (the authors' configs)"})
+
+    def __post_init__(self):
+        _check_rank(self.rank)
+
+
+@dataclass
+class LoRAXS:
+    """LoRA-XS as its authors train LLMs on math (Mistral-7B on MetaMathQA). `tiny`: the built-in
+    tiny model's value."""
+    rank: int = field(default=64, metadata={"source": XS})
+    targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={"source": f"{XS}: {ALL}"})
+    lr: float = field(default=4e-3, metadata={"source": XS, "tiny": 1e-2})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": TRAINER})
+    eps: float = field(default=1e-8, metadata={"source": TRAINER})
+    weight_decay: float = field(default=0.0, metadata={"source": XS})
+    max_grad_norm: float = field(default=1.0, metadata={"source": TRAINER})
+    schedule: str = field(default="cosine", metadata={"source": XS})
+    warmup_ratio: float = field(default=0.02, metadata={"source": XS})
+    epochs: float = field(default=2.0, metadata={"source": XS})
+    batch_size: int = field(default=128, metadata={"source": f"{XS} (2 x 64 accumulation)"})
+
+    def __post_init__(self):
+        _check_rank(self.rank)
+
+
+@dataclass
+class LoRASB:
+    """LoRA-SB's math setup (Mistral-7B / Gemma-2-9B on MetaMathQA): its equations in the paper, the
+    numbers its tables lost in the authors' code. `tiny`: the built-in tiny model's value."""
+    rank: int = field(default=96, metadata={"source": f"{SB}: r = 96 for LLMs (the authors' code default)"})
+    targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={"source": f"{SB}, §4.1: {ALL}"})
+    lr: float = field(default=1e-4, metadata={"source": f"{SB}, App. C; 1e-4 in the authors' math script",
+                                              "tiny": 1e-2})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "the authors' code: torch AdamW"})
+    eps: float = field(default=1e-8, metadata={"source": "the authors' code: torch AdamW"})
+    weight_decay: float = field(default=0.01, metadata={"source": "the authors' code: torch AdamW's default 0.01"})
+    max_grad_norm: float = field(default=1.0, metadata={"source": TRAINER})
+    schedule: str = field(default="cosine", metadata={"source": f"{SB}, Table 7; the authors' code"})
+    warmup_ratio: float = field(default=0.02, metadata={"source": "the authors' code"})
+    epochs: float = field(default=1.0, metadata={"source": "the authors' code"})
+    batch_size: int = field(default=32, metadata={"source": "the authors' code (1 x 32 accumulation)"})
+    init_samples: int | None = field(default=None, metadata={
+        "help": "examples for the first-step gradient estimate (default 0.1% of the training set, at least 64)",
+        "source": f"{SB}, §4: a small share of the data (0.1%; their runs used 50-170 examples)"})
+
+    def __post_init__(self):
+        _check_rank(self.rank)
+        if self.init_samples is not None and (not isinstance(self.init_samples, int) or self.init_samples < 1):
+            raise ValueError(f"--lorasb-init-samples must be a positive integer, got {self.init_samples!r}")
 
 # -----------------------------------------------------------------------------
 # the adapter module: one class for the whole family
@@ -117,10 +199,11 @@ def first_step_gradients(model, linears, batches, n_samples):
     G, hooks = {}, []
     for name, lin in linears:
         w = lin.weight
-        G[name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        # the sums live in CPU memory (pinned on a GPU machine): for Llama-3-8B they are ~28 GB of fp32
+        G[name] = torch.zeros(w.shape, dtype=torch.float32, pin_memory=w.is_cuda)
 
         def add_and_free(p, acc=G[name]):
-            acc.add_(p.grad)
+            acc.add_(p.grad.to("cpu", torch.float32))
             p.grad = None
         w.requires_grad_(True)
         hooks.append(w.register_post_accumulate_grad_hook(add_and_free))
@@ -159,22 +242,20 @@ def lorasb_factors(G, r, lr_first):
 # the seam
 
 
-def prepare(model, args, batches) -> torch.optim.Optimizer:
-    """Freeze the model, replace every target Linear by a LowRankLinear initialised as args.method
-    says (lora | loraxs | lorasb), return AdamW over exactly the adapters' trainable tensors."""
-    method = args.method
-    if method not in METHODS:
-        raise ValueError(f"lorasb.prepare: method {method!r} is not one of {', '.join(METHODS)}")
+def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, seed: int = 0, lr_first: float | None = None,
+            n_train: int | None = None) -> torch.optim.Optimizer:
+    """Freeze the model, replace every target Linear by a LowRankLinear initialised as the type of `s`
+    says (LoRA, LoRA-XS, LoRA-SB), return AdamW over exactly the adapters' trainable tensors.
+    LoRA-SB also needs `lr_first`, the learning rate of the first optimizer step (its eta_1), and
+    `n_train`, the training-set size its default sample count is a share of."""
+    method = {LoRA: "lora", LoRAXS: "loraxs", LoRASB: "lorasb"}[type(s)]
     model.requires_grad_(False)
-    linears = find_linears(model, args.targets)
-    g = torch.Generator().manual_seed(args.seed)
-    alpha = getattr(args, "lora_alpha", None)
+    linears = find_linears(model, s.targets)
+    g = torch.Generator().manual_seed(seed)
     if method == "lorasb":
-        lr_first, n = args.lr_first, args.lorasb_init_samples
-        if not lr_first > 0:
+        if lr_first is None or not lr_first > 0:
             raise ValueError(f"lorasb: lr_first={lr_first} must be > 0 (the learning rate of the first optimizer step)")
-        if not (isinstance(n, int) and n > 0):
-            raise ValueError(f"lorasb: lorasb_init_samples={n!r} must be a positive integer")
+        n = s.init_samples or min(n_train or 64, max(64, round(0.001 * (n_train or 0))))
         t0 = time.time()
         G = first_step_gradients(model, linears, batches, n)
         print(f"lorasb: averaged first full-FT step from {n} examples over {len(G)} matrices in {time.time() - t0:.1f}s")
@@ -182,28 +263,28 @@ def prepare(model, args, batches) -> torch.optim.Optimizer:
     for name, lin in linears:
         W0 = lin.weight.detach()
         n_out, n_in = W0.shape
-        r = min(args.rank, n_out, n_in)
-        if r < args.rank:
+        r = min(s.rank, n_out, n_in)
+        if r < s.rank:
             clamped.setdefault((n_out, n_in, r), []).append(name.split(".")[-1])
         if method == "lora":
             A, B = lora_factors(W0, r, g)
-            R, scale = None, (2 * r if alpha is None else alpha) / r   # alpha defaults to 2r
+            R, scale = None, (2 * r if s.alpha is None else s.alpha) / r   # alpha defaults to 2r
         elif method == "loraxs":
             B, R, A = loraxs_factors(W0, r, g)
             scale = 1.0
         else:
-            B, R, A = lorasb_factors(G.pop(name), r, lr_first)
+            B, R, A = lorasb_factors(G.pop(name).to(W0.device), r, lr_first)
             scale = 1.0   # Sec. 3.5 / Theorem 5: no scaling factor needed
         dev = W0.device
         R = None if R is None else _fp32(R).to(dev)
         replace_module(model, name, LowRankLinear(lin, _fp32(A).to(dev), _fp32(B).to(dev), R, scale))
     for (n_out, n_in, r), names in clamped.items():
-        print(f"{method}: --rank {args.rank} exceeds min(n_out, n_in) of {n_out}x{n_in} matrices "
+        print(f"{method}: --rank {s.rank} exceeds min(n_out, n_in) of {n_out}x{n_in} matrices "
               f"({', '.join(sorted(set(names)))}, {len(names)} of them); using r={r} there")
     if method != "lora":
         print(f"{method}: truncated SVD of {len(linears)} matrices in {time.time() - t0:.1f}s")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return adamw(params, args)
+    return adamw(params, s.lr, s.betas, s.eps, s.weight_decay)
 
 
 def merge(model) -> None:

@@ -86,11 +86,14 @@ class ModelConfig:
 
     @classmethod
     def from_meta(cls, d: dict) -> "ModelConfig":
-        """From a Meta `params.json`. Meta's reference hard-codes the scaling (factor 8, low 1, high 4,
-        original 8192) behind `use_scaled_rope`; later params.json files carry `rope_scaling_factor`."""
+        """From a Meta `params.json`. `use_scaled_rope` means Llama-3 scaling (low 1, high 4, original
+        8192); later params.json files carry `rope_scaling_factor`. Without it the factor is 8 for
+        Llama-3.1 and 32 for the Llama-3.2 1B/3B shapes: their Hugging Face config.json says 32, and
+        Meta's reference, which hard-codes 8, is known to be wrong there (llama-models issues #166, #241)."""
         scaling = None
         if d.get("use_scaled_rope"):
-            scaling = {"factor": d.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
+            llama32_small = (d["dim"], d["n_layers"]) in ((2048, 16), (3072, 28))
+            scaling = {"factor": d.get("rope_scaling_factor", 32.0 if llama32_small else 8.0), "low_freq_factor": 1.0,
                        "high_freq_factor": d.get("rope_high_freq_factor", 4.0),
                        "original_max_position_embeddings": 8192}
         return cls(dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads"),
@@ -374,7 +377,8 @@ def _read_hf_weights(path: Path) -> dict:
 
 
 # Meta name -> (our name, dim along which model-parallel shards are concatenated; None = replicated)
-_META_NAMES = {"tok_embeddings.weight": ("embed_tokens.weight", 1), "norm.weight": ("norm.weight", None),
+# (Llama-3's reference shards the embedding along the vocabulary: VocabParallelEmbedding, dim 0)
+_META_NAMES = {"tok_embeddings.weight": ("embed_tokens.weight", 0), "norm.weight": ("norm.weight", None),
                "output.weight": ("lm_head.weight", 0)}
 _META_LAYER = {"attention.wq": ("self_attn.q_proj", 0), "attention.wk": ("self_attn.k_proj", 0),
                "attention.wv": ("self_attn.v_proj", 0), "attention.wo": ("self_attn.o_proj", 1),
@@ -650,12 +654,12 @@ def plain_linear(weight: nn.Parameter, bias=None) -> nn.Linear:
     return lin
 
 
-def adamw(params, args) -> torch.optim.AdamW:
-    """AdamW with the run's hyperparameters (fused kernels on CUDA)."""
-    params = list(params)  # tensors or (name, tensor) pairs; pairs give param_groups their 'param_names'
+def adamw(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over `params` (tensors, or (name, tensor) pairs, which give param_groups their
+    'param_names'); fused kernels on CUDA."""
+    params = list(params)
     fused = torch.cuda.is_available() and all((p[1] if isinstance(p, tuple) else p).is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
-                             weight_decay=args.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 if __name__ == "__main__":

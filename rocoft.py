@@ -1,5 +1,6 @@
 """
-RoCoFT (rocoft.txt): fine-tune only r rows or r columns of each target weight matrix.
+RoCoFT: fine-tune only r rows or r columns of each target weight matrix. "RoCoFT: Efficient Finetuning
+of Large Language Models with Row-Column Updates" (Kowsher et al., arXiv 2410.10075).
 
     W = W0 + R   (row mode: R has r non-zero rows; a row is an output feature)        # Eq. (2)
     W = W0 + C   (column mode: C has r non-zero columns; a column is an input feature)
@@ -10,15 +11,15 @@ The forward never builds the dense R or C:
     rows:    y = W0 x,  then y[index] += D x          (index_add into the r output positions)
     columns: y = W0 x + D x[index]                    (only the r selected input features)
 Trainable numbers per n_out x n_in matrix: r·n_in (rows) or r·n_out (columns); nothing else trains
-(the authors' code also trains biases and norms by accident, NOTES.md).
+(the authors' code also trains biases and norms by accident).
 
 Which rows/columns (`rocoft_select`):
   first   the first r (the paper's tables, Section 4)
-  random  r distinct indices drawn uniformly: one torch.Generator seeded with args.seed, then
+  random  r distinct indices drawn uniformly: one torch.Generator seeded with the run's seed, then
           torch.randperm(n)[:r] for each target matrix in model order
   max/min/mixed  the ablation's Wanda-style score (Section 6, Eq. (3)): S_ij = |W_ij|·‖X_j‖₂, where
-          ‖X_j‖₂ is the L2 norm of input feature j over every token of the first
-          `rocoft_score_batches` batches given to `prepare`; a row's score sums S over its columns,
+          ‖X_j‖₂ is the L2 norm of input feature j over every real (non-padding) token of the first
+          `score_batches` batches given to `prepare`; a row's score sums S over its columns,
           a column's score sums S over its rows. (The paper's text swaps the two vector lengths;
           a row score has one entry per output feature, n_out.) max = the r highest scores, min =
           the r lowest, mixed = the ceil(r/2) highest plus the floor(r/2) lowest. Ties go to the
@@ -26,15 +27,55 @@ Which rows/columns (`rocoft_select`):
 The selected indices are stored sorted, as a buffer `index`, so checkpoints carry them.
 """
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import adamw, find_linears, plain_linear, replace_module
+from model import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
 
 MODES = ("row", "column")
 SELECTS = ("first", "random", "max", "min", "mixed")
+PAPER = "RoCoFT (Kowsher et al.)"
+TRAINER = "not in the paper; the authors' code uses the Hugging Face Trainer's default"
+
+
+@dataclass
+class Settings:
+    """RoCoFT's settings: the paper's arithmetic setup (MATH-10K), each default with its source.
+    `tiny` is the value the built-in tiny model uses instead."""
+    rank: int = field(default=3, metadata={"source": f"{PAPER}, App. B, Table 9: rank 3 for every task"})
+    targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={
+        "source": "the authors' code: every Linear (lm_head too, which nanopeft leaves out)"})
+    lr: float = field(default=1e-3, metadata={"source": f"{PAPER}, Table 9", "tiny": 3e-3})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": TRAINER})
+    eps: float = field(default=1e-8, metadata={"source": TRAINER})
+    weight_decay: float = field(default=0.0, metadata={"source": f"{PAPER}, Table 9"})
+    max_grad_norm: float = field(default=1.0, metadata={"source": TRAINER})
+    schedule: str = field(default="cosine", metadata={"source": f"{PAPER}, Table 9"})
+    warmup_ratio: float = field(default=0.4, metadata={
+        "source": f"{PAPER}, Table 9: 500 warmup steps of ~1,240 (2 epochs of MATH-10K at batch 16)"})
+    epochs: float = field(default=2.0, metadata={"source": f"{PAPER}, Table 9"})
+    batch_size: int = field(default=16, metadata={"source": f"{PAPER}, Table 9 (8 x 2 accumulation)"})
+    mode: str = field(default="row", metadata={
+        "help": "row (r output features) or column (r input features)", "choices": MODES,
+        "source": f"{PAPER}, Eq. (2); rows in Table 3's best results"})
+    select: str = field(default="first", metadata={
+        "help": "which rows/columns: first, random, or by Wanda score max, min, mixed", "choices": SELECTS,
+        "source": f"{PAPER}, §4 (first r); the others §6's ablation"})
+    score_batches: int = field(default=8, metadata={
+        "help": "max/min/mixed: micro-batches for the activation norms", "source": "nanopeft (the paper gives none)"})
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown --rocoft-mode {self.mode!r}; allowed: {', '.join(MODES)}")
+        if self.select not in SELECTS:
+            raise ValueError(f"unknown --rocoft-select {self.select!r}; allowed: {', '.join(SELECTS)}")
+        if not isinstance(self.score_batches, int) or self.score_batches < 1:
+            raise ValueError(f"--rocoft-score-batches must be a positive integer, got {self.score_batches}")
 
 
 class RoCoFTLinear(nn.Module):
@@ -67,18 +108,24 @@ def activation_norms(model, linears, batches, n_batches: int) -> dict:
     batches (Wanda's calibration statistic), collected with forward hooks."""
     sq = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in linears}
 
+    real = [None]  # the current batch's non-padding positions [B, T]
+
     def hook(name):
         def fn(module, inputs, output):
-            x = inputs[0].detach()
-            sq[name] += x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+            x = inputs[0].detach()[real[0]]  # [real tokens, n_in]
+            sq[name] += x.float().pow(2).sum(0)
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in linears]
     seen = tokens = 0
     try:
-        for x, _ in itertools.islice(batches, n_batches):
+        for x, y in itertools.islice(batches, n_batches):
+            # padding is not data: a row's real tokens end at its last target (collate pads after it)
+            pos = torch.arange(x.shape[1], device=x.device)
+            last = torch.where(y != -100, pos, -1).max(1).values
+            real[0] = (pos[None, :] <= last[:, None])
             model(x)
-            seen, tokens = seen + 1, tokens + x.numel()
+            seen, tokens = seen + 1, tokens + int(real[0].sum())
     finally:
         for h in handles:
             h.remove()
@@ -104,43 +151,37 @@ def pick(score: torch.Tensor, r: int, how: str) -> torch.Tensor:
     return idx.sort().values
 
 
-def prepare(model, args, batches) -> torch.optim.Optimizer:
+def prepare(model, s: Settings, batches, seed: int = 0) -> torch.optim.Optimizer:
     """Freeze the model, replace each target Linear by a RoCoFTLinear on the selected rows/columns,
     and return AdamW over the D blocks only."""
-    mode = getattr(args, "rocoft_mode", "row")
-    how = getattr(args, "rocoft_select", "first")
-    if mode not in MODES:
-        raise ValueError(f"unknown rocoft_mode {mode!r}; allowed: {', '.join(MODES)}")
-    if how not in SELECTS:
-        raise ValueError(f"unknown rocoft_select {how!r}; allowed: {', '.join(SELECTS)}")
     model.requires_grad_(False)
-    linears = find_linears(model, args.targets)
-    dim = 0 if mode == "row" else 1  # rows are indexed along n_out, columns along n_in
+    linears = find_linears(model, s.targets)
+    dim = 0 if s.mode == "row" else 1  # rows are indexed along n_out, columns along n_in
     # a rank larger than the matrix has rows/columns: clamp, one line per shape
     clamped = {}
     for name, m in linears:
         n = m.weight.shape[dim]
-        if args.rank > n:
+        if s.rank > n:
             clamped.setdefault(tuple(m.weight.shape), set()).add(name.split(".")[-1])
     for (n_out, n_in), names in clamped.items():
         n = (n_out, n_in)[dim]
-        print(f"rocoft: rank {args.rank} asked but the {n_out}x{n_in} (n_out x n_in) matrices "
-              f"({', '.join(sorted(names))}) have {n} {mode}s; using {n}")
-    if how in ("max", "min", "mixed"):
-        norms = activation_norms(model, linears, batches, getattr(args, "rocoft_score_batches", 8))
-    gen = torch.Generator().manual_seed(args.seed)
+        print(f"rocoft: rank {s.rank} asked but the {n_out}x{n_in} (n_out x n_in) matrices "
+              f"({', '.join(sorted(names))}) have {n} {s.mode}s; using {n}")
+    if s.select in ("max", "min", "mixed"):
+        norms = activation_norms(model, linears, batches, s.score_batches)
+    gen = torch.Generator().manual_seed(seed)
     for name, m in linears:
         n = m.weight.shape[dim]
-        r = min(args.rank, n)
-        if how == "first":  # the paper's tables
+        r = min(s.rank, n)
+        if s.select == "first":  # the paper's tables
             index = torch.arange(r)
-        elif how == "random":
+        elif s.select == "random":
             index = torch.randperm(n, generator=gen)[:r].sort().values
         else:  # Section 6 ablation
-            index = pick(wanda_score(m.weight, norms[name], mode), r, how)
-        replace_module(model, name, RoCoFTLinear(m, mode, index))
+            index = pick(wanda_score(m.weight, norms[name], s.mode), r, s.select)
+        replace_module(model, name, RoCoFTLinear(m, s.mode, index))
     named = [(f"{n}.D", m.D) for n, m in model.named_modules() if isinstance(m, RoCoFTLinear)]
-    return adamw(named, args)
+    return adamw(named, s.lr, s.betas, s.eps, s.weight_decay)
 
 
 @torch.no_grad()

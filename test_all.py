@@ -54,6 +54,31 @@ def tiny_model(seed=0, vocab=64):
                                    multiple_of=16)).init_weights(seed)
 
 
+# the methods' settings in the tests: small ranks, lr 1e-2, plain AdamW without decay
+TEST_SETTINGS = {"full": {}, "lift": dict(rank=2), "rocoft": dict(rank=3, score_batches=2), "hyper": {},
+                 "lora": dict(rank=8), "loraxs": dict(rank=8), "lorasb": dict(rank=8, init_samples=10)}
+TEST_RUN = {"lift": dict(max_steps=1000, grad_accum=2)}  # prepare's arguments beyond the settings
+
+
+def settings(method, **kw):
+    """`method`'s Settings with the test values, then `kw`."""
+    cls = train.METHODS[method][1]
+    return cls(**{"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **TEST_SETTINGS[method], **kw})
+
+
+def prepare(method, model, batches=None, seed=0, **kw):
+    """`method`'s prepare: the keys of `kw` that are its settings go to settings(), other methods'
+    settings (rank for HyperAdapt) are dropped, the rest (LIFT's max_steps and grad_accum, LoRA-SB's
+    lr_first, default lr) go to prepare itself."""
+    names = set(train.METHODS[method][1].__dataclass_fields__)
+    anyone = {f for _, cls in train.METHODS.values() for f in cls.__dataclass_fields__}
+    s = settings(method, **{k: v for k, v in kw.items() if k in names})
+    run = {**TEST_RUN.get(method, {}), **{k: v for k, v in kw.items() if k not in anyone}}
+    if method == "lorasb":
+        run.setdefault("lr_first", s.lr)
+    return train.METHODS[method][0].prepare(model, s, batches, seed=seed, **run)
+
+
 # =============================================================================
 # model.py
 
@@ -113,7 +138,7 @@ def test_logits_equal_transformers(tmp_path, name):
 
 def _write_meta(hf, folder, n_shards=1):
     """Meta layout from the same weights: Meta names, q/k rows back in interleaved-pair order,
-    model-parallel shards split like Meta's (column-parallel on dim 0, row-parallel on dim 1)."""
+    model-parallel shards split like Meta's (column-parallel and the embedding on dim 0, row-parallel on dim 1)."""
     c = hf.config
     hd = c.hidden_size // c.num_attention_heads
 
@@ -127,7 +152,7 @@ def _write_meta(hf, folder, n_shards=1):
     full = {}
     for k, v in hf.state_dict().items():
         if k == "model.embed_tokens.weight":
-            full["tok_embeddings.weight"] = (v, 1)
+            full["tok_embeddings.weight"] = (v, 0)  # Llama-3's VocabParallelEmbedding: split along the vocabulary
         elif k == "model.norm.weight":
             full["norm.weight"] = (v, None)
         elif k == "lm_head.weight":
@@ -1164,13 +1189,6 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
 # lift.py — Tests of lift.py against brute-force / dense references written here (CPU, fp32, seeded).
 
 
-def lift_args(**kw):
-    a = dict(rank=2, targets=list(LINEAR_NAMES), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-             lr_first=1e-2, max_steps=1000, grad_accum=2, batch_size=2, seed=0, lift_interval=200,
-             lift_lra_rank=None, lift_select="principal", lift_block=0, lift_svd="exact")
-    a.update(kw)
-    return types.SimpleNamespace(**a)
-
 
 def make_batches(n=8, B=2, T=16, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -1252,8 +1270,9 @@ def test_optimizer_matches_dense_masked_adamw():
     base = tiny_model()
     model, ref = copy.deepcopy(base), copy.deepcopy(base)
     batches = make_batches(12)
-    args = lift_args(lr=lr, betas=betas, weight_decay=wd, grad_accum=accum, lift_interval=interval)
-    opt = lift.prepare(model, args, iter(batches))
+    opt = prepare("lift", model, iter(batches), lr=lr, betas=betas, weight_decay=wd, grad_accum=accum,
+                  interval=interval)
+    rank = opt.lra_rank
     lifted = targets_of(model)
     assert [n + ".weight" for n, _ in lifted] == opt.param_groups[0]["param_names"]
 
@@ -1261,12 +1280,20 @@ def test_optimizer_matches_dense_masked_adamw():
     ref_w = [w for _, w in targets_of(ref)]
     for w in ref_w:
         w.requires_grad_(True)
-    ks = [lift.budget(*w.shape, args.rank) for w in ref_w]
-    masks = [ref_top_k(ref_low_rank(w.detach(), args.rank).abs(), k) for w, k in zip(ref_w, ks)]
+    ks = [lift.budget(*w.shape, rank) for w in ref_w]
+    masks = [ref_top_k(ref_low_rank(w.detach(), rank).abs(), k) for w, k in zip(ref_w, ks)]
     m = [torch.zeros_like(w) for w in ref_w]
     v = [torch.zeros_like(w) for w in ref_w]
     carried, err = 0, 0.0
-    for t in range(1, steps + 1):
+    for t in range(1, steps + 1):  # Algorithm 1, t = 1..N
+        if t % interval == 0:  # lines 5-11 at the start of step t, dense form: mask from the current weights
+            with torch.no_grad():
+                new_masks = [ref_top_k(ref_low_rank(w, rank).abs(), k) for w, k in zip(ref_w, ks)]
+                for j in range(len(ref_w)):
+                    kept = int((masks[j] & new_masks[j]).sum())
+                    carried += 0 < kept < ks[j]
+                    m[j], v[j] = m[j] * new_masks[j], v[j] * new_masks[j]
+                masks = new_masks
         for j, (_, w) in enumerate(lifted):
             assert torch.equal(flat_mask(opt.index[j], w.shape), masks[j])
         before = [w.detach().clone() for _, w in lifted]
@@ -1291,13 +1318,6 @@ def test_optimizer_matches_dense_masked_adamw():
                 w.copy_(torch.where(masks[j], new, w))
             for j, (_, w) in enumerate(lifted):  # between refreshes only masked entries change
                 assert not ((w.detach() != before[j]) & ~flat_mask(idx_before[j], w.shape)).any()
-            if t % interval == 0:  # Algorithm 1, lines 6-11, dense form
-                new_masks = [ref_top_k(ref_low_rank(w, args.rank).abs(), k) for w, k in zip(ref_w, ks)]
-                for j in range(len(ref_w)):
-                    kept = int((masks[j] & new_masks[j]).sum())
-                    carried += 0 < kept < ks[j]
-                    m[j], v[j] = m[j] * new_masks[j], v[j] * new_masks[j]
-                masks = new_masks
         for (_, w), r in zip(lifted, ref_w):
             err = max(err, float((w.detach() - r.detach()).abs().max()))
             assert err <= 1e-6, f"step {t}"
@@ -1317,7 +1337,7 @@ def test_optimizer_matches_dense_masked_adamw():
 
 def test_trainable_count_and_clamping_announced(capsys):
     model = tiny_model()
-    opt = lift.prepare(model, lift_args(rank=40), iter(make_batches(2)))
+    opt = prepare("lift", model, iter(make_batches(2)), rank=40)
     out = capsys.readouterr().out
     expect = sum(min(40 * (w.shape[0] + w.shape[1]), w.numel()) for _, w in targets_of(model))
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == expect
@@ -1332,7 +1352,7 @@ def test_trainable_count_and_clamping_announced(capsys):
 
 def test_magnitude_selection():
     model = tiny_model()
-    opt = lift.prepare(model, lift_args(rank=3, lift_select="magnitude"), iter(make_batches(2)))
+    opt = prepare("lift", model, iter(make_batches(2)), rank=3, select="magnitude")
     for j, (_, w) in enumerate(targets_of(model)):
         assert torch.equal(flat_mask(opt.index[j], w.shape), ref_top_k(w.detach().abs(), lift.budget(*w.shape, 3)))
 
@@ -1340,8 +1360,7 @@ def test_magnitude_selection():
 def test_gradient_selection_initial_and_refresh():
     base, batches = tiny_model(), make_batches(6)
     model = copy.deepcopy(base)
-    opt = lift.prepare(model, lift_args(lift_select="gradient", grad_accum=2, lift_interval=2, lr=5e-2),
-                       itertools.cycle(batches))
+    opt = prepare("lift", model, itertools.cycle(batches), select="gradient", grad_accum=2, interval=2, lr=5e-2)
 
     def brute(ref):  # summed dense gradient over the first grad_accum batches, plain autograd
         ws = [w for _, w in targets_of(ref)]
@@ -1353,10 +1372,9 @@ def test_gradient_selection_initial_and_refresh():
 
     for j, ref_mask in enumerate(brute(copy.deepcopy(base))):
         assert torch.equal(flat_mask(opt.index[j], ref_mask.shape), ref_mask)
-    for x, y in batches[2:4]:  # two steps -> a refresh from the current weights
-        model(x, y)[1].backward()
-        opt.step()
-        opt.zero_grad()
+    model(*batches[2])[1].backward()  # step 1; step 2 has t mod 2 = 0: the mask is recomputed before it
+    opt.step()
+    opt.zero_grad()
     assert opt.n_refresh == 1
     now = copy.deepcopy(model)
     lift.merge(now)
@@ -1366,9 +1384,9 @@ def test_gradient_selection_initial_and_refresh():
 
 def test_random_selection():
     model = tiny_model()
-    idx0 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random"), iter([])).index
-    idx1 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random"), iter([])).index
-    idx2 = lift.prepare(copy.deepcopy(model), lift_args(rank=4, lift_select="random", seed=1), iter([])).index
+    idx0 = prepare("lift", copy.deepcopy(model), iter([]), rank=4, select="random").index
+    idx1 = prepare("lift", copy.deepcopy(model), iter([]), rank=4, select="random").index
+    idx2 = prepare("lift", copy.deepcopy(model), iter([]), rank=4, select="random", seed=1).index
     counts = torch.zeros(176 * 64)
     for j, (_, w) in enumerate(targets_of(model)):
         k = lift.budget(*w.shape, 4)
@@ -1383,7 +1401,7 @@ def test_random_selection():
 
 def test_structured_blocks_match_bruteforce():
     model = tiny_model()
-    opt = lift.prepare(model, lift_args(rank=3, lift_block=4), iter([]))
+    opt = prepare("lift", model, iter([]), rank=3, block=4)
     for j, (_, w) in enumerate(targets_of(model)):
         n_out, n_in = w.shape
         k = lift.budget(n_out, n_in, 3, block=4)
@@ -1412,9 +1430,9 @@ def lift_train(model, opt, batches, steps, start, accum=2):
 
 def test_checkpoint_resume_is_bit_identical():
     base, batches = tiny_model(), make_batches(10)
-    args = lift_args(lr=3e-2, weight_decay=0.05, lift_interval=5)
+    kw = dict(lr=3e-2, weight_decay=0.05, interval=5)
     a = copy.deepcopy(base)
-    opt_a = lift.prepare(a, args, iter(batches))
+    opt_a = prepare("lift", a, iter(batches), **kw)
     lift_train(a, opt_a, batches, 12, 0)
     assert opt_a.n_refresh == 2
     buf = io.BytesIO()
@@ -1424,7 +1442,7 @@ def test_checkpoint_resume_is_bit_identical():
     at_save = [p.detach().clone() for p in a.parameters()]
 
     b = copy.deepcopy(base)
-    opt_b = lift.prepare(b, args, iter(batches))
+    opt_b = prepare("lift", b, iter(batches), **kw)
     opt_b.load_state_dict(sd)
     for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb)
@@ -1451,14 +1469,14 @@ def test_checkpoint_resume_is_bit_identical():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), at_save))
 
     other = tiny_model().init_weights(1)  # another base model: refused
-    opt_c = lift.prepare(other, args, iter(batches))
+    opt_c = prepare("lift", other, iter(batches), **kw)
     with pytest.raises(ValueError, match="not the base weight"):
         opt_c.load_state_dict(sd)
 
 
 def test_merge_and_bf16_weights():
     model, batches = tiny_model().to(torch.bfloat16), make_batches(4)
-    opt = lift.prepare(model, lift_args(lr=1e-2, lift_interval=2), iter(batches))
+    opt = prepare("lift", model, iter(batches), lr=1e-2, interval=2)
     lift_train(model, opt, batches, 2, 0)
     # after the refresh, entries kept in both masks still carry their fp32 master values
     masters = torch.cat([p for p in opt.param_groups[0]["params"]])
@@ -1475,24 +1493,18 @@ def test_merge_and_bf16_weights():
     assert not any(hasattr(w, "_lift_hook") or w.requires_grad for _, w in targets_of(model))
 
 
-@pytest.mark.parametrize("bad,match", [(dict(lift_select="wanda"), "lift_select"), (dict(lift_block=3), "lift_block=3"),
-                                       (dict(lift_interval=0), "lift_interval"), (dict(lift_svd="qr"), "lift_svd"),
-                                       (dict(lift_lra_rank=-1), "lift_lra_rank")])
+@pytest.mark.parametrize("bad,match", [(dict(select="wanda"), "--lift-select 'wanda'"),
+                                       (dict(block=3), "--lift-block 3 does not divide"),
+                                       (dict(interval=0), "--lift-interval 0"), (dict(svd="qr"), "--lift-svd 'qr'"),
+                                       (dict(lra_rank=-1), "--lift-lra-rank -1")])
 def test_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
-        lift.prepare(tiny_model(), lift_args(**bad), iter([]))
+        prepare("lift", tiny_model(), iter([]), **bad)
 
 
 # =============================================================================
 # rocoft.py and hyper.py — Tests for rocoft.py and hyper.py against dense references, brute force and the papers' properties.
 
-
-def rh_args(**kw):
-    a = dict(rank=3, targets=list(LINEAR_NAMES), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-             lr_first=1e-2, max_steps=10, grad_accum=1, batch_size=4, seed=0,
-             rocoft_mode="row", rocoft_select="first", rocoft_score_batches=2)
-    a.update(kw)
-    return SimpleNamespace(**a)
 
 
 def make_data(n=6, seed=1):
@@ -1522,10 +1534,9 @@ def modules_of(model, cls):
     return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
 
 
-METHODS = [("rocoft", dict(rocoft_mode="row", rocoft_select="random")),
-           ("rocoft", dict(rocoft_mode="column", rocoft_select="random")),
+METHODS = [("rocoft", dict(mode="row", select="random")),
+           ("rocoft", dict(mode="column", select="random")),
            ("hyper", {})]
-MOD = {"rocoft": rocoft, "hyper": hyper}
 
 
 # ---------------------------------------------------------------------------- both methods
@@ -1538,14 +1549,14 @@ def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
     with torch.no_grad():
         ref = base(x)
     model = tiny_model()
-    opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(data)))
+    opt = prepare(method, model, iter(itertools.cycle(data)), **kw)
     with torch.no_grad():
         assert torch.equal(model(x), ref)  # exact no-op at initialisation
     run_steps(model, opt, itertools.cycle(data), 4)
     with torch.no_grad():
         before = model(x)
         assert (before - ref).abs().max() > 1e-4  # it did learn something
-        MOD[method].merge(model)
+        train.METHODS[method][0].merge(model)
         after = model(x)
     assert set(model.state_dict()) == set(base.state_dict())
     assert all(type(m) is nn.Linear for _, m in find_linears(model, LINEAR_NAMES))
@@ -1560,11 +1571,11 @@ def test_trainable_count_matches_formula(method, kw):
     r = 3
     if method == "hyper":
         expected = sum(n_out + n_in for n_out, n_in in shapes)
-    elif kw["rocoft_mode"] == "row":
+    elif kw["mode"] == "row":
         expected = sum(r * n_in for n_out, n_in in shapes)
     else:
         expected = sum(r * n_out for n_out, n_in in shapes)
-    opt = MOD[method].prepare(model, rh_args(rank=r, **kw), iter(itertools.cycle(make_data())))
+    opt = prepare(method, model, iter(itertools.cycle(make_data())), rank=r, **kw)
     params = [p for g in opt.param_groups for p in g["params"]]
     names = [n for g in opt.param_groups for n in g["param_names"]]
     assert sum(p.numel() for p in params) == expected
@@ -1582,16 +1593,16 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     data = make_data()
     base_keys = set(tiny_model().state_dict())
     m1 = tiny_model()
-    opt1 = MOD[method].prepare(m1, rh_args(**kw), iter(itertools.cycle(data)))
+    opt1 = prepare(method, m1, iter(itertools.cycle(data)), **kw)
     run_steps(m1, opt1, itertools.cycle(data), 3)
     saved = {k: v.clone() for k, v in m1.state_dict().items() if k not in base_keys}
-    assert set(saved) == set(MOD[method].adapter_state(m1, opt1))
+    assert set(saved) == set(train.METHODS[method][0].adapter_state(m1, opt1))
     opt_state = copy.deepcopy(opt1.state_dict())
     losses1 = run_steps(m1, opt1, itertools.cycle(data[3:]), 3)
 
     # resume on a fresh base model; a different seed proves the row/column index comes from the checkpoint
     m2 = tiny_model()
-    opt2 = MOD[method].prepare(m2, rh_args(**kw, seed=123), iter(itertools.cycle(data)))
+    opt2 = prepare(method, m2, iter(itertools.cycle(data)), **kw, seed=123)
     if method == "rocoft":
         assert any(not torch.equal(m.index, saved[f"{n}.index"]) for n, m in modules_of(m2, rocoft.RoCoFTLinear).items())
     missing, unexpected = m2.load_state_dict(saved, strict=False)
@@ -1599,19 +1610,19 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     opt2.load_state_dict(opt_state)
     losses2 = run_steps(m2, opt2, itertools.cycle(data[3:]), 3)
     assert losses1 == losses2
-    s1, s2 = MOD[method].adapter_state(m1, opt1), MOD[method].adapter_state(m2, opt2)
+    s1, s2 = train.METHODS[method][0].adapter_state(m1, opt1), train.METHODS[method][0].adapter_state(m2, opt2)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_bf16_base_keeps_fp32_adapter(method, kw):
     model = tiny_model().to(torch.bfloat16)
-    opt = MOD[method].prepare(model, rh_args(**kw), iter(itertools.cycle(make_data())))
+    opt = prepare(method, model, iter(itertools.cycle(make_data())), **kw)
     x, y = make_data()[0]
     model(x, y)[1].backward()
     for p in (p for g in opt.param_groups for p in g["params"]):
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
-    MOD[method].merge(model)
+    train.METHODS[method][0].merge(model)
     assert all(m.weight.dtype == torch.bfloat16 for _, m in find_linears(model, LINEAR_NAMES))
 
 
@@ -1622,7 +1633,7 @@ def test_rocoft_changes_only_selected_rows_or_columns(mode):
     data = make_data()
     W0 = {n: m.weight.detach().clone() for n, m in find_linears(tiny_model(), LINEAR_NAMES)}
     model = tiny_model()
-    opt = rocoft.prepare(model, rh_args(rocoft_mode=mode, rocoft_select="random"), iter(itertools.cycle(data)))
+    opt = prepare("rocoft", model, iter(itertools.cycle(data)), mode=mode, select="random")
     index = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
     run_steps(model, opt, itertools.cycle(data), 4)
     rocoft.merge(model)
@@ -1666,9 +1677,9 @@ def swap(model, name, new):
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_matches_dense_reference_after_training(method, kw):
     data, steps = make_data(), 6
-    args = rh_args(**kw)
     model = tiny_model()
-    opt = MOD[method].prepare(model, args, iter(itertools.cycle(data)))
+    opt = prepare(method, model, iter(itertools.cycle(data)), **kw)
+    args = settings(method, **kw)
     ref = tiny_model()
     ref.requires_grad_(False)
     refs = {}
@@ -1678,7 +1689,7 @@ def test_matches_dense_reference_after_training(method, kw):
         else:
             mask = torch.zeros_like(m.weight)
             idx = model.get_submodule(n).index
-            if kw["rocoft_mode"] == "row":
+            if kw["mode"] == "row":
                 mask[idx] = 1.0
             else:
                 mask[:, idx] = 1.0
@@ -1689,7 +1700,7 @@ def test_matches_dense_reference_after_training(method, kw):
     l1 = run_steps(model, opt, itertools.cycle(data), steps)
     l2 = run_steps(ref, ref_opt, itertools.cycle(data), steps)
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
-    MOD[method].merge(model)
+    train.METHODS[method][0].merge(model)
     moved = 0.0
     for n, r in refs.items():
         W = model.get_submodule(n).weight
@@ -1733,8 +1744,7 @@ def test_rocoft_score_selection_matches_brute_force(mode, how):
     data, r = make_data(), 5
     expected = brute_force_pick(tiny_model(), data, 2, mode, how, r)
     model = tiny_model()
-    rocoft.prepare(model, rh_args(rank=r, rocoft_mode=mode, rocoft_select=how, rocoft_score_batches=2),
-                   iter(itertools.cycle(data)))
+    prepare("rocoft", model, iter(itertools.cycle(data)), rank=r, mode=mode, select=how, score_batches=2)
     got = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
     assert got == expected
 
@@ -1744,11 +1754,11 @@ def test_rocoft_first_and_random_selection():
 
     def indices(**kw):
         model = tiny_model()
-        rocoft.prepare(model, rh_args(rank=4, **kw), iter(itertools.cycle(data)))
+        prepare("rocoft", model, iter(itertools.cycle(data)), rank=4, **kw)
         return {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
 
-    assert all(v == [0, 1, 2, 3] for v in indices(rocoft_select="first").values())
-    a, b, c = (indices(rocoft_select="random", rocoft_mode="column", seed=s) for s in (0, 0, 1))
+    assert all(v == [0, 1, 2, 3] for v in indices(select="first").values())
+    a, b, c = (indices(select="random", mode="column", seed=s) for s in (0, 0, 1))
     assert a == b and a != c
     n_in = {n: m.weight.shape[1] for n, m in find_linears(tiny_model(), LINEAR_NAMES)}
     for n, v in a.items():
@@ -1757,18 +1767,18 @@ def test_rocoft_first_and_random_selection():
 
 
 def test_rocoft_bad_mode_and_select():
-    for kw, bad in ((dict(rocoft_mode="diagonal"), "diagonal"), (dict(rocoft_select="best"), "best")):
+    for kw, bad in ((dict(mode="diagonal"), "diagonal"), (dict(select="best"), "best")):
         with pytest.raises(ValueError) as e:
-            rocoft.prepare(tiny_model(), rh_args(**kw), iter(itertools.cycle(make_data())))
+            prepare("rocoft", tiny_model(), iter(itertools.cycle(make_data())), **kw)
         msg = str(e.value)
         assert bad in msg and "\n" not in msg
     with pytest.raises(ValueError, match="row, column"):
-        rocoft.prepare(tiny_model(), rh_args(rocoft_mode="diagonal"), iter(itertools.cycle(make_data())))
+        prepare("rocoft", tiny_model(), iter(itertools.cycle(make_data())), mode="diagonal")
 
 
 def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
     model = tiny_model()
-    opt = rocoft.prepare(model, rh_args(rank=40), iter(itertools.cycle(make_data())))  # k/v have 32 rows
+    opt = prepare("rocoft", model, iter(itertools.cycle(make_data())), rank=40)  # k/v have 32 rows
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "rank 40" in line]
     assert len(lines) == 1 and "32x64" in lines[0] and "using 32" in lines[0]
@@ -1781,9 +1791,8 @@ def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
 # ---------------------------------------------------------------------------- HyperAdapt
 
 def test_hyper_ignores_rank_with_a_note(capsys):
-    hyper.prepare(tiny_model(), rh_args(rank=7), None)
-    out = capsys.readouterr().out
-    assert "rank 7" in out and "ignored" in out
+    train.parse_args(["--method", "hyper", "--rank", "7"])
+    assert "note: --rank 7 ignored: hyper has no rank" in capsys.readouterr().out
 
 
 class Toy(nn.Module):
@@ -1816,7 +1825,7 @@ def fit(module, params, W0, steps=150, lr=2e-2):
 
 def hyper_delta(W0):
     toy = Toy(W0)
-    opt = hyper.prepare(toy, rh_args(targets=["q_proj"], lr=2e-2), None)
+    opt = prepare("hyper", toy, None, targets=["q_proj"], lr=2e-2)
     fit(toy, opt, W0)
     n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
     hyper.merge(toy)
@@ -1868,11 +1877,6 @@ def batches(seed=1, bsz=4, T=16):
         yield x, PERM[x]
 
 
-def lorasb_args(method, rank=8, lr=1e-2, **kw):
-    a = dict(method=method, rank=rank, targets=list(LINEAR_NAMES), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-             weight_decay=0.0, lr_first=lr, seed=0, lora_alpha=None, lorasb_init_samples=10)
-    return types.SimpleNamespace(**(a | kw))
-
 
 def shapes(model):
     """(name, n_out, n_in) of every target Linear of a plain base model."""
@@ -1899,7 +1903,7 @@ def check_merge(model):
 
 def test_lora_noop_trains_only_A_B_count_and_merge():
     model, ref = tiny_model(), tiny_model()
-    opt = lorasb.prepare(model, lorasb_args("lora"), batches())
+    opt = prepare("lora", model, batches())
     x, _ = next(batches(seed=7))
     assert torch.equal(model(x), ref(x))                           # B = 0: an exact no-op at step 0
     r = 8
@@ -1919,7 +1923,7 @@ def test_lora_noop_trains_only_A_B_count_and_merge():
 
 def test_rank_clamp_is_reported(capsys):
     model = tiny_model()
-    opt = lorasb.prepare(model, lorasb_args("lora", rank=40), batches())
+    opt = prepare("lora", model, batches(), rank=40)
     out = capsys.readouterr().out
     assert "--rank 40" in out and "32x64" in out and "r=32" in out   # k_proj, v_proj are 32 x 64
     expect = sum(min(40, o, i) * (o + i) for _, o, i in shapes(tiny_model()))
@@ -1927,12 +1931,10 @@ def test_rank_clamp_is_reported(capsys):
 
 
 def test_lorasb_bad_inputs():
-    with pytest.raises(ValueError, match="method 'dora'"):
-        lorasb.prepare(tiny_model(), lorasb_args("dora"), batches())
     with pytest.raises(ValueError, match="lr_first=0"):
-        lorasb.prepare(tiny_model(), lorasb_args("lorasb", lr_first=0), batches())
-    with pytest.raises(ValueError, match="lorasb_init_samples"):
-        lorasb.prepare(tiny_model(), lorasb_args("lorasb", lorasb_init_samples=0), batches())
+        prepare("lorasb", tiny_model(), batches(), lr_first=0)
+    with pytest.raises(ValueError, match="--lorasb-init-samples must be a positive integer, got 0"):
+        prepare("lorasb", tiny_model(), batches(), init_samples=0)
 
 # -----------------------------------------------------------------------------
 # 2. LoRA-XS
@@ -1941,7 +1943,7 @@ def test_lorasb_bad_inputs():
 def test_loraxs_init_count_only_R_trains_and_merge():
     r = 8
     model, ref = tiny_model(), tiny_model()
-    opt = lorasb.prepare(model, lorasb_args("loraxs", rank=r), batches())
+    opt = prepare("loraxs", model, batches(), rank=r)
     for name, n_out, n_in in shapes(ref):
         m, W0 = model.get_submodule(name), ref.get_submodule(name).weight
         # LoRA-XS: B = U_r (orthonormal columns spanning W0's top-r left singular space), A = S_r V_r^T
@@ -1968,7 +1970,7 @@ def test_loraxs_init_count_only_R_trains_and_merge():
 def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
     r, n, lr1 = 8, 10, 3e-3
     model = tiny_model()
-    opt = lorasb.prepare(model, lorasb_args("lorasb", rank=r, lr_first=lr1, lorasb_init_samples=n), batches())
+    opt = prepare("lorasb", model, batches(), rank=r, lr_first=lr1, init_samples=n)
     out = capsys.readouterr().out
     assert "gradient estimate 10/10" in out and "from 10 examples" in out
     # Reference: the same 10 examples (the first 10 rows batches() yields) in ONE batch, plain autograd.
@@ -2006,9 +2008,8 @@ def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
 def test_checkpoint_round_trip(method):
     """Save what train.py saves (state-dict entries the base lacks + optimizer state), build the base
     again, prepare with the same seed and a fresh batches iterator, load, and continue: bit-identical."""
-    args = lorasb_args(method)
     model = tiny_model()
-    opt = lorasb.prepare(model, args, batches())
+    opt = prepare(method, model, batches())
     data = [b for b, _ in zip(batches(seed=2), range(5))]
     run_steps(model, opt, iter(data[:2]), 2)
     base_keys = set(tiny_model().state_dict())
@@ -2020,7 +2021,7 @@ def test_checkpoint_round_trip(method):
     losses = run_steps(model, opt, iter(data[2:]), 3)
 
     model2 = tiny_model()
-    opt2 = lorasb.prepare(model2, args, batches())
+    opt2 = prepare(method, model2, batches())
     missing, unexpected = model2.load_state_dict(saved, strict=False)
     assert not unexpected and not (set(saved) & set(missing))
     buf.seek(0)
@@ -2036,8 +2037,7 @@ def test_lorasb_beats_loraxs_on_synthetic_task():
     for method in ("loraxs", "lorasb"):
         torch.manual_seed(0)
         model = tiny_model()
-        opt = lorasb.prepare(model, lorasb_args(method, rank=4, lr=1e-2, lorasb_init_samples=32),
-                             batches(seed=1000, bsz=8))
+        opt = prepare(method, model, batches(seed=1000, bsz=8), rank=4, lr=1e-2, init_samples=32)
         losses = run_steps(model, opt, batches(seed=1, bsz=8), 40)
         final[method] = sum(losses[-5:]) / 5
     print(f"final training loss (mean of last 5 of 40 steps), r=4, lr=1e-2: {final}")

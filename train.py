@@ -2,16 +2,20 @@
 The one plain training loop every method shares.
 
     python train.py --method lift --rank 128        # built-in default: tiny LLaMA, synthetic problems, no downloads
+    python train.py --method rocoft                 # RoCoFT with its paper's settings (see --help)
     python train.py --method lora --rank 16 --model ~/Llama-3.2-1B --data gsm8k --eval-data gsm8k
+    python train.py --method lift --model smollm2-135m --max-steps 60 --batch-size 8   # a real model on a laptop
 
-Each method lives in its own file and meets this loop through two functions:
-    prepare(model, args, batches) -> optimizer      merge(model) -> None
-(`full` fine-tuning is the one method written here). The built-in default pretrains a tiny base
-model on one-step problems (synth-source, cached under out/), fine-tunes it on two-step problems
-(synth-target) and prints accuracy before and after on both: learning and forgetting.
+Each method lives in its own file and meets this loop through a settings dataclass and two functions:
+    Settings (its paper's defaults, each with its source)
+    prepare(model, settings, batches, seed=...) -> optimizer      merge(model) -> None
+(`full` fine-tuning is the one method written here). `python train.py --method M --help` lists M's
+settings with their defaults and sources; a flag overrides only what it names, and the resolved
+settings are printed before training. The built-in default pretrains a tiny base model on one-step
+problems (synth-source, cached under out/), fine-tunes it on two-step problems (synth-target) and
+prints accuracy before and after on both: learning and forgetting.
 """
 import argparse
-import importlib
 import json
 import math
 import os
@@ -20,113 +24,233 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+import types
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 import eval_math
+import hyper
+import lift
+import lorasb
+import rocoft
 from model import LINEAR_NAMES, PRESETS, adamw, load
 
-# method -> (module that implements it, lr for the tiny built-in model, lr for real LLMs).
-# Real-model lrs follow the papers: LIFT 2e-4 (Table 5), LoRA 2e-4, LoRA-SB 1e-4 (math), LoRA-XS 4e-3
-# (its authors' MetaMathQA script), RoCoFT 1e-3, HyperAdapt 3e-3; full fine-tuning 1e-5. The tiny
-# model's lrs come from short sweeps on the built-in data.
+# -----------------------------------------------------------------------------
+# full fine-tuning: the method with no method
+
+
+@dataclass
+class Full:
+    """Full fine-tuning, the baseline in every paper's table: every parameter trains."""
+    lr: float = field(default=1e-5, metadata={
+        "source": "LIFT (Liu et al., ICML 2025), App. B, full FT of LLaMA on MATH-10K", "tiny": 1e-3})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "PyTorch's AdamW default"})
+    eps: float = field(default=1e-8, metadata={"source": "PyTorch's AdamW default"})
+    weight_decay: float = field(default=0.0, metadata={"source": "the Hugging Face Trainer's default"})
+    max_grad_norm: float = field(default=1.0, metadata={"source": "the Hugging Face Trainer's default"})
+    schedule: str = field(default="linear", metadata={"source": "the Hugging Face Trainer's default"})
+    warmup_ratio: float = field(default=0.03, metadata={"source": "LIFT App. B (all methods)"})
+    epochs: float = field(default=3.0, metadata={"source": "LIFT App. B (MATH-10K, all methods)"})
+    batch_size: int = field(default=16, metadata={"source": "LIFT App. B (effective batch)"})
+
+
+def prepare(model, s: Full, batches, seed: int = 0):
+    """Full fine-tuning: every parameter trains (fp32 AdamW state, fused kernels on CUDA)."""
+    model.requires_grad_(True)
+    return adamw(model.named_parameters(), s.lr, s.betas, s.eps, s.weight_decay)
+
+
+def merge(model):
+    pass
+
+
+# --method -> (the file that implements it, its settings: the paper's defaults and their sources)
 METHODS = {
-    "full": ("train", 1e-3, 1e-5),
-    "lora": ("lorasb", 3e-3, 2e-4),
-    "loraxs": ("lorasb", 1e-2, 4e-3),
-    "lorasb": ("lorasb", 1e-2, 1e-4),
-    "lift": ("lift", 1e-3, 2e-4),
-    "rocoft": ("rocoft", 3e-3, 1e-3),
-    "hyper": ("hyper", 1e-2, 3e-3),
+    "full": (sys.modules[__name__], Full),
+    "lora": (lorasb, lorasb.LoRA),
+    "loraxs": (lorasb, lorasb.LoRAXS),
+    "lorasb": (lorasb, lorasb.LoRASB),
+    "lift": (lift, lift.Settings),
+    "rocoft": (rocoft, rocoft.Settings),
+    "hyper": (hyper, hyper.Settings),
 }
-TARGET_GROUPS = {"all": list(LINEAR_NAMES), "attn": list(LINEAR_NAMES[:4]), "mlp": list(LINEAR_NAMES[4:])}
+TARGET_GROUPS = {"all": LINEAR_NAMES, "attn": LINEAR_NAMES[:4], "mlp": LINEAR_NAMES[4:]}
+# Settings every method has (flags without a prefix); the rest are a method's own knobs, as
+# --<method>-<name>. The help text is here, the default and its source in the method's file.
+COMMON = {
+    "rank": "the method's rank r (what r counts differs per method: README)",
+    "targets": "modules to adapt: comma-separated q_proj,...,down_proj, or all / attn / mlp",
+    "lr": "peak learning rate",
+    "betas": "AdamW betas, comma-separated",
+    "eps": "AdamW epsilon",
+    "weight_decay": "AdamW decoupled weight decay",
+    "max_grad_norm": "clip the gradient's global norm to this (0 = off)",
+    "schedule": "learning-rate decay after warmup: linear, cosine or constant",
+    "warmup_ratio": "share of the steps spent on linear warmup",
+    "epochs": "passes over the training data (--max-steps overrides)",
+    "batch_size": "examples per micro-batch; a step is batch-size x grad-accum examples",
+}
+# Presets: the built-in default run (no --model, no --data) and the pretraining of its base model.
+BUILTIN = dict(batch_size=32, max_steps=300)  # ~2 minutes on a laptop CPU
+PRETRAIN = dict(method="full", settings=dict(lr=2e-3, schedule="cosine", warmup_ratio=0.03, batch_size=32,
+                                             betas=(0.9, 0.95), max_grad_norm=1.0, weight_decay=0.0),
+                seed=0, grad_accum=1, resume=False, eval_every=0, save_every=0, log_every=100, dtype="float32")
+
+# -----------------------------------------------------------------------------
+# command line: run flags, plus each method's settings derived from its dataclass
+
+
+def _flag(method, f):
+    return "--" + (f.name if f.name in COMMON else f"{method}-{f.name}").replace("_", "-")
+
+
+def _parse_value(f):
+    """The command-line parser of a settings field, from its type."""
+    if f.name == "targets":
+        return lambda v: tuple(TARGET_GROUPS.get(v) or [t for t in v.split(",") if t])
+    if f.type == tuple[float, float]:
+        return lambda v: tuple(float(b) for b in v.split(","))
+    if isinstance(f.type, types.UnionType):  # int | None, float | None: None is the unset default
+        return next(t for t in f.type.__args__ if t is not type(None))
+    return f.type  # int, float, str
+
+
+def _tiny_source(f):
+    return f"{f.metadata['tiny']} on the tiny built-in model (a short sweep)"
+
+
+def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="lift", help=f"one of: {', '.join(METHODS)}")
+    cls = METHODS[method][1]
+    own = {f.name: f for f in fields(cls)}
+    g = p.add_argument_group(f"settings of {method} (default: its paper's, source in brackets; "
+                             "--method M --help shows M's)")
+    for name, text in COMMON.items():
+        f = own.get(name)
+        tiny = builtin and f is not None and "tiny" in f.metadata
+        extra = (f" [{method} has no {name}; ignored]" if f is None else f" [default: {_tiny_source(f)}]" if tiny
+                 else f" [default {f.default}: {f.metadata['source']}]")
+        g.add_argument("--" + name.replace("_", "-"), default=None, type=_parse_value(f) if f else str,
+                       help=(text + extra).replace("%", "%%"))
+    for m, (_, c) in METHODS.items():  # every method's own knobs; another method's are noted and ignored
+        knobs = [f for f in fields(c) if f.name not in COMMON]
+        if not knobs:
+            continue
+        g = p.add_argument_group(f"{m}'s own settings") if m == method else g
+        for f in knobs:
+            help_ = f"{f.metadata.get('help', '')} [default {f.default}: {f.metadata['source']}]".replace("%", "%%")
+            g.add_argument(_flag(m, f), default=None, type=_parse_value(f), dest=f"{m}__{f.name}", metavar=f.name.upper(),
+                           choices=f.metadata.get("choices"), help=help_ if m == method else argparse.SUPPRESS)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="model folder (Hugging Face or Meta layout), a .gguf file, a preset, "
+                   "or smollm2-135m; default: the built-in tiny base")
+    g.add_argument("--data", default=None, help="training data spec (eval_math.load_problems); default synth-target")
+    g.add_argument("--train-limit", type=int, default=None, help="train on at most this many problems")
+    g.add_argument("--seq-len", type=int, default=512, help="truncate prompt+solution to this many tokens")
+    g.add_argument("--train-on-prompt", action="store_true", help="also put loss on the prompt tokens")
+    g = p.add_argument_group("training loop")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); 0 = evaluate the start")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (saves memory)")
+    g.add_argument("--pretrain-steps", type=int, default=900, help="steps to pretrain the built-in base (first run only)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-data", default=None,
+                   help="comma-separated eval specs (none = no evaluation); default synth-target,synth-source or --data")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many problems per dataset")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per problem; default eval_math's")
+    g.add_argument("--forget-prompts", type=int, default=100,
+                   help="real models: forgetting = drift from the base model on its own greedy continuations of this "
+                        "many neutral prompts (1-100, generated once, cached in base-cache/ beside --out; 0 = off)")
+    g = p.add_argument_group("output and checkpoints")
+    g.add_argument("--out", default=None, help="output folder; default out/<method>-<data>")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end / on Ctrl-C)")
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="base weights; auto = bf16 on CUDA (fp32 for full FT, whose weights are the trained state), "
+                        "fp32 on CPU")
+    g.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
+                   help="CPU threads for torch (0 = torch's default). 1 by default on CPU: on a busy machine OpenMP "
+                        "threads that wait for each other are many times slower")
+    return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--method", default="lift", help=f"one of: {', '.join(METHODS)}")
-    a("--rank", type=int, default=128, help="the method's rank r (see README: what --rank means per method)")
-    a("--model", default=None, help="model folder (Hugging Face or Meta layout) or preset; default: the built-in tiny base")
-    a("--data", default=None, help="training data spec (eval_math.load_problems); default synth-target")
-    a("--eval-data", default=None, help="comma-separated eval specs (none = skip); default synth-target,synth-source or --data")
-    a("--eval-limit", type=int, default=None, help="evaluate on at most this many problems per dataset")
-    a("--train-limit", type=int, default=None, help="train on at most this many problems")
-    a("--epochs", type=float, default=1.0)
-    a("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); 0 = evaluate the start")
-    a("--batch-size", type=int, default=None, help="examples per micro-batch (default 16; built-in default 32)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=None, help="peak learning rate; default: per method (METHODS in train.py)")
-    a("--warmup-ratio", type=float, default=0.03)
-    a("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    a("--weight-decay", type=float, default=0.0)
-    a("--betas", default="0.9,0.999", help="AdamW betas")
-    a("--eps", type=float, default=1e-8, help="AdamW epsilon")
-    a("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0 = off)")
-    a("--seq-len", type=int, default=512, help="truncate prompt+solution to this many tokens")
-    a("--train-on-prompt", action="store_true", help="also put loss on the prompt tokens")
-    a("--targets", default="all", help="comma-separated module names (q_proj,...,down_proj) or all / attn / mlp")
-    a("--seed", type=int, default=0)
-    a("--out", default=None, help="output folder; default out/<method>-<data>")
-    a("--resume", action="store_true", help="continue from the checkpoint in --out")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="base weights; auto = bf16 on CUDA (fp32 for full FT, whose weights are the trained state), fp32 on CPU")
-    a("--grad-checkpoint", action="store_true", help="activation checkpointing per block (saves memory)")
-    a("--log-every", type=int, default=10)
-    a("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end / on Ctrl-C)")
-    a("--eval-batch-size", type=int, default=64)
-    a("--max-new-tokens", type=int, default=None, help="generation budget per problem; default eval_math's")
-    a("--pretrain-steps", type=int, default=900, help="steps to pretrain the built-in base (first run only)")
-    a("--forget-prompts", type=int, default=100,
-      help="real models: forgetting = rise of the loss on the base model's own greedy continuations of this "
-           "many neutral prompts (1-100, generated once, cached in base-cache/ beside --out; 0 = off)")
-    a("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
-      help="CPU threads for torch (0 = torch's default). 1 by default on CPU: the tiny model is too small to "
-           "gain from more, and on a busy machine OpenMP threads that wait for each other are many times slower")
-    # method flags, namespaced
-    a("--lora-alpha", type=float, default=None, help="LoRA only: scale alpha/r, default alpha = 2r (LoRA-XS/SB use scale 1)")
-    a("--lift-interval", type=int, default=200, help="LIFT: optimizer steps between mask refreshes (update_interval)")
-    a("--lift-lra-rank", type=int, default=None, help="LIFT: rank of the low-rank approximation (default --rank)")
-    a("--lift-select", default="principal", choices=["principal", "magnitude", "gradient", "random"],
-      help="LIFT: how to choose the trained entries: principal (the paper), magnitude, gradient, random (ablations)")
-    a("--lift-block", type=int, default=0, help="LIFT: select b x b blocks (4 = LIFT_Structured); 0 = entries")
-    a("--lift-svd", default="exact", choices=["exact", "lowrank"], help="LIFT: exact or randomized SVD")
-    a("--rocoft-mode", default="row", help="RoCoFT: row (r output features) or column (r input features)")
-    a("--rocoft-select", default="first",
-      help="RoCoFT: first (the paper's tables), random, max, min, mixed (Wanda score |W|*||X|| per row/column)")
-    a("--rocoft-score-batches", type=int, default=8, help="RoCoFT max/min/mixed: micro-batches for activation norms")
-    a("--lorasb-init-samples", type=int, default=None,
-      help="LoRA-SB: examples for the gradient estimate (default 0.1%% of the training set, at least 64)")
+    """(run flags, the method's resolved settings, where each setting came from)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--method", default="lift")
+    first.add_argument("--model", default=None)
+    first.add_argument("--data", default=None)
+    known, _ = first.parse_known_args(argv)
+    method = known.method
+    if method not in METHODS:
+        argparse.ArgumentParser().error(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    builtin = known.model is None and known.data is None
+    p = build_parser(method, builtin)
     args = p.parse_args(argv)
-    if args.method not in METHODS:
-        p.error(f"unknown method {args.method!r}; available: {', '.join(METHODS)}")
-    if args.rank <= 0:
-        p.error(f"--rank must be a positive integer, got {args.rank}")
-    if not 0 <= args.forget_prompts <= 100:
-        p.error(f"--forget-prompts must be 0 (off) .. 100, got {args.forget_prompts}")
-    args.builtin = args.model is None and args.data is None
+    args.builtin = builtin
     if args.model is None and args.data is not None:
         p.error("--data needs --model (the built-in default uses neither)")
+    if not 0 <= args.forget_prompts <= 100:
+        p.error(f"--forget-prompts must be 0 (off) .. 100, got {args.forget_prompts}")
+    # the settings: the paper's defaults, the tiny model's own values, then what the user passed
+    cls, given, origin = METHODS[method][1], {}, {}
+    for f in fields(cls):
+        origin[f.name] = f.metadata.get("source", "")
+        if builtin and "tiny" in f.metadata:
+            given[f.name], origin[f.name] = f.metadata["tiny"], _tiny_source(f)
+    if builtin and args.batch_size is None and "batch_size" in {f.name for f in fields(cls)}:
+        given["batch_size"], origin["batch_size"] = BUILTIN["batch_size"], "the built-in default run"
+    for name in COMMON:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in origin:
+            print(f"note: --{name.replace('_', '-')} {value} ignored: {method} has no {name}")
+            continue
+        given[name], origin[name] = value, "command line"
+    for key in [k for k in vars(args) if "__" in k]:
+        m, name = key.split("__")
+        value = getattr(args, key)
+        delattr(args, key)
+        if value is None:
+            continue
+        if m != method:
+            print(f"note: --{m}-{name.replace('_', '-')} ignored: it is a setting of {m}, not {method}")
+            continue
+        given[name], origin[name] = value, "command line"
+    for name in COMMON:
+        delattr(args, name)
+    try:
+        s = cls(**given)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     args.data = args.data or "synth-target"
-    if args.batch_size is None:
-        args.batch_size = 32 if args.builtin else 16
     if args.builtin and args.max_steps is None:
-        args.max_steps = 300  # ~1-2 minutes on a laptop CPU
+        args.max_steps = BUILTIN["max_steps"]
     if args.eval_data is None:
         args.eval_data = "synth-target,synth-source" if args.builtin else args.data
     args.eval_data = "" if args.eval_data == "none" else args.eval_data
-    args.out = args.out or str(Path("out") / f"{args.method}-{Path(args.data).stem}")
-    args.targets = TARGET_GROUPS.get(args.targets) or [t for t in args.targets.split(",") if t]
-    args.betas = tuple(float(b) for b in args.betas.split(","))
-    if args.lr is None:
-        args.lr = METHODS[args.method][1 if args.builtin or args.model == "tiny" else 2]
-        print(f"--lr not set: using {args.lr:g}, the default for {args.method} on "
-              f"{'the tiny model' if args.builtin or args.model == 'tiny' else 'real LLMs'} (METHODS in train.py)")
-    return args
+    args.out = args.out or str(Path("out") / f"{method}-{Path(args.data).stem}")
+    return args, s, origin
+
+
+def print_settings(method, s, origin):
+    print(f"settings of {method}:")
+    for f in fields(s):
+        v = getattr(s, f.name)
+        v = ",".join(map(str, v)) if isinstance(v, tuple) else v
+        print(f"  {f.name:<14} {str(v):<24} {origin[f.name]}")
 
 # -----------------------------------------------------------------------------
 # data: prompt + solution, loss on the solution
@@ -146,6 +270,19 @@ def tokenize(problems, tok, seq_len, train_on_prompt=False):
             y = [-100] * n + y[n:]
         examples.append((x, y))
     return examples, truncated
+
+
+def training_examples(problems, tok, seq_len, train_on_prompt):
+    """tokenize, then drop examples with no solution token left, saying how many were cut or dropped."""
+    examples, truncated = tokenize(problems, tok, seq_len, train_on_prompt)
+    kept = [(x, y) for x, y in examples if any(t != -100 for t in y)]
+    if len(kept) < len(examples):
+        print(f"note: {len(examples) - len(kept)} examples have no solution tokens within --seq-len {seq_len}; skipped")
+    if not kept:
+        raise ValueError(f"--seq-len {seq_len} leaves no solution tokens in any example; raise it")
+    if truncated:
+        print(f"note: {truncated} of {len(kept)} examples were longer than --seq-len {seq_len} and were truncated")
+    return kept, truncated
 
 
 def collate(examples, pad_id, device):
@@ -177,23 +314,6 @@ def lr_mult(step, total, warmup, schedule):
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 # -----------------------------------------------------------------------------
-# full fine-tuning: the method with no method
-
-
-def prepare(model, args, batches):
-    """Full fine-tuning: every parameter trains."""
-    model.requires_grad_(True)
-    return adamw(model.named_parameters(), args)
-
-
-def merge(model):
-    pass
-
-
-def method_module(name):
-    return sys.modules[__name__] if METHODS[name][0] == "train" else importlib.import_module(METHODS[name][0])
-
-# -----------------------------------------------------------------------------
 # checkpoints: atomic, weights_only, resume bit-identical
 
 
@@ -206,11 +326,11 @@ def trainable_state(model, optimizer, base_keys):
             if k not in base_keys or (k in params and id(params[k]) in trained)}
 
 
-def save_checkpoint(path, model, optimizer, base_keys, step, args):
+def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
+    scalars = {k: v for k, v in {**vars(args), **asdict(s)}.items() if isinstance(v, (int, float, str, bool, type(None)))}
     ckpt = {"method": args.method, "step": step, "model": trainable_state(model, optimizer, base_keys),
             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "args": scalars}
     tmp = f"{path}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never destroys the last good checkpoint
@@ -226,6 +346,50 @@ def load_checkpoint(path, method):
     if ckpt.get("method") != method:
         raise ValueError(f"--resume: {path!r} is a checkpoint of method {ckpt.get('method')!r}, not {method!r}")
     return ckpt
+
+
+def resume(path, model, optimizer, args, s) -> int:
+    """Restore the trained state, optimizer and RNG of the checkpoint in --out; returns its step."""
+    ckpt = load_checkpoint(path, args.method)
+    missing = set(ckpt["model"]) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"--resume: checkpoint has entries this model lacks: {sorted(missing)[:3]}")
+    now = {**vars(args), **asdict(s)}
+    for key in ("batch_size", "grad_accum", "seed", "train_limit"):  # the data position depends on these
+        if ckpt["args"].get(key) != now.get(key):
+            raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} "
+                             f"{ckpt['args'].get(key)}, this run has {now.get(key)}; resume needs the same")
+    model.load_state_dict(ckpt["model"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM (what schedulers and `timeout` send) during training: a flag the loop checks
+    after each step, to checkpoint and stop; a second Ctrl-C aborts at once."""
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again aborts)", flush=True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 # -----------------------------------------------------------------------------
 # reporting
@@ -248,132 +412,107 @@ def print_trainable(model, optimizer, base_total):
           f"   (model: {base_total:,} parameters)")
     return total
 
+
+def log_step(log, done, total, start, losses, lr, tokens, t0):
+    elapsed = time.time() - t0
+    rec = {"step": done, "loss": sum(losses) / len(losses), "lr": lr, "tok_s": tokens / elapsed, "elapsed_s": elapsed}
+    mem = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+    eta = elapsed / (done - start) * (total - done)
+    print(f"step {done}/{total} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['tok_s']:,.0f} tok/s"
+          f" | {elapsed:.0f}s elapsed, ETA {eta:.0f}s{mem}", flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def check_finite(value, what, step, ckpt_path):
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"{what} is {value.item()} at step {step}; stopping. "
+                                 f"The last good checkpoint in {ckpt_path} is kept; try a lower --lr")
+
 # -----------------------------------------------------------------------------
 # the loop
 
 
-def train(model, tok, args, problems, log_path=None):
-    """Fine-tune `model` in place with args.method on `problems`; returns (model, optimizer, info).
-    Checkpoints go to args.out/ckpt.pt; the model is merged before returning."""
-    device = args.device
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    examples, truncated = tokenize(problems, tok, args.seq_len, args.train_on_prompt)
-    kept = [(x, y) for x, y in examples if any(t != -100 for t in y)]
-    if len(kept) < len(examples):
-        print(f"note: {len(examples) - len(kept)} examples have no solution tokens within --seq-len {args.seq_len}; skipped")
-    if not kept:
-        raise ValueError(f"--seq-len {args.seq_len} leaves no solution tokens in any example; raise it")
-    examples = kept
-    if truncated:
-        print(f"note: {truncated} of {len(examples)} examples were longer than --seq-len {args.seq_len} and were truncated")
-    steps_per_epoch = max(1, len(examples) // (args.batch_size * args.grad_accum))
-    total = args.max_steps if args.max_steps is not None else max(1, round(args.epochs * steps_per_epoch))
-    warmup = math.ceil(args.warmup_ratio * total)
-    args.max_steps_resolved, args.n_train = total, len(examples)
-    args.lr_first = args.lr * lr_mult(0, total, warmup, args.schedule)
-    if args.lorasb_init_samples is None:
-        args.lorasb_init_samples = min(len(examples), max(64, round(0.001 * len(examples))))
-
-    def side_batches():  # for methods that look at data first; its own order, not the training one
+def attach_method(model, tok, args, s, examples, total, warmup):
+    """The method's `prepare`: freeze the base, attach its trainable pieces, return its optimizer.
+    Methods that look at data first get batches in an order of their own, not the training order."""
+    def side_batches():
         i = 0
         while True:
-            yield collate(micro_batch(examples, i, args.batch_size, args.seed + 1), tok.pad_id, device)
+            yield collate(micro_batch(examples, i, s.batch_size, args.seed + 1), tok.pad_id, args.device)
             i += 1
 
-    base_keys = set(model.state_dict())
-    base_total = sum(p.numel() for p in model.parameters())
-    module = method_module(args.method)
+    run = {"seed": args.seed}
+    if args.method == "lift":  # no mask refresh after the last step; the gradient ablation scores a full step
+        run.update(max_steps=total, grad_accum=args.grad_accum)
+    if args.method == "lorasb":  # its init is the first full-FT step: that step's lr, and 0.1% of the data
+        run.update(lr_first=s.lr * lr_mult(0, total, warmup, s.schedule), n_train=len(examples))
     torch.manual_seed(args.seed)
-    optimizer = module.prepare(model, argparse.Namespace(**{**vars(args), "max_steps": total}), side_batches())
-    print(f"\ntrainable parameters of {args.method} (rank {args.rank}, targets {','.join(args.targets)}):")
-    n_trainable = print_trainable(model, optimizer, base_total)
-    ckpt_path = out / "ckpt.pt"
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, args.method)
-        missing = set(ckpt["model"]) - set(model.state_dict())
-        if missing:
-            raise ValueError(f"--resume: checkpoint has entries this model lacks: {sorted(missing)[:3]}")
-        model.load_state_dict(ckpt["model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        for key in ("batch_size", "grad_accum", "seed", "train_limit"):  # the data position depends on these
-            if ckpt["args"].get(key) != getattr(args, key):
-                raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} "
-                                 f"{ckpt['args'].get(key)}, this run has {getattr(args, key)}; resume needs the same")
-        start = ckpt["step"]
-        print(f"resumed from {ckpt_path} at step {start}")
+    return METHODS[args.method][0].prepare(model, s, side_batches(), **run)
 
+
+def train(model, tok, args, s, problems, log_path=None):
+    """Fine-tune `model` in place with args.method and its settings `s` on `problems`; returns
+    (model, optimizer, info). Checkpoints go to args.out/ckpt.pt; the model is merged before returning."""
+    out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt)
+    steps_per_epoch = max(1, len(examples) // (s.batch_size * args.grad_accum))
+    total = args.max_steps if args.max_steps is not None else max(1, round(s.epochs * steps_per_epoch))
+    warmup = math.ceil(s.warmup_ratio * total)
+    base_keys, base_total = set(model.state_dict()), sum(p.numel() for p in model.parameters())
+    model.grad_checkpoint = args.grad_checkpoint  # set before prepare: its data passes (LoRA-SB) use it too
+    model.train()
+    optimizer = attach_method(model, tok, args, s, examples, total, warmup)
+    print(f"\ntrainable parameters of {args.method}" + (f", rank {s.rank}" if hasattr(s, "rank") else "")
+          + (f", targets {','.join(s.targets)}:" if hasattr(s, "targets") else ":"))
+    n_trainable = print_trainable(model, optimizer, base_total)
+    start = resume(ckpt_path, model, optimizer, args, s) if args.resume else 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in str(device) else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in str(args.device) else nullcontext()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model.grad_checkpoint = args.grad_checkpoint
-    model.train()
-    print(f"training {total} steps ({len(examples)} examples, batch {args.batch_size} x {args.grad_accum} accum, "
-          f"lr {args.lr:g} {args.schedule}, warmup {warmup}) -> {out}")
-    log = open(log_path or out / "log.jsonl", "a")
-    t0, tokens_seen, losses = time.time(), 0, []
-    stop = []  # Ctrl-C: finish the step in flight, checkpoint, exit (a second Ctrl-C aborts at once)
-
-    def on_sigint(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts)", flush=True)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
-    try:
+    print(f"training {total} steps ({len(examples)} examples, batch {s.batch_size} x {args.grad_accum} accum, "
+          f"lr {s.lr:g} {s.schedule}, warmup {warmup}) -> {out}")
+    t0, tokens, losses = time.time(), 0, []
+    with open(log_path or out / "log.jsonl", "a") as log, stop_requests() as stop:
         for step in range(start, total):
-            lr = args.lr * lr_mult(step, total, warmup, args.schedule)
+            # this step's learning rate: warmup, then decay; a pure function of the step
+            lr = s.lr * lr_mult(step, total, warmup, s.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            # forward and backward over grad_accum micro-batches: the step's gradient is their mean
             for j in range(args.grad_accum):
-                x, y = collate(micro_batch(examples, step * args.grad_accum + j, args.batch_size, args.seed), tok.pad_id, device)
+                x, y = collate(micro_batch(examples, step * args.grad_accum + j, s.batch_size, args.seed),
+                               tok.pad_id, args.device)
                 with autocast:
                     _, loss = model(x, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (micro-batch {j}); stopping. "
-                                             f"The last good checkpoint in {ckpt_path} is kept; try a lower --lr")
+                check_finite(loss, "loss", step, ckpt_path)  # a NaN stops the run, never trains on
                 (loss / args.grad_accum).backward()
                 losses.append(loss.item())
-                tokens_seen += int((x != tok.pad_id).sum())  # tokens processed (prompt + solution, no padding)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"gradient norm is {norm.item()} at step {step}; stopping. "
-                                         f"The last good checkpoint in {ckpt_path} is kept; try a lower --lr")
+                tokens += int((x != tok.pad_id).sum())  # tokens processed (prompt + solution, no padding)
+            # clip the global gradient norm (0 = off), step the method's optimizer, drop the gradients
+            norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
+            check_finite(norm, "gradient norm", step, ckpt_path)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            # report, checkpoint and evaluate on their intervals
             if done % args.log_every == 0 or done == total:
-                elapsed = time.time() - t0
-                rec = {"step": done, "loss": sum(losses) / len(losses), "lr": lr, "tok_s": tokens_seen / elapsed,
-                       "elapsed_s": elapsed}
-                mem = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
-                eta = elapsed / (done - start) * (total - done)
-                print(f"step {done}/{total} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['tok_s']:,.0f} tok/s"
-                      f" | {elapsed:.0f}s elapsed, ETA {eta:.0f}s{mem}", flush=True)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log_step(log, done, total, start, losses, lr, tokens, t0)
                 losses = []
             if args.save_every and done % args.save_every == 0 and done < total:
-                save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args)
+                save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args, s)
             if args.eval_every and done % args.eval_every == 0 and done < total:
                 run_eval(model, tok, args, f"step {done}")
+            # Ctrl-C / SIGTERM: this step is complete; checkpoint it and stop
             if stop:
-                save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args)
+                save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args, s)
                 print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume")
                 raise KeyboardInterrupt
-    finally:
-        log.close()
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
-    save_checkpoint(ckpt_path, model, optimizer, base_keys, total, args)
+    save_checkpoint(ckpt_path, model, optimizer, base_keys, total, args, s)
     info = {"steps": total, "trainable": n_trainable, "train_s": time.time() - t0, "truncated": truncated}
+    module = METHODS[args.method][0]
     if hasattr(module, "adapter_state"):
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
@@ -381,6 +520,9 @@ def train(model, tok, args, problems, log_path=None):
     module.merge(model)
     model.eval()
     return model, optimizer, info
+
+# -----------------------------------------------------------------------------
+# evaluation, the built-in base, main
 
 
 def run_eval(model, tok, args, label):
@@ -402,18 +544,15 @@ def base_dir(args) -> Path:
 
 def pretrain_base(args) -> Path:
     """The built-in base: the tiny preset trained from random init (seed 0) on synth-source with full
-    training, saved once under out/ and reused by every later run."""
+    training (the PRETRAIN preset), saved once under out/ and reused by every later run."""
     folder = base_dir(args)
     print(f"no cached base model in {folder}: pretraining the tiny model on synth-source "
           f"({args.pretrain_steps} steps; first run only)")
     model, tok = load("tiny", seed=0)
-    pre = argparse.Namespace(**{**vars(args), "method": "full", "lr": 2e-3, "max_steps": args.pretrain_steps,
-                                "schedule": "cosine", "warmup_ratio": 0.03, "batch_size": 32, "grad_accum": 1,
-                                "betas": (0.9, 0.95), "max_grad_norm": 1.0, "seed": 0, "targets": list(LINEAR_NAMES),
-                                "weight_decay": 0.0, "resume": False, "out": str(folder) + ".run", "eval_every": 0,
-                                "save_every": 0, "log_every": 100, "dtype": "float32"})
+    pre = types.SimpleNamespace(**{**vars(args), **{k: v for k, v in PRETRAIN.items() if k != "settings"},
+                                   "max_steps": args.pretrain_steps, "out": str(folder) + ".run"})
     model.to(args.device)
-    train(model, tok, pre, eval_math.load_problems("synth-source", "train", seed=0))
+    train(model, tok, pre, Full(**PRETRAIN["settings"]), eval_math.load_problems("synth-source", "train", seed=0))
     model.save_pretrained(folder)
     tok.save(folder)
     return folder
@@ -447,8 +586,9 @@ def forgetting_set(model, tok, args, cache: Path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    args, s, origin = parse_args(argv)
+    print("run: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    print_settings(args.method, s, origin)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -477,21 +617,23 @@ def main(argv=None):
             f.write_text(json.dumps(before))
     if measure_forgetting:
         texts, reference = forgetting_set(model, tok, args, cache)
-    model, optimizer, info = train(model, tok, args, problems)
+    model, optimizer, info = train(model, tok, args, s, problems)
     model.save_pretrained(args.out)
     tok.save(args.out)
-    label = f"{args.method} r={args.rank}"
+    label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
     if measure_forgetting:
         forget = {"texts": len(texts), **eval_math.drift(model, tok, texts, reference)}
-    metrics = {"method": args.method, "rank": args.rank, **info, "accuracy": after, "accuracy_before": before,
+    metrics = {"method": args.method, "settings": asdict(s), **info, "accuracy": after, "accuracy_before": before,
                "forgetting": forget}
+    if hasattr(s, "rank"):
+        metrics["rank"] = s.rank
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
     if before:
         specs = list(after)
-        print("\n" + f"{'accuracy':<22}" + "".join(f"{s:>14}" for s in specs))
-        print(f"{'base':<22}" + "".join(f"{100 * before[s]:>13.1f}%" for s in specs))
-        print(f"{label:<22}" + "".join(f"{100 * after[s]:>13.1f}%" for s in specs))
+        print("\n" + f"{'accuracy':<22}" + "".join(f"{d:>14}" for d in specs))
+        print(f"{'base':<22}" + "".join(f"{100 * before[d]:>13.1f}%" for d in specs))
+        print(f"{label:<22}" + "".join(f"{100 * after[d]:>13.1f}%" for d in specs))
     if forget:
         f = forget
         print(f"\nforgetting, on {f['tokens']:,} tokens the base model wrote itself ({f['texts']} neutral prompts):")
