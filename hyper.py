@@ -34,7 +34,7 @@ class Settings:
     max_grad_norm: float = field(default=1.0, metadata={"source": PAPER})
     schedule: str = field(default="cosine", metadata={"source": PAPER})
     warmup_ratio: float = field(default=0.86, metadata={
-        "source": f"{PAPER}: 100 warmup steps of ~116 (3 epochs of Math10K at batch 256)"})
+        "source": f"{PAPER}: 100 warmup steps of ~116 (3 epochs of Math10K at batch 256)", "tiny": 0.03})
     epochs: float = field(default=3.0, metadata={"source": PAPER})
     batch_size: int = field(default=256, metadata={"source": PAPER})
 

@@ -55,7 +55,7 @@ class Settings:
     max_grad_norm: float = field(default=1.0, metadata={"source": TRAINER})
     schedule: str = field(default="cosine", metadata={"source": f"{PAPER}, Table 9"})
     warmup_ratio: float = field(default=0.4, metadata={
-        "source": f"{PAPER}, Table 9: 500 warmup steps of ~1,240 (2 epochs of MATH-10K at batch 16)"})
+        "source": f"{PAPER}, Table 9: 500 warmup steps of ~1,240 (2 epochs of MATH-10K at batch 16)", "tiny": 0.03})
     epochs: float = field(default=2.0, metadata={"source": f"{PAPER}, Table 9"})
     batch_size: int = field(default=16, metadata={"source": f"{PAPER}, Table 9 (8 x 2 accumulation)"})
     mode: str = field(default="row", metadata={

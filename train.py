@@ -119,7 +119,8 @@ def _parse_value(f):
 
 
 def _tiny_source(f):
-    return f"{f.metadata['tiny']} on the tiny built-in model (a short sweep)"
+    why = "a short sweep" if f.name == "lr" else "the built-in run is 300 steps"
+    return f"{f.metadata['tiny']} on the tiny built-in model ({why})"
 
 
 def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
@@ -211,26 +212,24 @@ def parse_args(argv=None):
             given[f.name], origin[f.name] = f.metadata["tiny"], _tiny_source(f)
     if builtin and args.batch_size is None and "batch_size" in {f.name for f in fields(cls)}:
         given["batch_size"], origin["batch_size"] = BUILTIN["batch_size"], "the built-in default run"
+    flags = vars(args)  # the settings flags leave args: they live in the method's settings
     for name in COMMON:
-        value = getattr(args, name)
+        value = flags.pop(name)
         if value is None:
             continue
         if name not in origin:
             print(f"note: --{name.replace('_', '-')} {value} ignored: {method} has no {name}")
             continue
         given[name], origin[name] = value, "command line"
-    for key in [k for k in vars(args) if "__" in k]:
+    for key in [k for k in flags if "__" in k]:
         m, name = key.split("__")
-        value = getattr(args, key)
-        delattr(args, key)
+        value = flags.pop(key)
         if value is None:
             continue
         if m != method:
             print(f"note: --{m}-{name.replace('_', '-')} ignored: it is a setting of {m}, not {method}")
             continue
         given[name], origin[name] = value, "command line"
-    for name in COMMON:
-        delattr(args, name)
     try:
         s = cls(**given)
     except (TypeError, ValueError) as e:
