@@ -44,17 +44,18 @@ from model import LINEAR_NAMES, PRESETS, adamw, load
 
 @dataclass
 class Full:
-    """Full fine-tuning, the baseline in every paper's table: every parameter trains."""
+    """Full fine-tuning, the baseline in every paper's table: every parameter trains. The papers give
+    its loop no settings of its own: LIFT's loop (Table 6) where that is stated, else our choice."""
     lr: float = field(default=1e-5, metadata={
-        "source": "LIFT (Liu et al., ICML 2025), App. B, full FT of LLaMA on MATH-10K", "tiny": 1e-3})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "PyTorch's AdamW default"})
-    eps: float = field(default=1e-8, metadata={"source": "PyTorch's AdamW default"})
-    weight_decay: float = field(default=0.0, metadata={"source": "the Hugging Face Trainer's default"})
-    max_grad_norm: float = field(default=1.0, metadata={"source": "the Hugging Face Trainer's default"})
-    schedule: str = field(default="linear", metadata={"source": "the Hugging Face Trainer's default"})
-    warmup_ratio: float = field(default=0.03, metadata={"source": "LIFT App. B (all methods)"})
-    epochs: float = field(default=3.0, metadata={"source": "LIFT App. B (MATH-10K, all methods)"})
-    batch_size: int = field(default=16, metadata={"source": "LIFT App. B (effective batch)"})
+        "source": "LIFT (Liu et al., ICML 2025), App. E: full-FT lr grid 1e-5..1e-4, its low end", "tiny": 1e-3})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "not given; PyTorch's AdamW default"})
+    eps: float = field(default=1e-8, metadata={"source": "not given; PyTorch's AdamW default"})
+    weight_decay: float = field(default=0.0, metadata={"source": "not given; the Hugging Face Trainer's default"})
+    max_grad_norm: float = field(default=1.0, metadata={"source": "not given; the Hugging Face Trainer's default"})
+    schedule: str = field(default="linear", metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
+    warmup_ratio: float = field(default=0.03, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
+    epochs: float = field(default=3.0, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
+    batch_size: int = field(default=16, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
 
 
 def prepare(model, s: Full, batches, seed: int = 0):
