@@ -198,7 +198,11 @@ def _load_file(path: Path) -> list[dict]:
     if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"data file {str(path)!r} must be .jsonl or .json")
     name = (path.parent.name if path.stem in SPLITS else path.stem).lower()
-    if not path.read_text().strip():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
         raise ValueError(f"dataset {name!r} ({str(path)!r}) is empty")
     if path.suffix == ".jsonl":
         import datasets
@@ -209,7 +213,7 @@ def _load_file(path: Path) -> list[dict]:
             raise ValueError(f"cannot read {str(path)!r} as JSON lines ({_why(e)})") from None
     else:
         try:
-            rows = json.loads(path.read_text())
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"cannot read {str(path)!r} as JSON ({e})") from None
         if not isinstance(rows, list):
@@ -555,26 +559,40 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 otherwise")
     args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     try:
-        problems = [p for spec in args.data.split(",") if spec.strip()
-                    for p in load_problems(spec.strip(), args.split, args.limit, args.seed, args.data_dir)]
-        model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        metrics, out = run(args)
+    except (ValueError, OSError, ConnectionError, ImportError) as e:
         sys.exit(f"error: {e}")
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
+
+
+def run(args):
+    """The CLI's work: every setting checked before the model loads; (metrics, output folder)."""
+    import torch
+    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 1)):
+        value = vars(args)[flag]
+        if value is not None and value < least:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} is not allowed: it must be >= {least}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder for predictions.jsonl and metrics.json")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    problems = [p for spec in args.data.split(",") if spec.strip()
+                for p in load_problems(spec.strip(), args.split, args.limit, args.seed, args.data_dir)]
+    model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
     names = sorted({p["dataset"] for p in problems})
     print(f"{len(problems)} problems ({', '.join(names)}), model {args.model}, batch {args.batch_size}", file=sys.stderr)
     metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens)
     print_table(metrics)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
         for p in metrics["predictions"]:
             f.write(json.dumps(p) + "\n")
     summary = {k: v for k, v in metrics.items() if k != "predictions"}
     (out / "metrics.json").write_text(json.dumps({**summary, "args": vars(args)}, indent=2))
-    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
-
+    return metrics, out
 
 if __name__ == "__main__":
     main()

@@ -307,10 +307,10 @@ class Transformer(nn.Module):
         if path.is_file() and path.suffix == ".gguf":
             cfg, sd, _ = read_gguf(path)
         elif (path / "config.json").exists():
-            cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+            cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
             sd = _read_hf_weights(path)
         elif (path / "params.json").exists():
-            cfg = ModelConfig.from_meta(json.loads((path / "params.json").read_text()))
+            cfg = ModelConfig.from_meta(_read_json(path / "params.json"))
             sd = _read_meta_weights(path, cfg)
         else:
             raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
@@ -345,8 +345,12 @@ class Transformer(nn.Module):
             del sd["lm_head.weight"]  # transformers re-ties it from embed_tokens
         dtype = next(iter(sd.values())).dtype
         config = {**self.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # a full disk: OSError from Python, SafetensorError from safetensors
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
         if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
             index = path / "model.safetensors.index.json"
             if index.exists():  # stale shards would win over the new weights on the next load
@@ -360,18 +364,29 @@ class Transformer(nn.Module):
             os.replace(tmp, path)
 
 
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(f)!r} is not valid JSON ({e})") from None
+
+
 def _read_hf_weights(path: Path) -> dict:
     from safetensors.torch import load_file
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(_read_json(index)["weight_map"].values()))
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{str(path)!r} has config.json but no model.safetensors or model.safetensors.index.json")
     sd = {}
     for f in files:
-        for k, v in load_file(str(path / f)).items():
+        try:
+            weights = load_file(str(path / f))
+        except Exception as e:  # a truncated or foreign file: safetensors' own error types
+            raise ValueError(f"{str(path / f)!r} is not a readable safetensors file ({e})") from None
+        for k, v in weights.items():
             sd[k.removeprefix("model.")] = v
     return sd
 

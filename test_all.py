@@ -1123,6 +1123,165 @@ def test_resume_is_bit_identical(small_dir, tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# bad input and faults: one line, exit status 2, nothing lost
+
+BEFORE_LOAD = [  # (flags added to a small run, what the one line says); each fails before the model loads
+    (["--lr=-1e-3"], "--lr -0.001 is not allowed: a positive finite learning rate"),
+    (["--lr", "nan"], "--lr nan is not allowed"),
+    (["--max-steps", "-1"], "--max-steps -1 is not allowed: it must be >= 0"),
+    (["--epochs", "0"], "--epochs 0.0 is not allowed"),
+    (["--warmup-ratio", "5"], "--warmup-ratio 5.0 is not allowed: a share of the steps in [0, 1]"),
+    (["--batch-size", "0"], "--batch-size 0 is not allowed"),
+    (["--grad-accum", "0"], "--grad-accum 0 is not allowed: it must be >= 1"),
+    (["--log-every", "0"], "--log-every 0 is not allowed: it must be >= 1"),
+    (["--targets", ""], "--targets '' is not allowed"),
+    (["--targets", ","], "--targets '' is not allowed"),
+    (["--betas", "0.9"], "--betas: invalid _two_floats value: '0.9'"),
+    (["--betas", "0.9,1.5"], "--betas 0.9,1.5 is not allowed: two numbers in [0, 1)"),
+    (["--rank", "0"], "--rank must be a positive integer, got 0"),
+    (["--method", "dora"], "unknown method 'dora'; available: full, lora"),
+    (["--lift-select", "wanda"], "--lift-select: invalid choice: 'wanda'"),
+    (["--device", "cuda"], "--device cuda: no CUDA GPU is available here; use --device cpu"),
+    (["--eval-data", "bogus"], "unknown dataset 'bogus'"),
+    (["--eval-data", "synth-target", "--eval-batch-size", "0"], "--eval-batch-size 0 is not allowed"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1 is not allowed"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    (["--seq-len", "1"], "--seq-len 1 is not allowed"),
+]
+
+
+def _one_line_error(argv, capsys):
+    """train.py's command line in this process: (exit status, its stderr lines)."""
+    capsys.readouterr()
+    code = train.cli(argv)
+    return code, [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("flags,says", BEFORE_LOAD)
+def test_bad_settings_fail_in_one_line_before_the_model_loads(small_dir, tmp_path, monkeypatch, capsys, flags, says):
+    monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    code, err = _one_line_error(_argv(small_dir, tmp_path / "run", "--method", "lift", *flags), capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert "Traceback" not in err[0] and "PosixPath" not in err[0]
+
+
+def test_bad_files_fail_in_one_line(small_dir, tmp_path, capsys):
+    """Files that are not what they claim, named in one line; the run loses nothing."""
+    import shutil
+    cut = tmp_path / "cut"
+    shutil.copytree(small_dir, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    broken = tmp_path / "broken"
+    shutil.copytree(small_dir, broken)
+    (broken / "config.json").write_text("{not json")
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    cases = [(["--model", str(cut)], "model.safetensors' is not a readable safetensors file"),
+             (["--model", str(broken)], "config.json' is not valid JSON"),
+             (["--data", str(binary)], "data.jsonl' is not UTF-8 text"),
+             (["--model", str(tmp_path / "nope")], "nope"),
+             (["--seq-len", "9000"], "--seq-len 9000 is more than the model's 8192 positions")]
+    for flags, says in cases:
+        argv = _argv(small_dir, tmp_path / "run", "--method", "lora", "--max-steps", "1", *flags)
+        argv = argv[2:] if flags[0] == "--model" else argv  # the case's own --model replaces small_dir
+        code, err = _one_line_error(argv, capsys)
+        assert code == 2 and len(err) == 1 and says in err[0] and "PosixPath" not in err[0], (flags, err)
+    out = tmp_path / "f"
+    out.write_text("a file")
+    code, err = _one_line_error(_argv(small_dir, out, "--max-steps", "1"), capsys)
+    assert code == 2 and "is a file, not a folder" in err[0]
+    for flags, says in ((["--max-new-tokens", "-1"], "--max-new-tokens -1 is not allowed"),
+                        (["--batch-size", "0"], "--batch-size 0 is not allowed"),
+                        (["--out", str(out)], "is a file, not a folder"),
+                        (["--device", "cuda"], "no CUDA GPU")):
+        with pytest.raises(SystemExit) as e:
+            E.main(["--model", str(small_dir), "--data", "synth-target", "--limit", "2", "--out", str(tmp_path / "ev"),
+                    *flags])
+        assert str(e.value.code).startswith("error: ") and says in str(e.value.code)
+
+
+def test_existing_checkpoint_is_never_overwritten_and_resume_refuses_other_settings(small_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(_argv(small_dir, run, "--method", "lora", "--rank", "2", "--max-steps", "2"))
+    ckpt = (run / "ckpt.pt").read_bytes()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    refused = [(["--max-steps", "2"], "holds the checkpoint of an earlier run: continue it with --resume"),
+               (["--max-steps", "2", "--resume", "--lr", "1e-3"], "made with --lr 0.0002, this run has 0.001"),
+               (["--max-steps", "2", "--resume", "--rank", "3"], "made with --rank 2, this run has 3"),
+               (["--max-steps", "2", "--resume", "--schedule", "cosine"], "--schedule linear, this run has cosine"),
+               (["--max-steps", "2", "--resume", "--targets", "q_proj"], "--targets q_proj,k_proj"),
+               (["--max-steps", "4", "--resume"], "--max-steps 2, this run has 4"),
+               (["--max-steps", "2", "--resume", "--data", "synth-source"], "--data synth-target, this run has synth-source")]
+    for flags, says in refused:
+        code, err = _one_line_error(_argv(small_dir, run, "--method", "lora", "--rank", "2", *flags), capsys)
+        assert code == 2 and len(err) == 1 and says in err[0], (flags, err)
+        assert (run / "ckpt.pt").read_bytes() == ckpt  # byte-identical: nothing lost
+    train.main(_argv(small_dir, run, "--method", "full", "--max-steps", "1", "--overwrite"))
+    assert not (run / "adapter.safetensors").exists()  # the LoRA run's adapter is gone with it
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # a fresh run starts a fresh log
+    modes = {f.name: f.stat().st_mode & 0o777 for f in run.iterdir() if f.is_file()}
+    assert len(set(modes.values())) == 1, modes  # every file written with the same permissions
+
+
+def test_sigterm_checkpoints_and_resume_is_bit_identical(small_dir, tmp_path):
+    common = ["--method", "lora", "--rank", "2", "--max-steps", "6"]
+    train.main(_argv(small_dir, tmp_path / "straight", *common))
+    calls = []
+
+    def term_on_step_3(optimizer, a, k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(term_on_step_3)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(_argv(small_dir, tmp_path / "split", *common))
+    finally:
+        handle.remove()
+    assert e.value.code == 143 and torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 3
+    train.main(_argv(small_dir, tmp_path / "split", *common, "--resume"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tmp_path, monkeypatch, capsys):
+    import errno
+    import safetensors.torch
+    run = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def full_on_second(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 2:
+            open(f, "wb").write(b"partial")  # what a full disk leaves: a cut temporary
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_on_second)
+    code, err = _one_line_error(_argv(small_dir, run, "--method", "lora", "--rank", "2", "--max-steps", "3",
+                                      "--save-every", "1"), capsys)
+    assert code == 2 and len(err) == 1 and "could not write the checkpoint of step 2" in err[0]
+    assert "No space left on device" in err[0] and "from before is kept" in err[0]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1 and not (run / "ckpt.pt.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    code, err = _one_line_error(_argv(small_dir, tmp_path / "m", "--method", "full", "--max-steps", "1"), capsys)
+    assert code == 2 and len(err) == 1 and "could not write the model" in err[0]
+    assert not (tmp_path / "m.tmp").exists() and (tmp_path / "m" / "ckpt.pt").exists()
+
+
+def test_a_copy_of_the_tiny_model_trains_with_the_tiny_lr(tmp_path, capsys):
+    load("tiny")[0].save_pretrained(tmp_path / "copy")
+    Tokenizer.bytes().save(tmp_path / "copy")
+    _, s, origin = train.parse_args(["--method", "lift", "--model", str(tmp_path / "copy"), "--data", "synth-target"])
+    assert s.lr == 1e-3 and "is the tiny preset" in origin["lr"]
+
+
 def _expected_trainable(method, r, shapes, n_model):
     """Each paper's count per n_out x n_in target (README's table), summed over the targets."""
     per = {"lora": lambda o, i: r * (i + o), "lift": lambda o, i: min(r * (i + o), i * o),
@@ -1163,7 +1322,7 @@ def test_builtin_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert "synth-target" in table and "synth-source" in table
     assert re.search(r"^base\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
     assert re.search(r"^lift r=8\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
-    train.main(argv)  # the second run reuses the cached base and its cached accuracy
+    train.main(argv + ["--overwrite"])  # the second run reuses the cached base and its cached accuracy
     assert "pretraining" not in capsys.readouterr().out
 
 
@@ -1217,12 +1376,10 @@ def _cli_error(argv, capsys):
 
 
 def test_train_bad_inputs(small_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unknown method 'dora'; available: full, lora"):
         train.parse_args(["--method", "dora"])
-    assert "unknown method 'dora'; available: full, lora" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--rank must be a positive integer, got 0"):
         train.parse_args(["--rank", "0"])
-    assert "--rank must be a positive integer, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="'qkv' matches no Linear layer; the model has: down_proj, gate_proj"):
         train.main(_argv(small_dir, tmp_path / "a", "--method", "lora", "--targets", "q_proj,qkv", "--max-steps", "1"))
     with pytest.raises(FileNotFoundError, match="no-such-model"):
@@ -1271,8 +1428,8 @@ def test_rocoft_alone_runs_its_paper_and_help_shows_sources(capsys):
     assert "--rocoft-mode" in out and "default 3: RoCoFT" in out and "Table 9" in out
     train.parse_args(["--method", "lora", "--lift-interval", "5"])
     assert "--lift-interval ignored: it is a setting of lift, not lora" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        train.parse_args(["--method", "lift", "--lift-select", "wanda"])  # choices come from the declaration
+    with pytest.raises(ValueError, match="--lift-select: invalid choice: 'wanda'"):  # choices: the declaration's
+        train.parse_args(["--method", "lift", "--lift-select", "wanda"])
 
 
 def test_train_py_writes_no_default_twice():

@@ -16,6 +16,7 @@ problems (synth-source, cached under out/), fine-tunes it on two-step problems (
 prints accuracy before and after on both: learning and forgetting.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -104,6 +105,14 @@ PRETRAIN = dict(method="full", settings=dict(lr=2e-3, schedule="cosine", warmup_
 # command line: run flags, plus each method's settings derived from its dataclass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the flag and what is allowed), raised as ValueError so the
+    command line prints `error: ...` and exits 2, like every other bad input."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def _flag(method, f):
     return "--" + (f.name if f.name in COMMON else f"{method}-{f.name}").replace("_", "-")
 
@@ -113,10 +122,17 @@ def _parse_value(f):
     if f.name == "targets":
         return lambda v: tuple(TARGET_GROUPS.get(v) or [t for t in v.split(",") if t])
     if f.type == tuple[float, float]:
-        return lambda v: tuple(float(b) for b in v.split(","))
+        return _two_floats
     if isinstance(f.type, types.UnionType):  # int | None, float | None: None is the unset default
         return next(t for t in f.type.__args__ if t is not type(None))
     return f.type  # int, float, str
+
+
+def _two_floats(v):
+    b = tuple(float(x) for x in v.split(","))
+    if len(b) != 2:
+        raise ValueError(f"needs two comma-separated numbers, got {v!r}")
+    return b
 
 
 def _tiny_source(f):
@@ -125,7 +141,7 @@ def _tiny_source(f):
 
 
 def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lift", help=f"one of: {', '.join(METHODS)}")
     cls = METHODS[method][1]
@@ -174,6 +190,8 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", default=None, help="output folder; default out/<method>-<data>")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a checkpoint (without it such a run is refused)")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end / on Ctrl-C)")
     g = p.add_argument_group("machine")
@@ -189,16 +207,17 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     """(run flags, the method's resolved settings, where each setting came from)."""
-    first = argparse.ArgumentParser(add_help=False)
+    first = Parser(add_help=False)
     first.add_argument("--method", default="lift")
     first.add_argument("--model", default=None)
     first.add_argument("--data", default=None)
     known, _ = first.parse_known_args(argv)
     method = known.method
     if method not in METHODS:
-        argparse.ArgumentParser().error(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     builtin = known.model is None and known.data is None
-    p = build_parser(method, builtin)
+    tiny = builtin or is_tiny(known.model)  # the tiny model trains with its own lrs, however it is named
+    p = build_parser(method, tiny)
     args = p.parse_args(argv)
     args.builtin = builtin
     if args.model is None and args.data is not None:
@@ -209,8 +228,9 @@ def parse_args(argv=None):
     cls, given, origin = METHODS[method][1], {}, {}
     for f in fields(cls):
         origin[f.name] = f.metadata.get("source", "")
-        if builtin and "tiny" in f.metadata:
-            given[f.name], origin[f.name] = f.metadata["tiny"], _tiny_source(f)
+        if tiny and "tiny" in f.metadata:
+            given[f.name], origin[f.name] = f.metadata["tiny"], _tiny_source(f) + (
+                "" if builtin else f"; --model {known.model} is the tiny preset")
     if builtin and args.batch_size is None and "batch_size" in {f.name for f in fields(cls)}:
         given["batch_size"], origin["batch_size"] = BUILTIN["batch_size"], "the built-in default run"
     flags = vars(args)  # the settings flags leave args: they live in the method's settings
@@ -231,10 +251,8 @@ def parse_args(argv=None):
             print(f"note: --{m}-{name.replace('_', '-')} ignored: it is a setting of {m}, not {method}")
             continue
         given[name], origin[name] = value, "command line"
-    try:
-        s = cls(**given)
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
+    s = cls(**given)
+    check_settings(s)
     args.data = args.data or "synth-target"
     if args.builtin and args.max_steps is None:
         args.max_steps = BUILTIN["max_steps"]
@@ -242,7 +260,63 @@ def parse_args(argv=None):
         args.eval_data = "synth-target,synth-source" if args.builtin else args.data
     args.eval_data = "" if args.eval_data == "none" else args.eval_data
     args.out = args.out or str(Path("out") / f"{method}-{Path(args.data).stem}")
+    check_run(args)
     return args, s, origin
+
+
+def is_tiny(model) -> bool:
+    """Whether --model is the built-in tiny model: the preset name, or a folder whose config.json
+    has the tiny preset's shape (a copy of out/base-tiny-900, say)."""
+    if model == "tiny":
+        return True
+    f = Path(str(model)) / "config.json"
+    try:
+        d = json.loads(f.read_text()) if f.is_file() else {}
+    except ValueError:
+        return False  # a corrupt config.json is reported, naming the file, when the model loads
+    t = PRESETS["tiny"]
+    return (d.get("hidden_size"), d.get("num_hidden_layers"), d.get("vocab_size")) == (t["dim"], t["n_layers"],
+                                                                                        t["vocab_size"])
+
+
+def check_settings(s):
+    """The settings every method shares, checked once here: a bad value is one line naming its flag."""
+    def bad(flag, value, allowed):
+        raise ValueError(f"--{flag} {value} is not allowed: {allowed}")
+    if not (math.isfinite(s.lr) and s.lr > 0):
+        bad("lr", s.lr, "a positive finite learning rate")
+    if not all(0 <= b < 1 for b in s.betas):
+        bad("betas", ",".join(map(str, s.betas)), "two numbers in [0, 1)")
+    if not (math.isfinite(s.eps) and s.eps > 0):
+        bad("eps", s.eps, "a positive number")
+    if not (math.isfinite(s.weight_decay) and s.weight_decay >= 0):
+        bad("weight-decay", s.weight_decay, "a number >= 0")
+    if not (s.max_grad_norm >= 0):
+        bad("max-grad-norm", s.max_grad_norm, "a norm > 0, or 0 for no clipping")
+    if s.schedule not in ("linear", "cosine", "constant"):
+        bad("schedule", s.schedule, "linear, cosine or constant")
+    if not (0 <= s.warmup_ratio <= 1):
+        bad("warmup-ratio", s.warmup_ratio, "a share of the steps in [0, 1]")
+    if not (math.isfinite(s.epochs) and s.epochs > 0):
+        bad("epochs", s.epochs, "a positive number of passes (or --max-steps)")
+    if s.batch_size < 1:
+        bad("batch-size", s.batch_size, "a positive number of examples")
+    if hasattr(s, "targets") and not s.targets:
+        bad("targets", "''", f"comma-separated module names ({', '.join(LINEAR_NAMES)}) or all / attn / mlp")
+
+
+def check_run(args):
+    """The run's own flags, before anything is loaded: counts, the device, the evaluation settings."""
+    for flag, least in (("grad_accum", 1), ("log_every", 1), ("eval_batch_size", 1), ("seq_len", 2),
+                        ("max_steps", 0), ("save_every", 0), ("eval_every", 0), ("threads", 0),
+                        ("eval_limit", 1), ("train_limit", 1), ("max_new_tokens", 1), ("pretrain_steps", 1)):
+        value = vars(args)[flag]
+        if value is not None and value < least:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} is not allowed: it must be >= {least}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
 
 
 def print_settings(method, s, origin):
@@ -327,25 +401,52 @@ def trainable_state(model, optimizer, base_keys):
 
 
 def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
-    scalars = {k: v for k, v in {**vars(args), **asdict(s)}.items() if isinstance(v, (int, float, str, bool, type(None)))}
     ckpt = {"method": args.method, "step": step, "model": trainable_state(model, optimizer, base_keys),
             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "args": scalars}
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "run": run_defining(args, s)}
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never destroys the last good checkpoint
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write never destroys the last good checkpoint
+    except (OSError, RuntimeError) as e:  # a full disk: torch reports it as either
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the checkpoint in {path} from before is kept" if Path(path).exists() else "no checkpoint was written"
+        raise OSError(f"could not write the checkpoint of step {step} to {path} ({e}); {kept}") from None
+    _readable(path)
+
+
+def run_defining(args, s) -> dict:
+    """What a resumed run must share with its checkpoint: the method's settings, the model, the data
+    and its order, the length."""
+    run = {k: vars(args)[k] for k in ("method", "model", "data", "train_limit", "seq_len", "train_on_prompt",
+                                         "grad_accum", "seed", "max_steps")}
+    return {**run, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
 
 
 def load_checkpoint(path, method):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
+        raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint never runs code
     except Exception as e:
-        raise ValueError(f"--resume: checkpoint {path!r} is corrupt or unreadable ({type(e).__name__})") from None
+        raise ValueError(f"--resume: checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__})") from None
     if ckpt.get("method") != method:
-        raise ValueError(f"--resume: {path!r} is a checkpoint of method {ckpt.get('method')!r}, not {method!r}")
+        raise ValueError(f"--resume: {str(path)!r} is a checkpoint of method {ckpt.get('method')!r}, not {method!r}")
     return ckpt
+
+
+def check_resumable(path, args, s):
+    """--resume continues only the run its checkpoint belongs to: every run-defining setting equal."""
+    then, now = load_checkpoint(path, args.method).get("run", {}), run_defining(args, s)
+    for key, value in now.items():
+        if key == "max_steps" and s.schedule == "constant" and s.warmup_ratio == 0:
+            continue  # a constant lr does not depend on the length: extending such a run is exact
+        if then.get(key) != value:
+            show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v
+            raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} {show(then.get(key))}, "
+                             f"this run has {show(value)}; resume needs the same run-defining settings "
+                             "(or start afresh with --overwrite)")
 
 
 def resume(path, model, optimizer, args, s) -> int:
@@ -354,11 +455,6 @@ def resume(path, model, optimizer, args, s) -> int:
     missing = set(ckpt["model"]) - set(model.state_dict())
     if missing:
         raise ValueError(f"--resume: checkpoint has entries this model lacks: {sorted(missing)[:3]}")
-    now = {**vars(args), **asdict(s)}
-    for key in ("batch_size", "grad_accum", "seed", "train_limit"):  # the data position depends on these
-        if ckpt["args"].get(key) != now.get(key):
-            raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} "
-                             f"{ckpt['args'].get(key)}, this run has {now.get(key)}; resume needs the same")
     model.load_state_dict(ckpt["model"], strict=False)
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
@@ -426,8 +522,8 @@ def log_step(log, done, total, start, losses, lr, tokens, t0):
 
 def check_finite(value, what, step, ckpt_path):
     if not torch.isfinite(value):
-        raise FloatingPointError(f"{what} is {value.item()} at step {step}; stopping. "
-                                 f"The last good checkpoint in {ckpt_path} is kept; try a lower --lr")
+        kept = f"the last good checkpoint in {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
+        raise FloatingPointError(f"{what} is {value.item()} at step {step}; stopping: {kept}. Try a lower --lr")
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -475,7 +571,7 @@ def train(model, tok, args, s, problems, log_path=None):
     print(f"training {total} steps ({len(examples)} examples, batch {s.batch_size} x {args.grad_accum} accum, "
           f"lr {s.lr:g} {s.schedule}, warmup {warmup}) -> {out}")
     t0, tokens, losses = time.time(), 0, []
-    with open(log_path or out / "log.jsonl", "a") as log, stop_requests() as stop:
+    with open(log_path or out / "log.jsonl", "a" if args.resume else "w") as log, stop_requests() as stop:
         for step in range(start, total):
             # this step's learning rate: warmup, then decay; a pure function of the step
             lr = s.lr * lr_mult(step, total, warmup, s.schedule)
@@ -509,14 +605,22 @@ def train(model, tok, args, s, problems, log_path=None):
             if stop:
                 save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args, s)
                 print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume")
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt if stop[0] == signal.SIGINT else SystemExit(128 + stop[0])
     save_checkpoint(ckpt_path, model, optimizer, base_keys, total, args, s)
     info = {"steps": total, "trainable": n_trainable, "train_s": time.time() - t0, "truncated": truncated}
     module = METHODS[args.method][0]
     if hasattr(module, "adapter_state"):
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
-        save_file(state, str(out / "adapter.safetensors"))
+        try:
+            save_file(state, str(out / "adapter.safetensors.tmp"))
+            os.replace(out / "adapter.safetensors.tmp", out / "adapter.safetensors")
+        except Exception as e:  # a full disk: safetensors raises its own error type
+            (out / "adapter.safetensors.tmp").unlink(missing_ok=True)
+            raise OSError(f"could not write {out / 'adapter.safetensors'} ({e}); the checkpoint is kept") from None
+        _readable(out / "adapter.safetensors")
+    else:  # never leave another method's adapter beside this model
+        (out / "adapter.safetensors").unlink(missing_ok=True)
     module.merge(model)
     model.eval()
     return model, optimizer, info
@@ -525,12 +629,17 @@ def train(model, tok, args, s, problems, log_path=None):
 # evaluation, the built-in base, main
 
 
+@functools.lru_cache(maxsize=4)
+def eval_problems(eval_data: str, limit, seed) -> tuple:
+    """The test problems of every --eval-data spec (loaded once: main checks them before the model)."""
+    return tuple(p for spec in eval_data.split(",") for p in eval_math.load_problems(spec, "test", limit=limit, seed=seed))
+
+
 def run_eval(model, tok, args, label):
     """Accuracy on every --eval-data spec (test split); prints the table, returns {dataset: accuracy}."""
     if not args.eval_data:
         return {}
-    problems = [p for spec in args.eval_data.split(",")
-                for p in eval_math.load_problems(spec, "test", limit=args.eval_limit, seed=args.seed)]
+    problems = list(eval_problems(args.eval_data, args.eval_limit, args.seed))
     result = eval_math.evaluate(model, tok, problems, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
     print(f"\naccuracy ({label}):")
     eval_math.print_table(result)
@@ -585,10 +694,45 @@ def forgetting_set(model, tok, args, cache: Path):
     return texts, ref
 
 
+def claim_out(args, s):
+    """--out, checked before anything is loaded: a checkpoint there is never overwritten without
+    --resume or --overwrite, the folder must be writable, and a fresh run clears what it replaces."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder")
+    if (out / "ckpt.pt").exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
+                         "or start afresh with --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {args.out} cannot be written ({e.strerror})") from None
+    if args.resume:
+        check_resumable(out / "ckpt.pt", args, s)
+    if args.overwrite:
+        for f in ("ckpt.pt", "log.jsonl", "metrics.json", "adapter.safetensors"):
+            (out / f).unlink(missing_ok=True)
+
+
+def _readable(path):
+    """Files in --out get the usual permissions (rw-r--r-- under umask 022), whatever wrote them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def main(argv=None):
     args, s, origin = parse_args(argv)
     print("run: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     print_settings(args.method, s, origin)
+    # every input checked before the model loads: the output folder, the training and eval data
+    claim_out(args, s)
+    problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
+    if args.eval_data:
+        eval_problems(args.eval_data, args.eval_limit, args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -602,7 +746,9 @@ def main(argv=None):
     t0 = time.time()
     model, tok = load(model_path, dtype=dtype, device=args.device, seed=args.seed)
     print(f"loaded {model_path} in {time.time() - t0:.1f}s: {sum(p.numel() for p in model.parameters()):,} parameters")
-    problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
+    if args.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} is more than the model's {model.config.max_seq_len} positions "
+                         "(its max_position_embeddings); lower it")
     real = not args.builtin and args.model not in PRESETS  # pretrained weights, not a random preset
     measure_forgetting = real and args.forget_prompts and args.eval_data  # --eval-data none: no evaluation
     cache = base_cache(args, model_path) if args.builtin or real else None
@@ -620,6 +766,9 @@ def main(argv=None):
     model, optimizer, info = train(model, tok, args, s, problems)
     model.save_pretrained(args.out)
     tok.save(args.out)
+    for f in Path(args.out).iterdir():
+        if f.is_file():
+            _readable(f)
     label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
     if measure_forgetting:
@@ -644,11 +793,17 @@ def main(argv=None):
     return metrics
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: bad input and failed writes are one line on stderr and exit status 2."""
     try:
-        main()
+        main(argv)
     except KeyboardInterrupt:
-        sys.exit(130)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        return 130
+    except (ValueError, OSError, FloatingPointError, ImportError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
