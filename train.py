@@ -547,6 +547,23 @@ def attach_method(model, tok, args, s, examples, total, warmup):
     return METHODS[args.method][0].prepare(model, s, side_batches(), **run)
 
 
+def save_adapter(module, model, optimizer, out: Path):
+    """adapter.safetensors: the method's small learned update (before merge folds it into the weights);
+    removed for a method that has none, so another method's adapter never sits beside this model."""
+    if not hasattr(module, "adapter_state"):
+        (out / "adapter.safetensors").unlink(missing_ok=True)
+        return
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
+    try:
+        save_file(state, str(out / "adapter.safetensors.tmp"))
+        os.replace(out / "adapter.safetensors.tmp", out / "adapter.safetensors")
+    except Exception as e:  # a full disk: safetensors raises its own error type
+        (out / "adapter.safetensors.tmp").unlink(missing_ok=True)
+        raise OSError(f"could not write {out / 'adapter.safetensors'} ({e}); the checkpoint is kept") from None
+    _readable(out / "adapter.safetensors")
+
+
 def train(model, tok, args, s, problems, log_path=None):
     """Fine-tune `model` in place with args.method and its settings `s` on `problems`; returns
     (model, optimizer, info). Checkpoints go to args.out/ckpt.pt; the model is merged before returning."""
@@ -609,18 +626,7 @@ def train(model, tok, args, s, problems, log_path=None):
     save_checkpoint(ckpt_path, model, optimizer, base_keys, total, args, s)
     info = {"steps": total, "trainable": n_trainable, "train_s": time.time() - t0, "truncated": truncated}
     module = METHODS[args.method][0]
-    if hasattr(module, "adapter_state"):
-        from safetensors.torch import save_file
-        state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
-        try:
-            save_file(state, str(out / "adapter.safetensors.tmp"))
-            os.replace(out / "adapter.safetensors.tmp", out / "adapter.safetensors")
-        except Exception as e:  # a full disk: safetensors raises its own error type
-            (out / "adapter.safetensors.tmp").unlink(missing_ok=True)
-            raise OSError(f"could not write {out / 'adapter.safetensors'} ({e}); the checkpoint is kept") from None
-        _readable(out / "adapter.safetensors")
-    else:  # never leave another method's adapter beside this model
-        (out / "adapter.safetensors").unlink(missing_ok=True)
+    save_adapter(module, model, optimizer, out)
     module.merge(model)
     model.eval()
     return model, optimizer, info
