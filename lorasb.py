@@ -199,8 +199,8 @@ def first_step_gradients(model, linears, batches, n_samples):
     G, hooks = {}, []
     for name, lin in linears:
         w = lin.weight
-        # the sums live in CPU memory (pinned on a GPU machine): for Llama-3-8B they are ~28 GB of fp32
-        G[name] = torch.zeros(w.shape, dtype=torch.float32, pin_memory=w.is_cuda)
+        # the sums live in CPU memory, not on the accelerator: for Llama-3-8B they are ~28 GB of fp32
+        G[name] = torch.zeros(w.shape, dtype=torch.float32)
 
         def add_and_free(p, acc=G[name]):
             acc.add_(p.grad.to("cpu", torch.float32))

@@ -484,9 +484,12 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path!r} has no token_embd.weight tensor; not a llama model file")
     dim, n_heads = g("embedding_length"), g("attention.head_count")
-    scaling = None
-    if "rope_freqs.weight" in shapes:  # Llama-3.1+: llama.cpp stores the scaled frequencies' factors
-        scaling = {"factor": g("rope.scaling.factor", 8.0), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    scaling, rope_freqs = None, None
+    if "rope_freqs.weight" in shapes:  # Llama-3.1+: llama.cpp stores Llama-3 scaling as per-frequency divisors
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_freqs = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
+        # the largest divisor is the factor (32 for Llama-3.2 1B/3B, 8 for 3.1); low 1, high 4 as Meta's
+        scaling = {"factor": float(rope_freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": g("rope.scaling.original_context_length", 8192)}
     elif g("rope.scaling.type") not in (None, "none"):
         raise ValueError(f"{path!r} uses RoPE scaling {g('rope.scaling.type')!r}; supported: none, llama3")
@@ -496,6 +499,11 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
                       norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
                       rope_scaling=scaling, max_seq_len=g("context_length", 8192),
                       tie_embeddings="output.weight" not in shapes)
+    if rope_freqs is not None:  # our scaled frequencies must be exactly the file's
+        plain = rope_frequencies(ModelConfig(**{**asdict(cfg), "rope_scaling": None}))
+        if not torch.allclose(plain / rope_freqs, rope_frequencies(cfg), rtol=1e-4):
+            raise ValueError(f"{path!r}: its rope_freqs are not Llama-3 scaling with factor {scaling['factor']:g}, "
+                             "low 1, high 4; unsupported")
     sd = {}
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")

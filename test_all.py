@@ -440,6 +440,17 @@ def _write_gguf(path, model, arch="llama", tokenizer="gpt2", raw_type=None):
             w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // block * size), dtype=np.uint8), raw_dtype=raw_type)
         else:
             w.add_tensor(name, t.contiguous().numpy())
+    s = cfg.rope_scaling
+    if s:  # llama.cpp's convert script: Llama-3 scaling as per-frequency divisors, written out here
+        freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim))
+        old, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        factors = []
+        for f in freqs.tolist():
+            wavelen = 2 * math.pi / f
+            smooth = (old / wavelen - lo) / (hi - lo)
+            factors.append(1.0 if wavelen < old / hi else s["factor"] if wavelen > old / lo
+                           else 1 / ((1 - smooth) / s["factor"] + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -458,6 +469,18 @@ def test_gguf_written_here_loads_exactly(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=1e-6)
     assert tok.encode("hé") == list("hé".encode()) and (tok.bos_id, tok.eos_id) == (257, 258)
+    # Llama-3.2's scaling (factor 32) reaches a GGUF only as the rope_freqs tensor: read back exactly
+    scaled = Transformer(ModelConfig(**{**model.config.__dict__, "rope_scaling": {
+        "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+    scaled.load_state_dict(model.state_dict())
+    _write_gguf(tmp_path / "scaled.gguf", scaled)
+    loaded = load(str(tmp_path / "scaled.gguf"))[0].eval()
+    assert loaded.config.rope_scaling["factor"] == pytest.approx(32.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), scaled.eval()(x), rtol=0, atol=1e-5)
+    from model import rope_frequencies
+    assert torch.equal(rope_frequencies(loaded.config), rope_frequencies(scaled.config))
+    assert not torch.allclose(rope_frequencies(scaled.config), rope_frequencies(model.config))  # it matters here
 
 
 def test_gguf_and_tokenizer_bad_input(tmp_path, smol_file):
@@ -610,6 +633,7 @@ def test_byte_tokenizer_round_trips_utf8():
         assert all(i < 256 for i in ids[1:-1]) and len(ids) == len(text.encode()) + 2
         assert tok.decode(ids[1:-1]) == text
     assert tok.n_vocab <= ModelConfig.from_preset("tiny").vocab_size
+    assert tok.decode([72, 260, 105]) == "Hi"  # a padded vocabulary row (260) decodes to nothing
 
 
 TOKENIZER_STRINGS = [
@@ -1136,7 +1160,8 @@ BEFORE_LOAD = [  # (flags added to a small run, what the one line says); each fa
     (["--log-every", "0"], "--log-every 0 is not allowed: it must be >= 1"),
     (["--targets", ""], "--targets '' is not allowed"),
     (["--targets", ","], "--targets '' is not allowed"),
-    (["--betas", "0.9"], "--betas: invalid _two_floats value: '0.9'"),
+    (["--betas", "0.9"], "--betas: needs two comma-separated numbers (beta1,beta2), got '0.9'"),
+    (["--targets", "q_proj,v_prj"], "--targets q_proj,v_prj is not allowed"),
     (["--betas", "0.9,1.5"], "--betas 0.9,1.5 is not allowed: two numbers in [0, 1)"),
     (["--rank", "0"], "--rank must be a positive integer, got 0"),
     (["--method", "dora"], "unknown method 'dora'; available: full, lora"),
@@ -1217,6 +1242,9 @@ def test_existing_checkpoint_is_never_overwritten_and_resume_refuses_other_setti
         code, err = _one_line_error(_argv(small_dir, run, "--method", "lora", "--rank", "2", *flags), capsys)
         assert code == 2 and len(err) == 1 and says in err[0], (flags, err)
         assert (run / "ckpt.pt").read_bytes() == ckpt  # byte-identical: nothing lost
+    code, err = _one_line_error(_argv(tmp_path / "nope", run, "--method", "full", "--max-steps", "1", "--overwrite"),
+                                capsys)  # --overwrite with a bad input: the old run is still all there
+    assert code == 2 and (run / "ckpt.pt").read_bytes() == ckpt and (run / "adapter.safetensors").exists()
     train.main(_argv(small_dir, run, "--method", "full", "--max-steps", "1", "--overwrite"))
     assert not (run / "adapter.safetensors").exists()  # the LoRA run's adapter is gone with it
     assert len((run / "log.jsonl").read_text().splitlines()) == 1  # a fresh run starts a fresh log
@@ -1380,7 +1408,7 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
         train.parse_args(["--method", "dora"])
     with pytest.raises(ValueError, match="--rank must be a positive integer, got 0"):
         train.parse_args(["--rank", "0"])
-    with pytest.raises(ValueError, match="'qkv' matches no Linear layer; the model has: down_proj, gate_proj"):
+    with pytest.raises(ValueError, match="--targets q_proj,qkv is not allowed: comma-separated module names"):
         train.main(_argv(small_dir, tmp_path / "a", "--method", "lora", "--targets", "q_proj,qkv", "--max-steps", "1"))
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         train.main(_argv(tmp_path / "no-such-model", tmp_path / "b", "--max-steps", "1"))
@@ -1398,7 +1426,7 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
         train.main(_argv(small_dir, tmp_path / "e", "--method", "full", "--max-steps", "2", "--resume"))
     # from the command line: one line on stderr, exit status 2
     assert _cli_error(_argv(small_dir, tmp_path / "f", "--targets", "qq", "--max-steps", "1"), capsys).startswith(
-        "error: target module 'qq' matches no Linear layer")
+        "error: --targets qq is not allowed")
 
 
 @pytest.mark.parametrize("method", list(train.METHODS))

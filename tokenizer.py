@@ -16,6 +16,11 @@ from pathlib import Path
 
 LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel(use_regex)
+QWEN2_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# llama.cpp's tokenizer.ggml.pre names -> the split regex (a GGUF stores the name only). For names with a
+# Digits step as well (smollm, starcoder) transformers' GGUF loader applies GPT-2's regex alone; so do we.
+GGUF_PRE = {"llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT, "qwen2": QWEN2_PAT, "gpt2": GPT2_PAT, "default": GPT2_PAT,
+            "smollm": GPT2_PAT, "starcoder": GPT2_PAT}
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
@@ -116,7 +121,8 @@ class Tokenizer:
         norm = (tj.get("normalizer") or {}).get("type")
         if norm not in (None, "NFC", "NFD", "NFKC", "NFKD"):
             raise ValueError(f"{str(path)!r}: normalizer {norm!r} is not supported (supported: none, NFC, NFKC)")
-        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
+        # every added token decodes; all of them (special or not) are plain text when encoding
+        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         merges = [m.split(" ") if isinstance(m, str) else m for m in merges]
         near = _read_json(path.parent / "tokenizer_config.json")
         ids = _config_ids(path.parent)
@@ -168,6 +174,13 @@ class Tokenizer:
             raise ValueError(f"{path!r}: tokenizer.ggml.model is {kind!r}, not byte-level BPE ('gpt2'); "
                              "SentencePiece vocabularies (Llama-2, TinyLlama) are not supported")
         tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type", [])
+        if "tokenizer.ggml.eos_token_id" not in fields:
+            raise ValueError(f"{path!r} has no tokenizer.ggml.eos_token_id: nothing would end a generation")
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        pat = GGUF_PRE.get(pre)
+        if pat is None:
+            print(f"note: {path}: pre-tokenizer {pre!r} is not known here; splitting with GPT-2's regex")
+            pat = GPT2_PAT
         vocab = {t: i for i, t in enumerate(tokens)}
         specials = {tokens[i]: i for i, ty in enumerate(types) if ty == 3}  # 3 = CONTROL
         merges = [m.split(" ") for m in fields.get("tokenizer.ggml.merges", [])]
@@ -184,24 +197,25 @@ class Tokenizer:
                   "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": fields.get("context_length")}
         if "tokenizer.chat_template" in fields:
             config["chat_template"] = fields["tokenizer.chat_template"]
-        tj = _hf_tokenizer_json(vocab, merges, specials, bos if add_bos else None, None)
+        tj = _hf_tokenizer_json(vocab, merges, specials, bos if add_bos else None, None, pat)
         # like transformers' GGUF loader, bytes outside the vocabulary are dropped (BPE without unk)
-        return cls._bpe(Path(path).name, vocab, merges, specials, GPT2_PAT, bos, eos, pad, stops, path, add_bos,
+        return cls._bpe(Path(path).name, vocab, merges, specials, pat, bos, eos, pad, stops, path, add_bos,
                         False, None, None, False, hf={"tokenizer.json": tj, "tokenizer_config.json": config})
 
     # -- finding and saving ----------------------------------------------------------------------
 
     @classmethod
     def for_model(cls, path) -> "Tokenizer":
-        """The tokenizer of a model folder: `tokenizer.model` beside the weights (Meta) or under
-        `original/` (Hugging Face downloads of Llama-3), else `tokenizer.json`, else the marker
-        nanopeft writes for its byte-level vocabulary."""
+        """The tokenizer of a model folder: `tokenizer.model` beside the weights (Meta), else
+        `tokenizer.json` (Hugging Face), else `original/tokenizer.model` (a Llama-3 download without
+        tokenizer.json), else the marker nanopeft writes for its byte-level vocabulary."""
         path = Path(path)
-        for f in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
-            if f.exists():
-                return cls.from_file(f)
-        if (path / "tokenizer.json").exists():
+        if (path / "tokenizer.model").exists():  # a Meta folder
+            return cls.from_file(path / "tokenizer.model")
+        if (path / "tokenizer.json").exists():  # a Hugging Face folder: saved again with its configs
             return cls.from_hf_json(path / "tokenizer.json")
+        if (path / "original" / "tokenizer.model").exists():
+            return cls.from_file(path / "original" / "tokenizer.model")
         if (path / "nanopeft_tokenizer.json").exists():
             return cls.bytes()
         raise FileNotFoundError(f"no tokenizer in {str(path)!r}: looked for tokenizer.model, original/tokenizer.model, "
@@ -251,7 +265,18 @@ class Tokenizer:
         return ([self.bos_id] if bos and self.add_bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
-        return self.model.decode(list(ids))
+        """Text of `ids`; ids that are no token (a model's padded vocabulary rows) decode to nothing."""
+        try:
+            return self.model.decode(list(ids))
+        except KeyError:
+            known = []
+            for i in ids:
+                try:
+                    self.model.decode_single_token_bytes(i)
+                    known.append(i)
+                except KeyError:
+                    pass
+            return self.model.decode(known)
 
 
 def _read_json(path: Path) -> dict:
@@ -308,10 +333,12 @@ def _post_processor_adds(post: dict | None, bos: str | None) -> bool:
     return bos in BOS_NAMES
 
 
-def _hf_tokenizer_json(vocab, merges, specials, bos, unk) -> dict:
-    """A tokenizer.json for a GGUF vocabulary: byte-level BPE with GPT-2's pre-tokenizer, as
-    transformers builds it from the same file."""
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+def _hf_tokenizer_json(vocab, merges, specials, bos, unk, pat=GPT2_PAT) -> dict:
+    """A tokenizer.json for a GGUF vocabulary: byte-level BPE with its split regex (GPT-2's as
+    ByteLevel's own, any other as a Split step before it), as transformers builds it."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": pat == GPT2_PAT}
+    pre_tokenizer = byte_level if pat == GPT2_PAT else {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pat}, "behavior": "Isolated", "invert": False}, byte_level]}
     single = ([{"SpecialToken": {"id": bos, "type_id": 0}}] if bos else []) + [{"Sequence": {"id": "A", "type_id": 0}}]
     post = {"type": "TemplateProcessing", "single": single,
             "pair": single + [{"Sequence": {"id": "B", "type_id": 1}}],
@@ -319,7 +346,8 @@ def _hf_tokenizer_json(vocab, merges, specials, bos, unk) -> dict:
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": byte_level, "post_processor": post, "decoder": {**byte_level, "add_prefix_space": True},
+            "pre_tokenizer": pre_tokenizer, "post_processor": post,
+            "decoder": {**byte_level, "add_prefix_space": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                       "vocab": vocab, "merges": merges}}

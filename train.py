@@ -17,6 +17,7 @@ prints accuracy before and after on both: learning and forgetting.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -129,9 +130,12 @@ def _parse_value(f):
 
 
 def _two_floats(v):
-    b = tuple(float(x) for x in v.split(","))
+    try:
+        b = tuple(float(x) for x in v.split(","))
+    except ValueError:
+        b = ()
     if len(b) != 2:
-        raise ValueError(f"needs two comma-separated numbers, got {v!r}")
+        raise argparse.ArgumentTypeError(f"needs two comma-separated numbers (beta1,beta2), got {v!r}")
     return b
 
 
@@ -301,8 +305,9 @@ def check_settings(s):
         bad("epochs", s.epochs, "a positive number of passes (or --max-steps)")
     if s.batch_size < 1:
         bad("batch-size", s.batch_size, "a positive number of examples")
-    if hasattr(s, "targets") and not s.targets:
-        bad("targets", "''", f"comma-separated module names ({', '.join(LINEAR_NAMES)}) or all / attn / mlp")
+    if hasattr(s, "targets") and (not s.targets or not set(s.targets) <= set(LINEAR_NAMES)):
+        bad("targets", ",".join(s.targets) or "''",
+            f"comma-separated module names ({', '.join(LINEAR_NAMES)}) or all / attn / mlp")
 
 
 def check_run(args):
@@ -419,8 +424,11 @@ def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
 def run_defining(args, s) -> dict:
     """What a resumed run must share with its checkpoint: the method's settings, the model, the data
     and its order, the length."""
-    run = {k: vars(args)[k] for k in ("method", "model", "data", "train_limit", "seq_len", "train_on_prompt",
-                                         "grad_accum", "seed", "max_steps")}
+    run = {k: vars(args)[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "grad_accum",
+                                      "seed", "max_steps")}
+    run["model"] = str(base_dir(args)) if args.builtin else (
+        args.model if args.model in PRESETS or not os.path.exists(os.path.expanduser(args.model))
+        else os.path.realpath(os.path.expanduser(args.model)))
     return {**run, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
 
 
@@ -440,8 +448,10 @@ def check_resumable(path, args, s):
     """--resume continues only the run its checkpoint belongs to: every run-defining setting equal."""
     then, now = load_checkpoint(path, args.method).get("run", {}), run_defining(args, s)
     for key, value in now.items():
-        if key == "max_steps" and s.schedule == "constant" and s.warmup_ratio == 0:
-            continue  # a constant lr does not depend on the length: extending such a run is exact
+        if key == "max_steps" and s.schedule == "constant" and s.warmup_ratio == 0 and isinstance(then.get(key), int) \
+                and not (args.method == "lift" and (then[key] + 1) % s.interval == 0):
+            continue  # a constant lr does not depend on the length: extending such a run is exact (unless
+            # LIFT skipped the mask refresh due before the old run's would-be next step)
         if then.get(key) != value:
             show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v
             raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} {show(then.get(key))}, "
@@ -666,6 +676,7 @@ def pretrain_base(args) -> Path:
     model, tok = load("tiny", seed=0)
     pre = types.SimpleNamespace(**{**vars(args), **{k: v for k, v in PRETRAIN.items() if k != "settings"},
                                    "max_steps": args.pretrain_steps, "out": str(folder) + ".run"})
+    pre.resume = (Path(pre.out) / "ckpt.pt").exists()  # an interrupted pretraining continues where it stopped
     model.to(args.device)
     train(model, tok, pre, Full(**PRETRAIN["settings"]), eval_math.load_problems("synth-source", "train", seed=0))
     model.save_pretrained(folder)
@@ -678,9 +689,10 @@ def base_cache(args, model_path) -> Path:
     the text it writes itself (the forgetting measure)."""
     if args.builtin:
         return base_dir(args)
-    p = Path(model_path)
-    size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
-    return Path(args.out).parent / "base-cache" / f"{p.name}-{size}"
+    p = Path(model_path).resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    key = "|".join([str(p), str(args.dtype), *(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
+    return Path(args.out).parent / "base-cache" / f"{p.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 def forgetting_set(model, tok, args, cache: Path):
@@ -693,6 +705,9 @@ def forgetting_set(model, tok, args, cache: Path):
     print(f"forgetting set: the base model's greedy continuations of {args.forget_prompts} neutral prompts "
           "(first run only)", flush=True)
     texts = eval_math.self_text(model, tok, args.forget_prompts, batch_size=args.eval_batch_size)
+    if not texts:
+        raise ValueError(f"the base model ended every one of its {args.forget_prompts} neutral continuations at once: "
+                         "no text to measure forgetting on; use more --forget-prompts, or 0 to turn it off")
     ref = eval_math.drift_reference(model, tok, texts)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({"texts": texts, "ref": ref}, f"{f}.tmp")
@@ -702,7 +717,8 @@ def forgetting_set(model, tok, args, cache: Path):
 
 def claim_out(args, s):
     """--out, checked before anything is loaded: a checkpoint there is never overwritten without
-    --resume or --overwrite, the folder must be writable, and a fresh run clears what it replaces."""
+    --resume or --overwrite, and the folder must be writable. --overwrite deletes nothing here: the
+    old files are replaced as the new run writes its own (its log from the first step on)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a folder")
@@ -718,9 +734,6 @@ def claim_out(args, s):
         raise ValueError(f"--out {args.out} cannot be written ({e.strerror})") from None
     if args.resume:
         check_resumable(out / "ckpt.pt", args, s)
-    if args.overwrite:
-        for f in ("ckpt.pt", "log.jsonl", "metrics.json", "adapter.safetensors"):
-            (out / f).unlink(missing_ok=True)
 
 
 def _readable(path):
@@ -760,7 +773,8 @@ def main(argv=None):
     cache = base_cache(args, model_path) if args.builtin or real else None
     before, forget = None, None
     if cache is not None and args.eval_data:  # the base's accuracy, computed once per base and cached
-        f = cache / f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}.json"
+        f = cache / (f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}"
+                     f"-{args.max_new_tokens}.json")
         if f.exists():
             before = json.loads(f.read_text())
         else:
