@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import Tokenizer
+from tokenizer import LLAMA3_PAT, LLAMA3_SPECIALS, Tokenizer  # noqa: F401 (re-exported: model.Tokenizer)
 
 # -----------------------------------------------------------------------------
 # config

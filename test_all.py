@@ -1431,7 +1431,6 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", list(train.METHODS))
 def test_settings_unset_flag_takes_declared_default_and_set_flag_overrides(method, capsys):
-    from dataclasses import fields
     cls = train.METHODS[method][1]
     args, s, origin = train.parse_args(["--method", method, "--model", "m", "--data", "d"])
     assert s == cls()  # every unset flag: the paper's default, declared once in the method's file
