@@ -165,9 +165,8 @@ class LIFTAdamW(torch.optim.Optimizer):
     `named_weights`: [(name, weight)], each weight contiguous with requires_grad=True; `ks`: entries
     per weight. `model` and `probe` (a list of (x, y) micro-batches) are needed by select='gradient'."""
 
-    def __init__(self, named_weights, ks, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 select="principal", lra_rank=8, block=0, svd="exact", interval=200, seed=0,
-                 max_steps=None, model=None, probe=()):
+    def __init__(self, named_weights, ks, lr, betas, eps, weight_decay, *, select, lra_rank, block, svd,
+                 interval, seed=0, max_steps=None, model=None, probe=()):  # defaults: Settings, once
         self.weights = [w for _, w in named_weights]
         self.ks = list(ks)
         self.select, self.lra_rank, self.block, self.svd = select, lra_rank, block, svd

@@ -677,9 +677,9 @@ def plain_linear(weight: nn.Parameter, bias=None) -> nn.Linear:
     return lin
 
 
-def adamw(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def adamw(params, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over `params` (tensors, or (name, tensor) pairs, which give param_groups their
-    'param_names'); fused kernels on CUDA."""
+    'param_names'); fused kernels on CUDA. The hyperparameters come from the method's settings."""
     params = list(params)
     fused = torch.cuda.is_available() and all((p[1] if isinstance(p, tuple) else p).is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None)
