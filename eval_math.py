@@ -545,7 +545,8 @@ def drift(model, tokenizer, texts: list[dict], ref: dict) -> dict:
 def main(argv=None):
     import torch
     ap = argparse.ArgumentParser(description="Accuracy of a model on math word problems (greedy decoding).")
-    ap.add_argument("--model", default="tiny", help="model folder, or a preset name (random init)")
+    ap.add_argument("--model", default="tiny",
+                    help="model folder, a .gguf file, smollm2-135m, or a preset name (random init)")
     ap.add_argument("--data", default="synth-source,synth-target",
                     help="comma-separated: gsm8k, synth-source, synth-target, a name under --data-dir, a file or folder")
     ap.add_argument("--split", default="test", help="train or test")
