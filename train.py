@@ -231,11 +231,11 @@ def parse_args(argv=None):
     # the settings: the paper's defaults, the tiny model's own values, then what the user passed
     cls, given, origin = METHODS[method][1], {}, {}
     for f in fields(cls):
-        origin[f.name] = f.metadata.get("source", "")
+        origin[f.name] = f.metadata["source"]
         if tiny and "tiny" in f.metadata:
             given[f.name], origin[f.name] = f.metadata["tiny"], _tiny_source(f) + (
                 "" if builtin else f"; --model {known.model} is the tiny preset")
-    if builtin and args.batch_size is None and "batch_size" in {f.name for f in fields(cls)}:
+    if builtin and args.batch_size is None:
         given["batch_size"], origin["batch_size"] = BUILTIN["batch_size"], "the built-in default run"
     flags = vars(args)  # the settings flags leave args: they live in the method's settings
     for name in COMMON:
