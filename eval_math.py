@@ -567,13 +567,18 @@ def main(argv=None):
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
 
 
+def check_at_least(args, **least):
+    """Each named flag of `args` is unset or at least its bound: one line naming the flag otherwise."""
+    for flag, bound in least.items():
+        value = vars(args)[flag]
+        if value is not None and value < bound:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} is not allowed: it must be >= {bound}")
+
+
 def run(args):
     """The CLI's work: every setting checked before the model loads; (metrics, output folder)."""
     import torch
-    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 1)):
-        value = vars(args)[flag]
-        if value is not None and value < least:
-            raise ValueError(f"--{flag.replace('_', '-')} {value} is not allowed: it must be >= {least}")
+    check_at_least(args, batch_size=1, max_new_tokens=1, limit=1)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a folder for predictions.jsonl and metrics.json")

@@ -312,12 +312,9 @@ def check_settings(s):
 
 def check_run(args):
     """The run's own flags, before anything is loaded: counts, the device, the evaluation settings."""
-    for flag, least in (("grad_accum", 1), ("log_every", 1), ("eval_batch_size", 1), ("seq_len", 2),
-                        ("max_steps", 0), ("save_every", 0), ("eval_every", 0), ("threads", 0),
-                        ("eval_limit", 1), ("train_limit", 1), ("max_new_tokens", 1), ("pretrain_steps", 1)):
-        value = vars(args)[flag]
-        if value is not None and value < least:
-            raise ValueError(f"--{flag.replace('_', '-')} {value} is not allowed: it must be >= {least}")
+    eval_math.check_at_least(args, grad_accum=1, log_every=1, eval_batch_size=1, seq_len=2, max_steps=0,
+                             save_every=0, eval_every=0, threads=0, eval_limit=1, train_limit=1, max_new_tokens=1,
+                             pretrain_steps=1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     if args.resume and args.overwrite:
