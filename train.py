@@ -429,11 +429,13 @@ def run_defining(args, s) -> dict:
     return {**run, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
 
 
-def load_checkpoint(path, method):
+def load_checkpoint(path, method, mmap=False):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint never runs code
+        # weights_only: a checkpoint never runs code; mmap (for the check before the model loads): read the
+        # settings without reading every tensor, which resume() reads anyway
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"--resume: checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__})") from None
     if ckpt.get("method") != method:
@@ -443,7 +445,7 @@ def load_checkpoint(path, method):
 
 def check_resumable(path, args, s):
     """--resume continues only the run its checkpoint belongs to: every run-defining setting equal."""
-    then, now = load_checkpoint(path, args.method).get("run", {}), run_defining(args, s)
+    then, now = load_checkpoint(path, args.method, mmap=True).get("run", {}), run_defining(args, s)
     for key, value in now.items():
         if key == "max_steps" and s.schedule == "constant" and s.warmup_ratio == 0 and isinstance(then.get(key), int) \
                 and not (args.method == "lift" and (then[key] + 1) % s.interval == 0):
