@@ -351,6 +351,7 @@ class Transformer(nn.Module):
         except Exception as e:  # a full disk: OSError from Python, SafetensorError from safetensors
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
+        usual_permissions(tmp / "model.safetensors")
         if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
             index = path / "model.safetensors.index.json"
             if index.exists():  # stale shards would win over the new weights on the next load
@@ -362,6 +363,14 @@ class Transformer(nn.Module):
             tmp.rmdir()
         else:
             os.replace(tmp, path)
+
+
+def usual_permissions(path):
+    """safetensors writes its files rw------- whatever the umask; give them what every other file gets
+    (rw-r--r-- under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _read_json(f: Path) -> dict:

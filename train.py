@@ -38,7 +38,7 @@ import hyper
 import lift
 import lorasb
 import rocoft
-from model import LINEAR_NAMES, PRESETS, adamw, load
+from model import LINEAR_NAMES, PRESETS, adamw, load, usual_permissions
 
 # -----------------------------------------------------------------------------
 # full fine-tuning: the method with no method
@@ -415,7 +415,6 @@ def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
         Path(tmp).unlink(missing_ok=True)
         kept = f"the checkpoint in {path} from before is kept" if Path(path).exists() else "no checkpoint was written"
         raise OSError(f"could not write the checkpoint of step {step} to {path} ({e}); {kept}") from None
-    _readable(path)
 
 
 def run_defining(args, s) -> dict:
@@ -570,7 +569,7 @@ def save_adapter(module, model, optimizer, out: Path):
     except Exception as e:  # a full disk: safetensors raises its own error type
         (out / "adapter.safetensors.tmp").unlink(missing_ok=True)
         raise OSError(f"could not write {out / 'adapter.safetensors'} ({e}); the checkpoint is kept") from None
-    _readable(out / "adapter.safetensors")
+    usual_permissions(out / "adapter.safetensors")
 
 
 def train(model, tok, args, s, problems, log_path=None):
@@ -735,13 +734,6 @@ def claim_out(args, s):
         check_resumable(out / "ckpt.pt", args, s)
 
 
-def _readable(path):
-    """Files in --out get the usual permissions (rw-r--r-- under umask 022), whatever wrote them."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def main(argv=None):
     args, s, origin = parse_args(argv)
     print("run: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
@@ -785,9 +777,6 @@ def main(argv=None):
     model, optimizer, info = train(model, tok, args, s, problems)
     model.save_pretrained(args.out)
     tok.save(args.out)
-    for f in Path(args.out).iterdir():
-        if f.is_file():
-            _readable(f)
     label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
     if measure_forgetting:
