@@ -24,7 +24,7 @@ from model import generate, load
 
 GSM8K_HUB = "openai/gsm8k"   # datasets.load_dataset(GSM8K_HUB, "main"): splits train / test
 SPLITS = ("train", "test")
-SYNTH_SIZES = {"train": 20000, "test": 200}
+SYNTH_SIZES = {"train": 12000, "test": 200}
 
 # -----------------------------------------------------------------------------
 # the built-in synthetic problems
@@ -39,43 +39,42 @@ SYNTH_SIZES = {"train": 20000, "test": 200}
 # -> source 77%; then full fine-tuning on target, lr 1e-3: target 8% -> 35% / 67% / 92% after
 # 100 / 200 / 300 steps while source falls to ~6%. (Operands < 50 reached only 17% in 1000 steps.)
 
-NAMES = ("Tom", "Amy", "Sam", "Mia", "Ben", "Zoe", "Max", "Ava")
+NAMES = ("Tom", "Amy", "Sam", "Mia", "Ben", "Zoe", "Max", "Ava", "Leo", "Ivy", "Dan", "Eve")
 ITEMS = ("apples", "pens", "books", "cards", "eggs", "shells", "coins", "stamps")
 SOURCE_TEMPLATES = (  # (operation, question)
-    ("+", "{n} has {a} {x} and gets {b} more. How many {x} does {n} have?"),
-    ("+", "A box has {a} {x}. {n} adds {b}. How many {x} are in the box?"),
-    ("-", "{n} has {a} {x} and gives {b} to {m}. How many {x} are left?"),
-    ("-", "A box has {a} {x}. {n} takes {b}. How many {x} are left?"),
+    ("+", "{n} has {a} {x} and gets {b} more. How many {x} now?"),
+    ("+", "A box has {a} {x}. {n} adds {b}. How many {x} now?"),
+    ("-", "{n} has {a} {x} and gives {b} away. How many {x} now?"),
+    ("-", "A box has {a} {x}. {n} takes {b}. How many {x} now?"),
 )
 TARGET_TEMPLATES = (
-    ("+", "{n} has {a} bags of {b} {x} and {c} more {x}. How many {x} in all?"),
-    ("+", "{n} buys {a} packs of {b} {x}. {m} adds {c}. How many {x} in all?"),
-    ("-", "{n} has {a} bags of {b} {x} and gives {c} to {m}. How many {x} are left?"),
-    ("-", "{n} buys {a} packs of {b} {x} and loses {c}. How many {x} are left?"),
+    "{n} has {a} bags of {b} {x}. How many {x} now?",
+    "A box has {a} rows of {b} {x}. How many {x} now?",
+    "{n} buys {a} packs of {b} {x}. How many {x} now?",
+    "{n} gets {a} bags of {b} {x}. How many {x} now?",
 )
-SOURCE_MAX, TARGET_FACTOR_MAX, TARGET_ADD_MAX = 19, 5, 9
+SOURCE_MAX, TARGET_FACTOR_MAX = 9, 9
 TEST_EVERY = 16  # a question is a test question iff crc32(question) % 16 == 0
 
 
 def _source_problem(rng):
     op, t = rng.choice(SOURCE_TEMPLATES)
-    n, m = rng.sample(NAMES, 2)
-    a = rng.randint(2, SOURCE_MAX)
-    b = rng.randint(1, SOURCE_MAX) if op == "+" else rng.randint(1, a - 1)
+    n = rng.choice(NAMES)
+    if op == "+":  # the one-digit addition table, and its inverse: a - b = c with b, c <= 9
+        a, b = rng.randint(1, SOURCE_MAX), rng.randint(1, SOURCE_MAX)
+    else:
+        b, c = rng.randint(1, SOURCE_MAX), rng.randint(1, SOURCE_MAX)
+        a = b + c
     r = a + b if op == "+" else a - b
-    q = t.format(n=n, m=m, x=rng.choice(ITEMS), a=a, b=b)
+    q = t.format(n=n, x=rng.choice(ITEMS), a=a, b=b)
     return q, f"{a} {op} {b} = {r}.\n#### {r}", r
 
 
 def _target_problem(rng):
-    op, t = rng.choice(TARGET_TEMPLATES)
-    n, m = rng.sample(NAMES, 2)
+    t = rng.choice(TARGET_TEMPLATES)
     a, b = rng.randint(2, TARGET_FACTOR_MAX), rng.randint(2, TARGET_FACTOR_MAX)
-    p = a * b
-    c = rng.randint(1, TARGET_ADD_MAX) if op == "+" else rng.randint(1, min(TARGET_ADD_MAX, p - 1))
-    r = p + c if op == "+" else p - c
-    q = t.format(n=n, m=m, x=rng.choice(ITEMS), a=a, b=b, c=c)
-    return q, f"{a} * {b} = {p}. {p} {op} {c} = {r}.\n#### {r}", r
+    q = t.format(n=rng.choice(NAMES), x=rng.choice(ITEMS), a=a, b=b)
+    return q, f"{a} * {b} = {a * b}.\n#### {a * b}", a * b
 
 
 def synthetic_problems(domain: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
@@ -291,14 +290,24 @@ def format_target(problem: dict) -> str:
 
 NUMBER = r"-?\d+\.?\d*"  # LLM-Adapters' number rule, applied after removing ',' and '$'
 
+# Two scoring protocols. "nanopeft" (the default): the first "#### N", else the first "The answer
+# is N", else the last number; a letter only in an answer-like position (CHOICE_PATTERNS below).
+# "llm-adapters": the protocol of the LLM-Adapters evaluation the papers' arithmetic tables used
+# (LIFT, RoCoFT, LoRA-SB, HyperAdapt all cite it): the LAST number of the response (',' removed,
+# 1e-3 tolerance), the FIRST capital A-E anywhere for AQuA, decoded with 4-beam search. They differ:
+# "The answer is 12 - 4 = 8." scores 12 under nanopeft and 8 under llm-adapters. Beam search is
+# not in generate yet, so both protocols decode greedily here (evaluate() records the decoding).
+PROTOCOLS = ("nanopeft", "llm-adapters")
 
-def extract_answer(completion: str) -> float | None:
-    """The first "#### N", else the first "The answer is N", else the last number in the text
-    (the LLM-Adapters rule); None when there is no number at all."""
+
+def extract_answer(completion: str, protocol: str = "nanopeft") -> float | None:
+    """The number a completion answers with under `protocol` (see PROTOCOLS); None when there is
+    no number at all."""
     text = completion.replace(",", "").replace("$", "")
-    m = re.search(r"####\s*(" + NUMBER + ")", text) or re.search(r"(?i:answer is)\s*:?\s*(" + NUMBER + ")", text)
-    if m:
-        return float(m.group(1))
+    if protocol == "nanopeft":
+        m = re.search(r"####\s*(" + NUMBER + ")", text) or re.search(r"(?i:answer is)\s*:?\s*(" + NUMBER + ")", text)
+        if m:
+            return float(m.group(1))
     numbers = re.findall(NUMBER, text)
     return float(numbers[-1]) if numbers else None
 
@@ -317,13 +326,21 @@ CHOICE_PATTERNS = (
 )
 
 
-def extract_choice(completion: str) -> str | None:
-    """The option letter (A-E) a completion picks, or None."""
+def extract_choice(completion: str, protocol: str = "nanopeft") -> str | None:
+    """The option letter (A-E) a completion picks under `protocol`, or None."""
+    if protocol == "llm-adapters":  # their rule: the first capital A-E anywhere in the response
+        m = re.search(r"[A-E]", completion.strip())
+        return m.group(0) if m else None
     for pattern in CHOICE_PATTERNS:
         m = re.search(pattern, completion)
         if m:
             return m.group(1)
     return None
+
+
+def check_protocol(protocol: str):
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
 
 
 def is_choice(problem: dict) -> bool:
@@ -349,9 +366,10 @@ GENERATE_CHUNK = 64  # tokens generated between stop-string checks
 
 
 def default_max_new_tokens(problems: list[dict]) -> int:
-    """512 (the papers' limit) unless every problem has a solution: then 1.5x the longest
-    target in bytes (>= its tokens) + 16, so the built-in data decodes ~70 tokens, not 512."""
-    if problems and all(p.get("solution") for p in problems):
+    """512 (the papers' limit) unless every problem is a built-in "qa" problem with a solution:
+    then 1.5x the longest target in bytes (>= its tokens) + 16, so the built-in data decodes ~50
+    tokens, not 512. Alpaca-template data (GSM8K, LLM-Adapters) always gets 512, whatever --limit."""
+    if problems and all(p.get("solution") and p.get("template", "alpaca") == "qa" for p in problems):
         longest = max(len(format_target(p).encode()) for p in problems)
         return min(512, longest + longest // 2 + 16)
     return 512
@@ -383,16 +401,18 @@ def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) ->
 
 
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
-             progress: bool = True) -> dict:
-    """Greedy answers to every problem, scored. Each dataset is decoded in batches of prompts of
-    similar length (sorted longest first: little padding, peak memory first). Returns
-    {"datasets": {name: {n, correct, accuracy, seconds, problems_per_s}}, "average": mean
-    accuracy over datasets, "batch_size", "max_new_tokens", "predictions": [{dataset, question,
-    completion, extracted, gold, correct}] in the order of `problems`}."""
+             progress: bool = True, protocol: str = "nanopeft") -> dict:
+    """Greedy answers to every problem, scored under `protocol` (PROTOCOLS). Each dataset is
+    decoded in batches of prompts of similar length (sorted longest first: little padding, peak
+    memory first). Returns {"datasets": {name: {n, correct, accuracy, seconds, problems_per_s}},
+    "average": mean accuracy over datasets, "batch_size", "max_new_tokens", "protocol",
+    "decoding", "predictions": [{dataset, question, completion, extracted, gold, correct}] in the
+    order of `problems`}."""
     if not problems:
         raise ValueError("evaluate got no problems")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    check_protocol(protocol)
     max_new_tokens = max_new_tokens or default_max_new_tokens(problems)
     was_training = model.training
     model.eval()
@@ -406,7 +426,7 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
             batch = order[b:b + batch_size]
             for i, text in zip(batch, complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)):
                 p = problems[i]
-                pred = extract_choice(text) if is_choice(p) else extract_answer(text)
+                pred = extract_choice(text, protocol) if is_choice(p) else extract_answer(text, protocol)
                 predictions[i] = dict(dataset=name, question=p["question"], completion=text, extracted=pred,
                                       gold=p["answer"], correct=is_correct(pred, p["answer"]))
             now, k = time.time(), b + len(batch)
@@ -419,7 +439,8 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
                              problems_per_s=len(idx) / max(seconds, 1e-9))
     model.train(was_training)
     return dict(datasets=results, average=sum(r["accuracy"] for r in results.values()) / len(results),
-                batch_size=batch_size, max_new_tokens=max_new_tokens, predictions=predictions)
+                batch_size=batch_size, max_new_tokens=max_new_tokens, protocol=protocol, decoding="greedy",
+                predictions=predictions)
 
 
 def print_table(metrics: dict, file=None):
@@ -553,6 +574,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 512, or ~1.5x the longest solution")
+    ap.add_argument("--protocol", default="nanopeft", choices=PROTOCOLS,
+                    help="answer extraction: nanopeft (first '#### N') or llm-adapters (the papers': last number, "
+                         "first capital A-E); both decode greedily until generate has beam search")
     ap.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and metrics.json")
     ap.add_argument("--data-dir", default=None, help="where dataset names are looked up ($NANOPEFT_DATA or ./dataset)")
     ap.add_argument("--seed", type=int, default=0, help="picks the synthetic problems (and a preset's init)")
@@ -591,8 +615,10 @@ def run(args):
     model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
     names = sorted({p["dataset"] for p in problems})
     print(f"{len(problems)} problems ({', '.join(names)}), model {args.model}, batch {args.batch_size}", file=sys.stderr)
-    metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens)
+    metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens, protocol=args.protocol)
     print_table(metrics)
+    print(f"protocol {metrics['protocol']}, {metrics['decoding']} decoding, "
+          f"{metrics['max_new_tokens']} new tokens at most")
     with open(out / "predictions.jsonl", "w") as f:
         for p in metrics["predictions"]:
             f.write(json.dumps(p) + "\n")

@@ -23,6 +23,7 @@ Low-Rank Fine-Tuning" (LoRA-SB, arXiv 2411.19557).
 Seam (see train.py): each method has its settings (LoRA, LoRAXS, LoRASB below, the papers' defaults);
 prepare(model, settings, batches, ...) -> optimizer, merge(model), adapter_state(model, optimizer).
 """
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ XS = "the LoRA-XS authors' MetaMathQA script (run_math_tuning.sh)"
 SB = "LoRA-SB (Ponkshe et al.)"
 TRAINER = "the Hugging Face Trainer's default (their code)"
 ALL = "all seven projections"
+INITS = ("gradient", "kaiming", "gaussian")
 
 
 def _check_rank(rank):
@@ -106,9 +108,19 @@ class LoRASB:
     init_samples: int | None = field(default=None, metadata={
         "help": "examples for the first-step gradient estimate (default 0.1% of the training set, at least 64)",
         "source": f"{SB}, §4: a small share of the data (0.1%; their runs used 50-170 examples)"})
+    init: str = field(default="gradient", metadata={
+        "help": "what B R A is the truncated SVD of: gradient (the first full-FT step, LoRA-SB), or the "
+                "ablation's kaiming / gaussian matrix (Table 4)", "choices": INITS,
+        "source": f"{SB}, §3.4; Table 4 for the others"})
+    init_std: float = field(default=1e-3, metadata={
+        "help": "init gaussian: the noise's standard deviation", "source": f"{SB}, Table 4 (several; values lost)"})
 
     def __post_init__(self):
         _check_rank(self.rank)
+        if self.init not in INITS:
+            raise ValueError(f"unknown --lorasb-init {self.init!r}; allowed: {', '.join(INITS)}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"--lorasb-init-std {self.init_std} is not allowed: a positive number")
         if self.init_samples is not None and (not isinstance(self.init_samples, int) or self.init_samples < 1):
             raise ValueError(f"--lorasb-init-samples must be a positive integer, got {self.init_samples!r}")
 
@@ -238,6 +250,16 @@ def lorasb_factors(G, r, lr_first):
     U, S, Vh = truncated_svd(-lr_first * torch.sign(G), r)
     return U, torch.diag(S), Vh
 
+
+def ablation_factors(W0, r, init, std, g):
+    """LoRA-SB's Table 4 ablation: B R A from the truncated SVD of a matrix that knows nothing of the
+    data, a Kaiming-uniform one (as LoRA's A) or N(0, std^2), so only the initialisation differs."""
+    n_out, n_in = W0.shape
+    M = (torch.rand(n_out, n_in, generator=g) * 2 - 1) / n_in ** 0.5 if init == "kaiming" else \
+        torch.randn(n_out, n_in, generator=g) * std
+    U, S, Vh = truncated_svd(M, r)
+    return U, torch.diag(S), Vh
+
 # -----------------------------------------------------------------------------
 # the seam
 
@@ -252,7 +274,7 @@ def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, seed: int = 0, lr_first: 
     model.requires_grad_(False)
     linears = find_linears(model, s.targets)
     g = torch.Generator().manual_seed(seed)
-    if method == "lorasb":
+    if method == "lorasb" and s.init == "gradient":
         if lr_first is None or not lr_first > 0:
             raise ValueError(f"lorasb: lr_first={lr_first} must be > 0 (the learning rate of the first optimizer step)")
         n = s.init_samples or min(n_train or 64, max(64, round(0.001 * (n_train or 0))))
@@ -271,6 +293,9 @@ def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, seed: int = 0, lr_first: 
             R, scale = None, (2 * r if s.alpha is None else s.alpha) / r   # alpha defaults to 2r
         elif method == "loraxs":
             B, R, A = loraxs_factors(W0, r, g)
+            scale = 1.0
+        elif s.init != "gradient":
+            B, R, A = ablation_factors(W0, r, s.init, s.init_std, g)
             scale = 1.0
         else:
             B, R, A = lorasb_factors(G.pop(name).to(W0.device), r, lr_first)

@@ -753,6 +753,31 @@ def test_extract_choice(text, expected):
     assert E.extract_choice(text) == expected
 
 
+def test_protocols_score_as_their_rules_say(memorized):
+    """nanopeft takes the first '#### N' / 'answer is N'; llm-adapters (the papers' tables) the last
+    number and the first capital A-E; evaluate() records which one scored, and the decoding."""
+    s = "The answer is 12 - 4 = 8."
+    assert E.extract_answer(s) == 12 and E.extract_answer(s, "llm-adapters") == 8
+    assert E.extract_answer("#### 5\nthen 7 more", "llm-adapters") == 7
+    assert E.extract_answer("She pays $1,250.50 in total.", "llm-adapters") == 1250.5
+    assert E.extract_answer("no number", "llm-adapters") is None
+    assert E.extract_choice("All options fit; (C)", "llm-adapters") == "A"
+    assert E.extract_choice("All options fit; (C)") == "C"
+    assert E.extract_choice("the answer is (d)", "llm-adapters") is None
+    model, tok, seen = memorized
+    problems = seen + E.load_problems("synth-source", limit=3)
+    ours = E.evaluate(model, tok, problems, batch_size=4, progress=False)
+    theirs = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters")
+    assert (ours["protocol"], theirs["protocol"], theirs["decoding"]) == ("nanopeft", "llm-adapters", "greedy")
+    for a, b in zip(ours["predictions"], theirs["predictions"]):
+        assert a["completion"] == b["completion"]                    # the same text, scored two ways
+        last = re.findall(r"-?\d+\.?\d*", b["completion"].replace(",", ""))
+        assert b["extracted"] == (float(last[-1]) if last else None)
+        assert b["correct"] == (b["extracted"] is not None and abs(b["extracted"] - float(b["gold"])) <= 1e-3)
+    with pytest.raises(ValueError, match="unknown protocol 'beam'; known: nanopeft, llm-adapters"):
+        E.evaluate(model, tok, problems, protocol="beam")
+
+
 def test_extract_choice_beats_first_capital_rule():
     """LLM-Adapters' rule (first A-E anywhere) on the same sentences is wrong where ours is right."""
     def first_capital(s):
@@ -894,7 +919,7 @@ def test_eval_bad_inputs(tmp_path):
 def test_synthetic_deterministic_disjoint_correct():
     for domain in ("source", "target"):
         train, test = E.load_problems(f"synth-{domain}", "train"), E.load_problems(f"synth-{domain}", "test")
-        assert (len(train), len(test)) == (20000, 200)
+        assert (len(train), len(test)) == (12000, 200)
         assert train == E.load_problems(f"synth-{domain}", "train") and test[:50] == E.load_problems(f"synth-{domain}", limit=50)
         other = E.load_problems(f"synth-{domain}", "test", seed=1)
         assert other != test
@@ -902,16 +927,20 @@ def test_synthetic_deterministic_disjoint_correct():
         assert len(train_q) == len(train) and len({p["question"] for p in test}) == len(test)
         assert not train_q & {p["question"] for p in test + other}  # disjoint, for any seed
         for p in train[:500] + test:
-            # check each arithmetic step of the solution independently, and that it uses the question's numbers
+            # one arithmetic step, checked independently, on the question's two numbers; the two
+            # domains share the answer format and differ in the operation (+/- vs *)
             steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", p["solution"])
-            assert len(steps) == (1 if domain == "source" else 2)
-            for a, op, b, r in steps:
-                assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(r) >= 0
-            assert ("*" in p["solution"]) == (domain == "target")
-            assert p["solution"].endswith(f"\n#### {steps[-1][3]}") and p["answer"] == steps[-1][3]
-            nums = [int(x) for x in re.findall(r"\d+", p["question"])]
-            assert sorted(nums) == sorted([int(steps[0][0]), int(steps[0][2])] + ([int(steps[1][2])] if len(steps) > 1 else []))
-            assert len((E.format_prompt(p) + E.format_target(p)).encode()) < 140
+            assert len(steps) == 1
+            (a, op, b, r), = steps
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(r) >= 0
+            assert (op == "*") == (domain == "target")
+            assert int(b) <= 9 and (int(a) <= 9 or op == "-") and int(r) >= (1 if op != "*" else 4)
+            assert p["solution"] == f"{a} {op} {b} = {r}.\n#### {r}" and p["answer"] == r
+            assert [int(x) for x in re.findall(r"\d+", p["question"])] == [int(a), int(b)]
+            assert len((E.format_prompt(p) + E.format_target(p)).encode()) < 110
+    # the target's questions never read like the source's: the words say which operation to do
+    assert all(any(w in p["question"] for w in ("bags of", "rows of", "packs of")) for p in E.load_problems("synth-target"))
+    assert not any("of" in p["question"].split() for p in E.load_problems("synth-source"))
 
 
 def test_prompt_target_boundary_tokenizes_cleanly():
@@ -990,6 +1019,9 @@ def test_stop_strings_and_default_length():
     longest = max(len(E.format_target(p)) for p in synth)
     assert longest < E.default_max_new_tokens(synth) <= 2 * longest + 16 < 100
     assert E.default_max_new_tokens([dict(question="q", answer="1", solution=None)]) == 512
+    # Alpaca-template data (GSM8K, LLM-Adapters) keeps the papers' 512 whatever its solutions' length
+    gsm = [dict(question="q", answer="1", solution="1 + 0 = 1.\n#### 1", template="alpaca")]
+    assert E.default_max_new_tokens(gsm) == E.default_max_new_tokens(gsm * 50) == 512
 
 
 def test_cli(tmp_path, capsys):
@@ -1359,16 +1391,16 @@ def test_truncation_keeps_inputs_and_targets_aligned(small_dir, tmp_path, capsys
     """--seq-len shorter than the prompts: every example is cut, counted, and still trains."""
     import eval_math
     problems = eval_math.load_problems("synth-target", "train", limit=4)
-    for seq_len in (8, 100):
+    for seq_len in (8, 80):
         examples, truncated = train.tokenize(problems, Tokenizer.bytes(), seq_len)
         assert all(len(x) == len(y) <= seq_len for x, y in examples)
         assert truncated == sum(len(eval_math.format_prompt(p) + eval_math.format_target(p)) + 2 > seq_len + 1
                                 for p in problems)
     with pytest.raises(ValueError, match="--seq-len 8 leaves no solution tokens in any example"):
         train.main(_argv(small_dir, tmp_path / "a", "--method", "full", "--max-steps", "1", "--seq-len", "8"))
-    train.main(_argv(small_dir, tmp_path / "b", "--method", "full", "--max-steps", "2", "--seq-len", "100"))
+    train.main(_argv(small_dir, tmp_path / "b", "--method", "full", "--max-steps", "2", "--seq-len", "80"))
     out = capsys.readouterr().out
-    assert re.search(r"note: [1-9]\d* of 64 examples were longer than --seq-len 100", out)
+    assert re.search(r"note: [1-9]\d* of 64 examples were longer than --seq-len 80", out)
     assert "loss nan" not in out
 
 
@@ -2297,6 +2329,34 @@ def test_checkpoint_round_trip(method):
         assert torch.equal(model2.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_lorasb_table4_inits_are_truncated_svds_of_data_free_matrices(init, capsys):
+    """LoRA-SB's Table 4 ablation: the same structure, B R A = the best rank-r approximation of a
+    Kaiming-uniform or N(0, std^2) matrix, drawn from the seed alone (no gradient pass)."""
+    r, std = 4, 0.05
+    net, twin = tiny_model(), tiny_model()
+    opt = prepare("lorasb", net, iter(()), rank=r, init=init, init_std=std, seed=3)
+    assert "gradient estimate" not in capsys.readouterr().out   # no data was read
+    prepare("lorasb", twin, iter(()), rank=r, init=init, init_std=std, seed=3)
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in net.state_dict().items())  # the seed alone
+    assert set(trainable(opt)) == {f"{n}.R" for n, *_ in shapes(tiny_model())}
+    ref = tiny_model()
+    for name, n_out, n_in in shapes(ref):
+        m = net.get_submodule(name)
+        torch.testing.assert_close(m.B.T @ m.B, torch.eye(r), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.A @ m.A.T, torch.eye(r), atol=1e-5, rtol=0)
+        sv = torch.diagonal(m.R)
+        assert torch.equal(m.R, torch.diag(sv)) and (sv[:-1] >= sv[1:]).all() and m.scale == 1.0
+        # the singular values of the matrix it came from: Kaiming U(-1/sqrt(n_in), 1/sqrt(n_in)) has
+        # entry std 1/sqrt(3 n_in), N(0, std^2) std; top singular value ~ entry std (sqrt(n_out) + sqrt(n_in))
+        entry = 1 / (3 * n_in) ** 0.5 if init == "kaiming" else std
+        assert 0.6 < sv[0] / (entry * (n_out ** 0.5 + n_in ** 0.5)) < 1.3
+    with pytest.raises(ValueError, match="unknown --lorasb-init 'svd'; allowed: gradient, kaiming, gaussian"):
+        settings("lorasb", init="svd")
+    with pytest.raises(ValueError, match="--lorasb-init-std 0.0 is not allowed"):
+        settings("lorasb", init_std=0.0)
+
+
 def test_lorasb_beats_loraxs_on_synthetic_task():
     """The LoRA-SB paper's Figure 2 claim at tiny scale: same r, same lr, same steps, same data."""
     final = {}
@@ -2351,3 +2411,79 @@ def test_analyze_cli_on_a_lora_run(small_dir, tmp_path, capsys):
     assert saved["matrices"].keys() == per_matrix.keys()
     table = capsys.readouterr().out
     assert all(re.search(rf"^{kind}\s+2\s", table, re.M) for kind in LINEAR_NAMES)
+
+# ==================================================================================================
+# claims.py: each claim command on a micro configuration, and the measures it rests on
+
+def _claims(tmp_path, *argv):
+    import claims
+    return claims.main([*argv, "--out", str(tmp_path / "claims"), "--threads", "1"])
+
+
+def test_claims_noise_spectral_overlap_on_known_answers(small_dir, tmp_path, capsys):
+    """Noise leaves the model as it was; equal-energy noise on each rule's k entries; at a full-rank
+    LRA the LIFT mask IS the magnitude mask (overlap 1), and the k entries are exactly k."""
+    import claims
+    model, _ = load(str(small_dir))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = _claims(tmp_path, "noise", "--model", str(small_dir), "--ranks", "1,2", "--seeds", "2", "--sigma", "0.5")
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+1\s+[\d.]+%\s+[\d.]+ ± [\d.]+", out, re.M) and "base loss" in out
+    assert {(r["rank"], r["select"]) for r in rows} == {(k, s) for k in (1, 2) for s in claims.SELECTS}
+    assert all(len(r["loss"]) == 2 and r["loss"][0] != r["loss"][1] for r in rows)   # two seeds, two draws
+    saved = json.loads((tmp_path / "claims" / "noise.json").read_text())
+    assert saved["base"]["loss"] > 0 and len(saved["rows"]) == 6
+    model2, _ = load(str(small_dir))
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in before.items())
+    W = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    for sel in claims.SELECTS:
+        assert int(claims.pick(W, sel, 77, 3, 0).sum()) == 77
+        rise2, riseF = claims.spectral_rise(W, sel, 77, 3, 0.1, 0)
+        assert -0.1 < riseF < 0.1 and rise2 > -0.1
+    rows = _claims(tmp_path, "spectral", "--model", str(small_dir), "--sizes", "32", "--seeds", "2", "--rank", "2")
+    assert {r["where"] for r in rows} >= {"random 32x32", f"{small_dir} q_proj"}
+    rows = _claims(tmp_path, "overlap", "--model", str(small_dir), "--lra-ranks", "1,48", "--rank", "2")
+    full = [r for r in rows if r["lra_rank"] == 48]
+    assert len(full) == 7 and all(o == 1.0 for r in full for o in r["overlap"])
+    assert all(0 <= o <= 1 for r in rows for o in r["overlap"])
+    assert "LRA r=48" in capsys.readouterr().out
+
+
+def test_claims_training_commands_and_plots(small_dir, tmp_path, capsys):
+    """compare / lorasb-init / rows on two training steps: tables, JSON, runs reused on a second
+    call; plots writes three PNG files."""
+    micro = ["--model", str(small_dir), "--steps", "2", "--eval-limit", "2", "--batch-size", "4", "--log-every", "1",
+             "--forget-prompts", "2", "--max-new-tokens", "4"]
+    table = _claims(tmp_path, "compare", *micro, "--seeds", "2", "--configs", "lora r1,hyper")
+    out = capsys.readouterr().out
+    assert list(table) == ["lora r1", "hyper"] and all(len(runs) == 2 for runs in table.values())
+    assert re.search(r"^hyper\s+[\d,]+\s+[\d.]+%\s+[\d.]+ ± [\d.]+%", out, re.M)
+    assert "HyperAdapt Table 2: HyperAdapt >= LoRA r1" in out and ("-> holds" in out or "-> does not hold" in out)
+    saved = json.loads((tmp_path / "claims" / "compare.json").read_text())
+    assert saved["specs"] == ["synth-target", "synth-source"] and len(saved["runs"]["hyper"]) == 2
+    run = saved["runs"]["lora r1"][0]
+    assert [s for s, _ in run["curve"]] == [1, 2] and 0 < run["delta"]["rank"] <= 1   # LoRA r=1: rank(ΔW) = 1
+    _claims(tmp_path, "compare", *micro, "--seeds", "2", "--configs", "lora r1,hyper")
+    assert capsys.readouterr().out.count("reusing") == 4                               # nothing re-trained
+    _claims(tmp_path, "lorasb-init", *micro, "--seeds", "1")
+    assert re.search(r"^lorasb r64 kaiming\s+[\d.]+ ± ", capsys.readouterr().out, re.M)
+    _claims(tmp_path, "rows", *micro, "--seeds", "1")
+    out = capsys.readouterr().out
+    assert "the choice matters" in out and "rows ≈ columns" in out
+    assert set(json.loads((tmp_path / "claims" / "rows.json").read_text())["runs"]) == {
+        "rocoft r16", "rocoft r16 random", "rocoft r16 max", "rocoft r16 min", "rocoft r16 mixed", "rocoft r16 column"}
+    pytest.importorskip("matplotlib")
+    written = _claims(tmp_path, "plots", "--figures", str(tmp_path / "fig"))
+    assert [p.name for p in written] == ["loss_curves.png", "learn_forget.png", "spectra.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_claims_bad_input(tmp_path):
+    import claims
+    for argv, msg in ((["nosuch"], "invalid choice: 'nosuch'"), (["noise", "--seeds", "0"], "--seeds 0 is not allowed"),
+                      (["compare", "--configs", "lora r9"], "unknown --configs 'lora r9'"),
+                      (["noise", "--ranks", "0,2"], "every value must be a positive integer"),
+                      (["plots", "--out", str(tmp_path)], "run `python claims.py compare` first")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            claims.main(argv)
+    assert claims.cli(["noise", "--sigma", "-1"]) == 2

@@ -98,6 +98,7 @@ COMMON = {
 }
 # Presets: the built-in default run (no --model, no --data) and the pretraining of its base model.
 BUILTIN = dict(batch_size=32, max_steps=300)  # ~2 minutes on a laptop CPU
+BUILTIN_PRETRAIN_STEPS = 900
 PRETRAIN = dict(method="full", settings=dict(lr=2e-3, schedule="cosine", warmup_ratio=0.03, batch_size=32,
                                              betas=(0.9, 0.95), max_grad_norm=1.0, weight_decay=0.0),
                 seed=0, grad_accum=1, resume=False, eval_every=0, save_every=0, log_every=100, dtype="float32")
@@ -180,7 +181,7 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (saves memory)")
-    g.add_argument("--pretrain-steps", type=int, default=900, help="steps to pretrain the built-in base (first run only)")
+    g.add_argument("--pretrain-steps", type=int, default=BUILTIN_PRETRAIN_STEPS, help="steps to pretrain the built-in base (first run only)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-data", default=None,
                    help="comma-separated eval specs (none = no evaluation); default synth-target,synth-source or --data")
@@ -188,6 +189,9 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--eval-batch-size", type=int, default=64)
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per problem; default eval_math's")
+    g.add_argument("--protocol", default="nanopeft", choices=eval_math.PROTOCOLS,
+                   help="answer extraction: nanopeft (first '#### N') or llm-adapters (the papers': last number, "
+                        "first capital A-E); greedy decoding for both")
     g.add_argument("--forget-prompts", type=int, default=100,
                    help="real models: forgetting = drift from the base model on its own greedy continuations of this "
                         "many neutral prompts (1-100, generated once, cached in base-cache/ beside --out; 0 = off)")
@@ -632,7 +636,8 @@ def train(model, tok, args, s, problems, log_path=None):
                 print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume")
                 raise KeyboardInterrupt if stop[0] == signal.SIGINT else SystemExit(128 + stop[0])
     save_checkpoint(ckpt_path, model, optimizer, base_keys, total, args, s)
-    info = {"steps": total, "trainable": n_trainable, "train_s": time.time() - t0, "truncated": truncated}
+    info = {"steps": total, "trainable": n_trainable, "model_params": base_total, "train_s": time.time() - t0,
+            "truncated": truncated}
     module = METHODS[args.method][0]
     save_adapter(module, model, optimizer, out)
     module.merge(model)
@@ -654,8 +659,9 @@ def run_eval(model, tok, args, label):
     if not args.eval_data:
         return {}
     problems = list(eval_problems(args.eval_data, args.eval_limit, args.seed))
-    result = eval_math.evaluate(model, tok, problems, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
-    print(f"\naccuracy ({label}):")
+    result = eval_math.evaluate(model, tok, problems, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
+                                protocol=args.protocol)
+    print(f"\naccuracy ({label}; {result['protocol']} scoring, {result['decoding']} decoding):")
     eval_math.print_table(result)
     return {name: r["accuracy"] for name, r in result["datasets"].items()}
 
@@ -680,6 +686,12 @@ def pretrain_base(args) -> Path:
     model.save_pretrained(folder)
     tok.save(folder)
     return folder
+
+
+def builtin_base(args) -> str:
+    """The built-in base model's folder, pretrained first if it is not cached yet."""
+    folder = base_dir(args)
+    return str(folder) if (folder / "model.safetensors").exists() else str(pretrain_base(args))
 
 
 def base_cache(args, model_path) -> Path:
@@ -749,7 +761,7 @@ def main(argv=None):
     random.seed(args.seed)
     model_path = args.model
     if args.builtin:
-        model_path = str(base_dir(args)) if (base_dir(args) / "model.safetensors").exists() else str(pretrain_base(args))
+        model_path = builtin_base(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if "cuda" in args.device and args.method != "full" else torch.float32
@@ -765,7 +777,7 @@ def main(argv=None):
     before, forget = None, None
     if cache is not None and args.eval_data:  # the base's accuracy, computed once per base and cached
         f = cache / (f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}"
-                     f"-{args.max_new_tokens}.json")
+                     f"-{args.max_new_tokens}-{args.protocol}.json")
         if f.exists():
             before = json.loads(f.read_text())
         else:
@@ -782,6 +794,7 @@ def main(argv=None):
     if measure_forgetting:
         forget = {"texts": len(texts), **eval_math.drift(model, tok, texts, reference)}
     metrics = {"method": args.method, "settings": asdict(s), **info, "accuracy": after, "accuracy_before": before,
+               "protocol": args.protocol,
                "forgetting": forget}
     if hasattr(s, "rank"):
         metrics["rank"] = s.rank
