@@ -81,14 +81,14 @@ FACTS = (
 
 def held_out(tok, real: bool, n: int) -> tuple[list[dict], list[dict]]:
     """(texts for the loss, prompt/answer rows for the answer probability) as token rows
-    {prompt, text}. A real model reads the FACTS; the built-in one, test problems of both
-    synthetic domains, whose answer is the first digit of the step's result."""
+    {prompt, text}. A real model reads the FACTS; the built-in one, test problems of its own
+    domain (synth-source), whose answer is the first digit of the step's result."""
     if real:
         ids = [tok.encode(p + a + ".", bos=True) for p, a in FACTS]
         texts = [{"prompt": t[:1], "text": t[1:]} for t in ids]  # every token after the first
         answers = [{"prompt": tok.encode(p, bos=True), "text": tok.encode(a)[:1]} for p, a in FACTS]
         return texts, answers
-    problems = [p for d in ("source", "target") for p in eval_math.synthetic_problems(d, "test", n // 2)]
+    problems = eval_math.synthetic_problems("source", "test", n)  # what the built-in base was trained on
     # the built-in model never learned to write questions (their tokens are masked in training):
     # its held-out text is the worked solutions, given the questions
     texts = [{"prompt": tok.encode(eval_math.format_prompt(p), bos=True),
@@ -273,7 +273,7 @@ def run_train(args, name: str, flags: list[str], seed: int) -> dict:
     folder = Path(args.out) / "runs" / f"{name}-seed{seed}"
     argv = [*flags, "--model", base_path(args), "--data", args.data, "--eval-data", args.eval_data,
             "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
-            "--log-every", str(args.log_every), "--threads", str(args.threads),
+            "--log-every", str(args.log_every), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
             "--forget-prompts", str(args.forget_prompts)]
     argv += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
@@ -287,9 +287,13 @@ def run_train(args, name: str, flags: list[str], seed: int) -> dict:
         (folder / "wall_s").write_text(f"{time.time() - t0:.1f}")
         key.write_text(json.dumps(argv))
     metrics = json.loads((folder / "metrics.json").read_text())
-    curve = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
-    return dict(name=name, seed=seed, folder=str(folder), metrics=metrics,
-                curve=[(c["step"], c["loss"]) for c in curve], wall_s=float((folder / "wall_s").read_text()))
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    # the learn/forget curve: the base's accuracy at step 0, every --eval-every, the final one
+    evals = [(0, metrics["accuracy_before"])] if metrics.get("accuracy_before") else []
+    evals += [(c["step"], c["accuracy"]) for c in log if "accuracy" in c] + [(metrics["steps"], metrics["accuracy"])]
+    return dict(name=name, seed=seed, folder=str(folder), metrics=metrics, evals=evals,
+                curve=[(c["step"], c["loss"]) for c in log if "loss" in c],
+                wall_s=float((folder / "wall_s").read_text()))
 
 
 def delta_summary(base, folder: str, spectrum_of: str) -> dict:
@@ -327,6 +331,17 @@ def accuracy(run, spec):
     return run["metrics"]["accuracy"].get(spec, float("nan"))
 
 
+def kept_at(run, target: str, source: str, level: float) -> float:
+    """The source accuracy where the run's target accuracy first reached `level`, linearly
+    interpolated between the evaluations along its learn/forget path; nan if it never did. At equal
+    learning, the forgetting of different methods can be compared (LIFT §7.1's 'learn more, forget less')."""
+    path = [(a.get(target, math.nan), a.get(source, math.nan)) for _, a in run["evals"]]
+    for (t0, s0), (t1, s1) in zip(path, path[1:]):
+        if t0 < level <= t1:
+            return s0 + (s1 - s0) * (level - t0) / (t1 - t0)
+    return path[0][1] if path and path[0][0] >= level else math.nan
+
+
 def loss_at(run, step):
     """The logged training loss of the last logged step <= `step` (the curve logs every --log-every)."""
     got = [loss for s, loss in run["curve"] if s <= step]
@@ -342,16 +357,28 @@ def summarise(runs: list[dict], base) -> dict:
     return table
 
 
-def print_runs(table: dict, specs: list[str]):
-    """One row per configuration: budget, accuracies, last logged loss, seconds, ΔW measures."""
+def pm_reached(xs, scale: float = 100.0) -> str:
+    """pm over the values that exist (not nan), with how many of the runs they are when not all."""
+    got = [x for x in xs if not math.isnan(x)]
+    if not got:
+        return "never"
+    return pm(got, scale, 1) + "%" + (f" ({len(got)}/{len(xs)})" if len(got) < len(xs) else "")
+
+
+def print_runs(table: dict, specs: list[str], level: float):
+    """One row per configuration: budget, accuracies, the source kept at equal learning, last
+    logged loss, seconds, ΔW measures."""
     def mean(runs, f):
         return statistics.fmean(f(r) for r in runs)
+    kept = f"{specs[1]} @ {specs[0]} {100 * level:.0f}%" if len(specs) > 1 else None
     print(f"\n{'method':<14}{'trainable':>11}{'% model':>9}" + "".join(f"{s:>18}" for s in specs)
+          + (f"{kept:>36}" if kept else "")
           + f"{'final loss':>18}{'train s':>9}{'rank(ΔW)/dim':>14}{'norm rank':>11}{'eff rank':>10}")
     for name, runs in table.items():
         m = runs[0]["metrics"]
         print(f"{name:<14}{m['trainable']:>11,}{100 * m['trainable'] / m['model_params']:>8.2f}%"
               + "".join(f"{pm([accuracy(r, s) for r in runs], 100, 1) + '%':>18}" for s in specs)
+              + (f"{pm_reached([kept_at(r, specs[0], specs[1], level) for r in runs]):>36}" if kept else "")
               + f"{pm([r['curve'][-1][1] for r in runs], 1, 4):>18}"
               + f"{mean(runs, lambda r: r['metrics']['train_s']):>9.0f}"
               + f"{pm([r['delta']['rank_share'] for r in runs]):>14}"
@@ -367,19 +394,22 @@ def training_claim(args, name: str, configs) -> tuple[dict, list[str]]:
     base_acc = runs[0]["metrics"].get("accuracy_before") or {}
     print(f"\n{name}: {args.steps} steps per run, {args.seeds} seeds, mean ± std; base model: "
           + ", ".join(f"{s} {100 * base_acc.get(s, float('nan')):.1f}%" for s in specs))
-    print_runs(table, specs)
+    print_runs(table, specs, args.level)
     return table, specs
 
 
 def dump(table: dict) -> dict:
     """The runs as JSON: per configuration, per seed, what the tables and plots read."""
     keep = ("accuracy", "accuracy_before", "trainable", "model_params", "train_s", "forgetting")
-    return {name: [{k: r[k] for k in ("seed", "folder", "curve", "delta", "wall_s")}
+    return {name: [{k: r[k] for k in ("seed", "folder", "curve", "evals", "delta", "wall_s")}
                    | {k: r["metrics"].get(k) for k in keep} for r in runs] for name, runs in table.items()}
 
 
 def verdict(label: str, a: list, b: list, higher: bool = True) -> str:
     """'label: a vs b -> holds / does not hold' with means ± std; holds when the means order as claimed."""
+    a, b = [x for x in a if not math.isnan(x)], [x for x in b if not math.isnan(x)]
+    if not a or not b:
+        return f"  {label}: not measurable (a configuration never got there)"
     ma, mb = statistics.fmean(a), statistics.fmean(b)
     ok = ma >= mb if higher else ma <= mb
     return f"  {label}: {pm(a, 1, 3)} vs {pm(b, 1, 3)} -> {'holds' if ok else 'does not hold'}"
@@ -401,8 +431,10 @@ def claim_compare(args):
     check(f"LIFT §7.1: LIFT r8 learns the target ({target}) at least as well as LoRA r8", "lift r8", "lora r8",
           acc(target))
     if source:
-        check(f"LIFT §7.1: LIFT r8 keeps more of the source ({source}) than full fine-tuning", "lift r8", "full",
-              acc(source))
+        check(f"LIFT §7.1: LIFT r8 keeps more of the source ({source}) than full fine-tuning, at the end", "lift r8",
+              "full", acc(source))
+        check(f"LIFT §7.1: ... and where the target first reached {100 * args.level:.0f}% (equal learning)", "lift r8",
+              "full", lambda r: kept_at(r, target, source, args.level))
     check("LIFT §7.2 / G.3: rank(ΔW)/min(n_out, n_in) of LIFT r8 far above LoRA r8's", "lift r8", "lora r8",
           lambda r: r["delta"]["rank_share"])
     check("HyperAdapt Fig. 1: normalised rank of ΔW, HyperAdapt (near 1) above LoRA r1 (near 0)", "hyper", "lora r1",
@@ -421,10 +453,10 @@ def claim_compare(args):
 def claim_lorasb_init(args):
     """LoRA-SB Table 4: the same LoRA-XS structure and training, B R A from the truncated SVD of the
     first full-FT step (LoRA-SB) or of a Kaiming / Gaussian matrix."""
-    configs = [("lorasb r64", ["--method", "lorasb", "--rank", "64"])] + [
-        (f"lorasb r64 {init}", ["--method", "lorasb", "--rank", "64", "--lorasb-init", init.split(":")[0]]
-         + (["--lorasb-init-std", init.split(":")[1]] if ":" in init else []))
-        for init in ("kaiming", "gaussian:1e-3", "gaussian:1e-2")]
+    configs = [(f"lorasb r64 {init}", ["--method", "lorasb", "--rank", "64", "--lorasb-init", init.split(":")[0]]
+                + (["--lorasb-init-std", init.split(":")[1]] if ":" in init else []))
+               for init in ("kaiming", "gaussian:1e-3", "gaussian:1e-2")]
+    configs.append(("lorasb r64", ["--method", "lorasb", "--rank", "64"]))  # compare's run, when it has one
     table, specs = training_claim(args, "LoRA-SB Table 4, initialisations", configs)
     first = min(args.log_every, args.steps)
     print(f"\n{'init':<26}{'loss at step ' + str(first):>20}{'final loss':>18}{specs[0]:>18}")
@@ -501,17 +533,16 @@ def claim_plots(args):
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    if len(specs) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        before = next(iter(runs.values()))[0]["accuracy_before"] or {}
+    if len(specs) > 1:  # each run's path through (learned, kept), evaluated every --eval-every steps
+        fig, ax = plt.subplots(figsize=(6.5, 5))
         for name, rs in runs.items():
-            ax.scatter([100 * r["accuracy"][specs[0]] for r in rs], [100 * r["accuracy"][specs[1]] for r in rs],
-                       label=name, color=colors[name], s=28)
-        if before:
-            ax.scatter([100 * before[specs[0]]], [100 * before[specs[1]]], marker="*", s=160, color="black",
-                       label="base model")
+            for i, r in enumerate(rs):
+                xs = [100 * a[specs[0]] for _, a in r["evals"]]
+                ys = [100 * a[specs[1]] for _, a in r["evals"]]
+                ax.plot(xs, ys, color=colors[name], alpha=0.45, lw=1, marker=".", ms=3)
+                ax.scatter(xs[-1:], ys[-1:], color=colors[name], s=30, label=name if i == 0 else None, zorder=3)
         ax.set(xlabel=f"{specs[0]} accuracy, % (learned)", ylabel=f"{specs[1]} accuracy, % (kept)",
-               title="learn vs forget: one point per method and seed")
+               title="learn vs forget: each run's path; dots = the end (one per seed)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(figs / "learn_forget.png")
@@ -575,10 +606,15 @@ def build_parser():
     g.add_argument("--configs", default=",".join(c for c, _ in COMPARE),
                    help="compare: which rows of the matched-budget set")
     g.add_argument("--data", default="synth-target", help="training data (train.py --data)")
-    g.add_argument("--eval-data", default="synth-target,synth-source", help="target first, then the source")
-    g.add_argument("--eval-limit", type=int, default=None, help="test problems per eval set (default all)")
+    g.add_argument("--eval-data", default="synth-target,synth-source,synth-source-facts",
+                   help="the target first, then the source (and more)")
+    g.add_argument("--eval-limit", type=int, default=100, help="test problems per eval set")
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default eval_math's)")
     g.add_argument("--forget-prompts", type=int, default=100, help="drift from the base on its own text (0 = off)")
+    g.add_argument("--eval-every", type=int, default=15,
+                   help="accuracy every N steps: each run's learn/forget path (0 = only at the end)")
+    g.add_argument("--level", type=float, default=0.5,
+                   help="compare: the target accuracy at which the source kept is read off each path")
     g.add_argument("--log-every", type=int, default=10, help="training-loss curve resolution")
     g.add_argument("--figures", default="figures", help="plots: where the PNGs go")
     return p
@@ -586,11 +622,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for flag in ("seeds", "threads", "texts", "steps", "log_every", "rank", "pretrain_steps", "batch_size"):
+    for flag in ("seeds", "threads", "texts", "steps", "log_every", "rank", "pretrain_steps", "batch_size",
+                 "eval_limit"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: it must be >= 1")
     if not (math.isfinite(args.sigma) and args.sigma > 0) or not (math.isfinite(args.scale) and args.scale > 0):
         raise ValueError(f"--sigma {args.sigma} / --scale {args.scale}: both must be positive numbers")
+    if not 0 < args.level <= 1 or args.eval_every < 0:
+        raise ValueError(f"--level {args.level} must be in (0, 1] and --eval-every {args.eval_every} >= 0")
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in dict(COMPARE)]
     if unknown:

@@ -109,7 +109,9 @@ def load_problems(spec: str, split: str = "test", limit: int | None = None, seed
     """Problems of one spec:
     - "gsm8k": datasets.load_dataset("openai/gsm8k", "main"), split train or test;
     - "synth-source" / "synth-target": the built-in problems (`limit` = how many, default
-      20000 train / 200 test; `seed` picks them);
+      12000 train / 200 test; `seed` picks them);
+    - "synth-source-facts": synth-source with the equation given ("Answer: 8 + 5 =" in the
+      prompt): the source's arithmetic alone, whatever operation the model would have chosen;
     - a .jsonl / .json file: GSM8K rows (question, answer ending in "#### N") or LLM-Adapters
       rows (instruction, input, output, answer); `split` is not used, a file is one split;
     - a folder: its <split>.jsonl / <split>.json, else every <name>/<split>.json in it (the
@@ -121,6 +123,9 @@ def load_problems(spec: str, split: str = "test", limit: int | None = None, seed
         raise ValueError(f"limit={limit} must be a positive number of problems (or None for all)")
     if spec in ("synth-source", "synth-target"):
         return synthetic_problems(spec.removeprefix("synth-"), split, limit, seed)
+    if spec == "synth-source-facts":
+        return [{**p, "given": p["solution"][:p["solution"].index(" =") + 2], "dataset": spec}
+                for p in synthetic_problems("source", split, limit, seed)]
     if spec == "gsm8k":
         return _load_gsm8k_hub(split)[:limit]
     path = Path(spec).expanduser()
@@ -166,7 +171,7 @@ def _find_named(spec: str, split: str, data_dir: str | None) -> Path:
     hit = names.get(_norm(spec))
     if hit is None:
         local = ", ".join(sorted(p.name if p.is_dir() else p.stem for p in names.values())) or "none"
-        raise ValueError(f"unknown dataset {spec!r}; known: gsm8k, synth-source, synth-target, names under "
+        raise ValueError(f"unknown dataset {spec!r}; known: gsm8k, synth-source, synth-target, synth-source-facts, names under "
                          f"{str(root)!r} ({local}), or a path to a .jsonl/.json file or folder")
     if hit.is_dir():
         for ext in (".json", ".jsonl"):
@@ -270,9 +275,10 @@ STOP_STRINGS = ("\nQuestion:", "### Instruction:", "Below is an instruction")  #
 
 
 def format_prompt(problem: dict) -> str:
-    """The text the model sees; training and evaluation both use this."""
+    """The text the model sees; training and evaluation both use this. A problem with a `given`
+    start of its solution (synth-source-facts) has it in the prompt."""
     if problem.get("template", "alpaca") == "qa":
-        return f"Question: {problem['question']}\nAnswer:"
+        return f"Question: {problem['question']}\nAnswer:" + (" " + problem["given"] if problem.get("given") else "")
     if problem.get("input"):
         return ALPACA_INPUT.format(instruction=problem["question"], input=problem["input"])
     return ALPACA.format(instruction=problem["question"])
@@ -283,6 +289,8 @@ def format_target(problem: dict) -> str:
     "#### N" for GSM8K and the synthetic data, "The answer is N" for MATH-10K), else just
     "The answer is N". Training sequence = encode(prompt, bos=True) + encode(target, eos=True)."""
     text = problem.get("solution") or f"The answer is {problem['answer']}"
+    if problem.get("given"):
+        return text[len(problem["given"]):]  # " 13.\n#### 13" after "8 + 5 ="
     return (" " + text) if problem.get("template", "alpaca") == "qa" else text
 
 # -----------------------------------------------------------------------------
@@ -569,7 +577,8 @@ def main(argv=None):
     ap.add_argument("--model", default="tiny",
                     help="model folder, a .gguf file, smollm2-135m, or a preset name (random init)")
     ap.add_argument("--data", default="synth-source,synth-target",
-                    help="comma-separated: gsm8k, synth-source, synth-target, a name under --data-dir, a file or folder")
+                    help="comma-separated: gsm8k, synth-source, synth-target, synth-source-facts, a name under "
+                         "--data-dir, a file or folder")
     ap.add_argument("--split", default="test", help="train or test")
     ap.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
     ap.add_argument("--batch-size", type=int, default=32)

@@ -943,6 +943,18 @@ def test_synthetic_deterministic_disjoint_correct():
     assert not any("of" in p["question"].split() for p in E.load_problems("synth-source"))
 
 
+def test_source_facts_give_the_equation_and_keep_the_text():
+    """synth-source-facts: the same problems and full text as synth-source, with the equation moved
+    into the prompt, so only the arithmetic is asked; unknown specs name it among the known."""
+    src, facts = E.load_problems("synth-source", limit=20), E.load_problems("synth-source-facts", limit=20)
+    for s, f in zip(src, facts):
+        assert E.format_prompt(s) + E.format_target(s) == E.format_prompt(f) + E.format_target(f)
+        assert E.format_prompt(f).endswith(f"Answer: {f['given']}") and re.fullmatch(r"\d+ [-+] \d+ =", f["given"])
+        assert E.format_target(f) == f" {f['answer']}.\n#### {f['answer']}" and f["dataset"] == "synth-source-facts"
+    with pytest.raises(ValueError, match="synth-source-facts"):
+        E.load_problems("nosuch")
+
+
 def test_prompt_target_boundary_tokenizes_cleanly():
     """encode(prompt) + encode(target) == encode(prompt + target): checked for the byte tokenizer,
     and for Llama-3's pre-tokenizer regex (BPE never merges across its pieces)."""
@@ -1385,6 +1397,22 @@ def test_builtin_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert re.search(r"^lift r=8\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
     train.main(argv + ["--overwrite"])  # the second run reuses the cached base and its cached accuracy
     assert "pretraining" not in capsys.readouterr().out
+
+
+def test_eval_every_logs_the_curve_and_protocol_is_recorded(small_dir, tmp_path, capsys):
+    """--eval-every N writes each accuracy into log.jsonl (the learn/forget path claims.py reads);
+    --protocol picks the scoring and metrics.json says which."""
+    out = tmp_path / "run"
+    metrics = train.main(_argv(small_dir, out, "--method", "hyper", "--max-steps", "2", "--eval-every", "1",
+                               "--eval-data", "synth-target,synth-source", "--eval-limit", "2", "--max-new-tokens", "4",
+                               "--forget-prompts", "0", "--protocol", "llm-adapters"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "accuracy" in r] == [1]            # not at the end: metrics has that
+    assert set(next(r for r in log if "accuracy" in r)["accuracy"]) == {"synth-target", "synth-source"}
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert metrics["protocol"] == "llm-adapters" and "llm-adapters scoring, greedy decoding" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="invalid choice: 'beam'"):
+        train.parse_args(_argv(small_dir, out, "--protocol", "beam"))
 
 
 def test_truncation_keeps_inputs_and_targets_aligned(small_dir, tmp_path, capsys):
@@ -2460,9 +2488,10 @@ def test_claims_training_commands_and_plots(small_dir, tmp_path, capsys):
     assert re.search(r"^hyper\s+[\d,]+\s+[\d.]+%\s+[\d.]+ ± [\d.]+%", out, re.M)
     assert "HyperAdapt Table 2: HyperAdapt >= LoRA r1" in out and ("-> holds" in out or "-> does not hold" in out)
     saved = json.loads((tmp_path / "claims" / "compare.json").read_text())
-    assert saved["specs"] == ["synth-target", "synth-source"] and len(saved["runs"]["hyper"]) == 2
+    assert saved["specs"] == ["synth-target", "synth-source", "synth-source-facts"] and len(saved["runs"]["hyper"]) == 2
     run = saved["runs"]["lora r1"][0]
     assert [s for s, _ in run["curve"]] == [1, 2] and 0 < run["delta"]["rank"] <= 1   # LoRA r=1: rank(ΔW) = 1
+    assert [s for s, _ in run["evals"]] == [0, 2] and run["evals"][1][1] == run["accuracy"]  # base, then the end
     _claims(tmp_path, "compare", *micro, "--seeds", "2", "--configs", "lora r1,hyper")
     assert capsys.readouterr().out.count("reusing") == 4                               # nothing re-trained
     _claims(tmp_path, "lorasb-init", *micro, "--seeds", "1")
