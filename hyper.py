@@ -26,7 +26,7 @@ class Settings:
     """HyperAdapt's settings: the paper's arithmetic setup (Math10K), each default with its source.
     No rank: n_out + n_in scales per matrix. `tiny` is the value the built-in tiny model uses instead."""
     targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={"source": f"{PAPER}: Q, K, V, O, Gate, Up, Down"})
-    lr: float = field(default=3e-3, metadata={"source": PAPER, "tiny": 1e-2})
+    lr: float = field(default=3e-3, metadata={"source": PAPER, "tiny": 1e-1})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "not given; PyTorch's AdamW default"})
     eps: float = field(default=1e-8, metadata={"source": "not given; PyTorch's AdamW default"})
     weight_decay: float = field(default=0.0, metadata={

@@ -53,7 +53,7 @@ class LoRA:
     built-in tiny model's value."""
     rank: int = field(default=128, metadata={"source": f"{LIFT}: rank 128 (64 for LLaMA-3-8B), App. D"})
     targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={"source": f"{LIFT}: {ALL}"})
-    lr: float = field(default=2e-4, metadata={"source": f"{LIFT}, App. D, Table 6", "tiny": 3e-3})
+    lr: float = field(default=2e-4, metadata={"source": f"{LIFT}, App. D, Table 6", "tiny": 1e-2})
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"source": f"{LIFT} (the authors' code)"})
     eps: float = field(default=1e-8, metadata={"source": f"{LIFT} (the authors' code)"})
     weight_decay: float = field(default=0.0, metadata={"source": f"{LIFT} (the authors' scripts)"})

@@ -48,7 +48,7 @@ class Settings:
     rank: int = field(default=3, metadata={"source": f"{PAPER}, App. B, Table 9: rank 3 for every task"})
     targets: tuple[str, ...] = field(default=LINEAR_NAMES, metadata={
         "source": "the authors' code: every Linear (lm_head too, which nanopeft leaves out)"})
-    lr: float = field(default=1e-3, metadata={"source": f"{PAPER}, Table 9", "tiny": 3e-3})
+    lr: float = field(default=1e-3, metadata={"source": f"{PAPER}, Table 9", "tiny": 1e-2})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": TRAINER})
     eps: float = field(default=1e-8, metadata={"source": TRAINER})
     weight_decay: float = field(default=0.0, metadata={"source": f"{PAPER}, Table 9"})

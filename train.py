@@ -142,7 +142,7 @@ def _two_floats(v):
 
 
 def _tiny_source(f):
-    why = "a short sweep" if f.name == "lr" else "the built-in run is 300 steps"
+    why = "a short sweep" if f.name == "lr" else "the built-in run is 150 steps"
     return f"{f.metadata['tiny']} on the tiny built-in model ({why})"
 
 
