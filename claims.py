@@ -599,7 +599,7 @@ def build_parser():
     g.add_argument("--sigma", type=float, default=0.01, help="noise: the noise's std (the paper's 0.01)")
     g.add_argument("--texts", type=int, default=64, help="noise, built-in model: held-out problems")
     g.add_argument("--sizes", type=ints, default=[128, 256, 512, 1024], help="spectral: random matrix sizes")
-    g.add_argument("--scale", type=float, default=0.1, help="spectral: noise Frobenius norm / ||W||_F")
+    g.add_argument("--scale", type=float, default=0.5, help="spectral: noise Frobenius norm / ||W||_F")
     g.add_argument("--rank", type=int, default=8, help="spectral / overlap: the budget r on the model's matrices")
     g.add_argument("--lra-ranks", type=ints, default=[1, 4, 16, 64], help="overlap: LRA ranks")
     g = p.add_argument_group("compare / lorasb-init / rows (train.py runs)")

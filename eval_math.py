@@ -29,15 +29,15 @@ SYNTH_SIZES = {"train": 12000, "test": 200}
 # -----------------------------------------------------------------------------
 # the built-in synthetic problems
 # Two domains a ~1.6M-parameter byte-level LLaMA learns on a CPU in minutes (LIFT paper §7.1:
-# learn the target, measure forgetting on the source). Texts are short (prompt + solution
-# < 130 bytes), numbers small, and the solution spells out each arithmetic step:
-#   source: one step, a + b or a - b with a, b < 20              "13 + 8 = 21.\n#### 21"
-#   target: two steps, a * b with a, b in 2..5, then + or - c <= 9  "3 * 4 = 12. 12 + 5 = 17.\n#### 17"
-# Every sum/difference in the target stays in the source's range, so fine-tuning has to learn
-# 16 products and the two-step format, and the source skill is what it can forget. Measured
-# (tiny preset, batch 32, prompt masked): pretraining on source, AdamW lr 2e-3 cosine, 900 steps
-# -> source 77%; then full fine-tuning on target, lr 1e-3: target 8% -> 35% / 67% / 92% after
-# 100 / 200 / 300 steps while source falls to ~6%. (Operands < 50 reached only 17% in 1000 steps.)
+# learn the target, measure forgetting on the source). One answer format for both, so that what
+# fine-tuning can destroy is a skill, not a format; texts are short (< 95 bytes):
+#   source: a + b (a, b <= 9) or its inverse a - b     "Tom has 7 pens and gets 5 more."  -> "7 + 5 = 12.\n#### 12"
+#   target: a * b (a, b in 2..9), the skill to add     "Tom has 3 bags of 4 pens."        -> "3 * 4 = 12.\n#### 12"
+# The question's words say which operation ("bags of" / "rows of" / "packs of" only in the target).
+# Measured (tiny preset, batch 32, prompt masked): pretraining on source, AdamW lr 2e-3 cosine, 450
+# steps -> source 95.5%; then full fine-tuning on target, lr 1e-3, 150 steps: target 87%, while
+# the source falls to ~3% (the model multiplies everything). (The first version's two-step target
+# taught a format the model then applied everywhere; operands < 20 took 900 steps to reach 77%.)
 
 NAMES = ("Tom", "Amy", "Sam", "Mia", "Ben", "Zoe", "Max", "Ava", "Leo", "Ivy", "Dan", "Eve")
 ITEMS = ("apples", "pens", "books", "cards", "eggs", "shells", "coins", "stamps")

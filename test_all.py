@@ -1383,7 +1383,7 @@ def test_every_method_through_train_py(small_dir, tmp_path, capsys, method):
 
 def test_builtin_default_end_to_end(tmp_path, monkeypatch, capsys):
     """`python train.py --method lift` with no model or data: pretrain the tiny base once (cached),
-    fine-tune on synth-target, print before/after accuracy on target and source."""
+    fine-tune on synth-target, print before/after accuracy on target, source and its facts."""
     monkeypatch.chdir(tmp_path)
     argv = ["--method", "lift", "--rank", "8", "--pretrain-steps", "3", "--max-steps", "2", "--eval-limit", "4",
             "--max-new-tokens", "6", "--log-every", "1"]
@@ -1392,9 +1392,9 @@ def test_builtin_default_end_to_end(tmp_path, monkeypatch, capsys):
     assert "pretraining the tiny model on synth-source (3 steps" in out
     assert (tmp_path / "out" / "base-tiny-3" / "model.safetensors").exists()
     table = out[out.rindex("accuracy    "):]
-    assert "synth-target" in table and "synth-source" in table
-    assert re.search(r"^base\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
-    assert re.search(r"^lift r=8\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
+    assert re.search(r"^accuracy\s+synth-target\s+synth-source\s+synth-source-facts$", table, re.M)
+    assert re.search(r"^base\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
+    assert re.search(r"^lift r=8\s+\d+\.\d%\s+\d+\.\d%\s+\d+\.\d%$", table, re.M)
     train.main(argv + ["--overwrite"])  # the second run reuses the cached base and its cached accuracy
     assert "pretraining" not in capsys.readouterr().out
 

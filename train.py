@@ -803,10 +803,10 @@ def main(argv=None):
         metrics["rank"] = s.rank
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
     if before:
-        specs = list(after)
-        print("\n" + f"{'accuracy':<22}" + "".join(f"{d:>14}" for d in specs))
-        print(f"{'base':<22}" + "".join(f"{100 * before[d]:>13.1f}%" for d in specs))
-        print(f"{label:<22}" + "".join(f"{100 * after[d]:>13.1f}%" for d in specs))
+        w = {d: max(14, len(d) + 2) for d in after}
+        print("\n" + f"{'accuracy':<22}" + "".join(f"{d:>{w[d]}}" for d in w))
+        print(f"{'base':<22}" + "".join(f"{100 * before[d]:>{w[d] - 1}.1f}%" for d in w))
+        print(f"{label:<22}" + "".join(f"{100 * after[d]:>{w[d] - 1}.1f}%" for d in w))
     if forget:
         f = forget
         print(f"\nforgetting, on {f['tokens']:,} tokens the base model wrote itself ({f['texts']} neutral prompts):")
