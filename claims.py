@@ -184,16 +184,15 @@ def claim_noise(args):
 # LIFT App. C.1 (random matrices) and C.2 (the model's): noise of equal Frobenius norm, spectral norm
 
 
-def spectral_rise(W, select: str, k: int, rank: int, scale: float, seed: int) -> tuple[float, float]:
+def spectral_rise(W, mask, scale: float, seed: int) -> tuple[float, float]:
     """(relative rise of ||W||_2, of ||W||_F) after noise of Frobenius norm scale * ||W||_F on the
-    k entries `select` picks: the same noise energy for every rule."""
+    entries of `mask`: the same noise energy whichever rule picked them."""
     W = W.detach().float()
-    m = pick(W, select, k, rank, seed)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(k, generator=g)
+    k = int(mask.sum())
+    noise = torch.randn(k, generator=torch.Generator().manual_seed(seed))
     noise *= scale * float(torch.linalg.matrix_norm(W)) / float(noise.norm())
     Wn = W.clone()
-    Wn[m] += noise
+    Wn[mask] += noise
     s0, s1 = torch.linalg.matrix_norm(W, 2), torch.linalg.matrix_norm(Wn, 2)
     f0, f1 = torch.linalg.matrix_norm(W), torch.linalg.matrix_norm(Wn)
     return float(s1 / s0 - 1), float(f1 / f0 - 1)
@@ -203,25 +202,30 @@ def claim_spectral(args):
     """Random n x n Gaussian matrices (C.1, Fig. 8) and the model's target matrices (C.2, Fig. 9):
     rise of the spectral and Frobenius norms after equal-energy noise on each rule's k entries."""
     rows = []
-    for n in args.sizes:
-        rank = max(1, n // 32)
-        k = lift.budget(n, n, rank)
+
+    def add(where, rank, matrices, seeds):
+        """Each rule's k = r(n_in + n_out) entries of each matrix, noised with each seed."""
+        rises = {sel: [] for sel in SELECTS}
+        for i, W in enumerate(matrices):
+            k = lift.budget(*W.shape, rank)
+            fixed = {sel: pick(W, sel, k, rank, 0) for sel in ("principal", "magnitude")}
+            for seed in seeds:
+                for sel in SELECTS:
+                    m = fixed[sel] if sel in fixed else pick(W, "random", k, rank, 1000 * seed + i)
+                    rises[sel].append(spectral_rise(W, m, args.scale, 1000 * seed + i))
         for sel in SELECTS:
-            rises = [spectral_rise(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)) / n ** 0.5,
-                                   sel, k, rank, args.scale, seed) for seed in range(args.seeds)]
-            rows.append(dict(where=f"random {n}x{n}", rank=rank, select=sel, spectral=[r[0] for r in rises],
-                             frobenius=[r[1] for r in rises]))
+            rows.append(dict(where=where, rank=rank, select=sel, spectral=[r[0] for r in rises[sel]],
+                             frobenius=[r[1] for r in rises[sel]]))
+    for n in args.sizes:  # a fresh random matrix per seed, N(0, 1/n) entries
+        matrices = [torch.randn(n, n, generator=torch.Generator().manual_seed(seed)) / n ** 0.5
+                    for seed in range(args.seeds)]
+        add(f"random {n}x{n}", max(1, n // 32), matrices, [0])
     model, _ = load(base_path(args))
     weights = target_weights(model)
     for kind in LINEAR_NAMES:
         ws = [w for name, w in weights if name.endswith(kind)]
-        if not ws:
-            continue
-        for sel in SELECTS:
-            rises = [spectral_rise(w, sel, lift.budget(*w.shape, args.rank), args.rank, args.scale, seed)
-                     for seed in range(args.seeds) for w in ws]
-            rows.append(dict(where=f"{args.model} {kind}", rank=args.rank, select=sel, spectral=[r[0] for r in rises],
-                             frobenius=[r[1] for r in rises]))
+        if ws:
+            add(f"{args.model} {kind}", args.rank, ws, range(args.seeds))
     print(f"\nLIFT App. C -- rise of ||W||_2 and ||W||_F (in % of the original) after noise of Frobenius norm "
           f"{args.scale} ||W||_F on the k = r(n_in + n_out) entries each rule picks; {args.seeds} seeds"
           f"{' x layers' if weights else ''}:")

@@ -2465,9 +2465,17 @@ def test_claims_noise_spectral_overlap_on_known_answers(small_dir, tmp_path, cap
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in before.items())
     W = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
     for sel in claims.SELECTS:
-        assert int(claims.pick(W, sel, 77, 3, 0).sum()) == 77
-        rise2, riseF = claims.spectral_rise(W, sel, 77, 3, 0.1, 0)
+        m = claims.pick(W, sel, 77, 3, 0)
+        assert int(m.sum()) == 77
+        rise2, riseF = claims.spectral_rise(W, m, 0.1, 0)
         assert -0.1 < riseF < 0.1 and rise2 > -0.1
+    # the same noise energy on any k entries: ||N||_F = 0.1 ||W||_F exactly
+    m = claims.pick(W, "random", 77, 3, 0)
+    noisy = W.clone()
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(77, generator=g)
+    noisy[m] += noise * 0.1 * W.norm() / noise.norm()
+    assert claims.spectral_rise(W, m, 0.1, 5)[1] == pytest.approx(float(noisy.norm() / W.norm() - 1), rel=1e-5)
     rows = _claims(tmp_path, "spectral", "--model", str(small_dir), "--sizes", "32", "--seeds", "2", "--rank", "2")
     assert {r["where"] for r in rows} >= {"random 32x32", f"{small_dir} q_proj"}
     rows = _claims(tmp_path, "overlap", "--model", str(small_dir), "--lra-ranks", "1,48", "--rank", "2")
