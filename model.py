@@ -232,6 +232,9 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+LOSS_CHUNK = 512  # rows of lm_head + cross-entropy at a time in training (their logits: 512 x vocab fp32)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -271,8 +274,8 @@ class Transformer(nn.Module):
             layer.self_attn.cache = None
 
     def forward(self, tokens, targets=None, positions=None, mask=None, start=None, last_only=False):
-        """tokens [B, T] -> logits [B, T, vocab], or (logits, loss) when targets [B, T] are given
-        (targets[t] is the token that should follow tokens[t]; -100 is ignored).
+        """tokens [B, T] -> logits [B, T, vocab], or (None, loss) when targets [B, T] are given
+        (targets[t] is the token that should follow tokens[t]; -100 is ignored; see target_loss).
         For cached decoding pass `start` (cache slot of tokens[:, 0]), per-row `positions` [B, T]
         and a boolean `mask` [B, 1, T, start + T] of the keys each query may attend to."""
         B, T = tokens.shape
@@ -290,11 +293,28 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            return self.lm_head(x)
+        return None, self.target_loss(x, targets)
+
+    def target_loss(self, x, targets):
+        """Mean cross-entropy over the positions that have a target (-100 = none), computed without
+        the [B, T, vocab] logits: lm_head runs only on those positions (a prompt-masked SFT batch
+        has a third or more of its tokens in the prompt and padding), LOSS_CHUNK rows at a time, and
+        each chunk's fp32 logits are recomputed in the backward pass instead of kept."""
+        keep = targets != -100
+        h, y = x[keep], targets[keep]
+
+        def chunk_loss(hc, yc):
+            return F.cross_entropy(self.lm_head(hc).float(), yc, reduction="sum")
+        loss = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, y.numel(), LOSS_CHUNK):
+            hc, yc = h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK]
+            if torch.is_grad_enabled() and (hc.requires_grad or self.lm_head.weight.requires_grad):
+                loss = loss + torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
+            else:
+                loss = loss + chunk_loss(hc, yc)
+        return loss / keep.sum()  # 0 / 0 = nan without a target, as F.cross_entropy's mean
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":

@@ -307,6 +307,35 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         assert (again.lm_head.weight is again.embed_tokens.weight) == tie
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_target_loss_equals_cross_entropy_on_full_logits(monkeypatch, tied):
+    """The training loss (lm_head only at target positions, in chunks recomputed in backward) equals
+    F.cross_entropy on the full fp32 logits: value and every gradient, with -100 targets (a prompt,
+    padding, a row with none) and a last chunk shorter than the rest."""
+    import model as M
+    monkeypatch.setattr(M, "LOSS_CHUNK", 7)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                      tie_embeddings=tied)
+    a, b = Transformer(cfg).init_weights(0), Transformer(cfg).init_weights(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 64, (3, 11), generator=g), torch.randint(0, 64, (3, 11), generator=g)
+    y[0, :4] = -100           # a prompt
+    y[1, 8:] = -100           # padding
+    y[2, :] = -100            # a row without any: 7 + 8 = 15 targets, chunks of 7, 7, 1
+    assert int((y != -100).sum()) == 15
+    logits, loss = a(x, y)
+    assert logits is None
+    ref = F.cross_entropy(b(x).float().view(-1, 64), y.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    ref.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():                                  # without autograd: the same value, no checkpoint
+        torch.testing.assert_close(a(x, y)[1], ref.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.isnan(a(x, torch.full_like(y, -100))[1])   # no target anywhere: nan, as F.cross_entropy
+
+
 def test_bf16_preset_keeps_fp32_rope_frequencies():
     from model import rope_frequencies
     model, _ = load("tiny", dtype=torch.bfloat16)
