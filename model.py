@@ -708,9 +708,13 @@ def plain_linear(weight: nn.Parameter, bias=None) -> nn.Linear:
 
 def adamw(params, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over `params` (tensors, or (name, tensor) pairs, which give param_groups their
-    'param_names'); fused kernels on CUDA. The hyperparameters come from the method's settings."""
+    'param_names'). The fused kernel where every tensor is on the CPU or, when there is one, a CUDA
+    GPU: one pass over each tensor instead of one per elementwise operation. The hyperparameters
+    come from the method's settings."""
     params = list(params)
-    fused = torch.cuda.is_available() and all((p[1] if isinstance(p, tuple) else p).is_cuda for p in params)
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    on = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+    fused = bool(tensors) and all(t.device.type in on and t.dtype in (torch.float32, torch.bfloat16) for t in tensors)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
