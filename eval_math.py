@@ -370,7 +370,7 @@ def is_correct(pred, gold) -> bool:
 # -----------------------------------------------------------------------------
 # evaluation
 
-GENERATE_CHUNK = 64  # tokens generated between stop-string checks
+STOP_CHECK = 8  # generated tokens between two looks for a stop string in a row's text
 
 
 def default_max_new_tokens(problems: list[dict]) -> int:
@@ -389,23 +389,14 @@ def _cut_at_stop(text: str) -> tuple[str, bool]:
 
 
 def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy completions of token prompts, stopped at the end-of-text token or a stop string.
-    Decodes GENERATE_CHUNK tokens at a time with model.generate, checks the text for stop
-    strings, and continues only the rows still running."""
-    ids, texts = [[] for _ in prompts], [""] * len(prompts)
-    active, done = list(range(len(prompts))), 0
-    while active and done < max_new_tokens:
-        step = min(GENERATE_CHUNK, max_new_tokens - done)
-        outs = generate(model, [prompts[i] + ids[i] for i in active], step, tokenizer.stop_ids, tokenizer.pad_id)
-        done += step
-        running = []
-        for i, out in zip(active, outs):
-            ids[i] += out
-            texts[i], stopped = _cut_at_stop(tokenizer.decode(ids[i]))
-            if not stopped and len(out) == step:  # shorter: it ended with end-of-text
-                running.append(i)
-        active = running
-    return texts
+    """Greedy completions of token prompts, stopped at the end-of-text token or a stop string:
+    generate looks at each running row's text every STOP_CHECK tokens and drops a row that has
+    one from the batch, so every prompt is prefilled once."""
+    def has_stop(i, ids):
+        return _cut_at_stop(tokenizer.decode(ids))[1]
+    outs = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id, stop=has_stop,
+                    check_every=STOP_CHECK)
+    return [_cut_at_stop(tokenizer.decode(ids))[0] for ids in outs]
 
 
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,

@@ -588,11 +588,14 @@ def _check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
-             temperature: float = 0.0, top_k: int | None = None) -> list[list[int]]:
+             temperature: float = 0.0, top_k: int | None = None, stop=None, check_every: int = 8) -> list[list[int]]:
     """Batched decoding with a KV cache; returns the new tokens of each prompt (without the stop
     token). Prompts of different lengths are left-padded; each row's positions start at 0 on its
     first real token and padded keys are masked, so a row decodes exactly as it would alone.
-    Greedy when temperature == 0. The prompt is run once; then one token per step."""
+    Greedy when temperature == 0. The prompts are run once; then one token per step. `stop(i, ids)`,
+    if given, is asked every `check_every` new tokens of a running row i (ids: its new tokens so far)
+    and True ends that row there (eval_math: a stop string in its text). A row that has ended leaves
+    the batch and the KV cache, so the rest decode without it."""
     device = model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + max_new_tokens
@@ -606,28 +609,31 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # query at slot t may see key slot s if s <= t and s is real; a pad query sees itself, so
     # no row of the attention is empty (its output is never used)
     mask = (slot[None, :P, None] >= slot[None, None, :P]) & (valid[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device))
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    stop_set, out, rows = set(stop_ids), [[] for _ in prompts], list(range(B))  # rows: batch row -> prompt
     model.setup_cache(B, total)
     try:
         logits = model(tokens, positions=positions[:, :P], mask=mask[:, None], start=0, last_only=True)
-        out = torch.empty(B, 0, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
             nxt = _sample(logits[:, -1], temperature, top_k)
-            nxt = torch.where(done, pad_id, nxt)
-            out = torch.cat([out, nxt[:, None]], 1)
-            done |= torch.isin(nxt, stop)
-            if t == max_new_tokens - 1 or bool(done.all()):
+            keep = []
+            for j, (i, tok) in enumerate(zip(rows, nxt.tolist())):
+                if tok in stop_set:
+                    continue
+                out[i].append(tok)
+                if not (stop is not None and len(out[i]) % check_every == 0 and stop(i, out[i])):
+                    keep.append(j)
+            if t == max_new_tokens - 1 or not keep:
                 break
+            if len(keep) < len(rows):  # ended rows leave the batch and the cache
+                idx = torch.tensor(keep, device=device)
+                rows, nxt, positions, valid = [rows[j] for j in keep], nxt[idx], positions[idx], valid[idx]
+                for layer in model.layers:
+                    layer.self_attn.cache = tuple(c[idx] for c in layer.self_attn.cache)
             s = P + t
             logits = model(nxt[:, None], positions=positions[:, s:s + 1], mask=valid[:, None, None, :s + 1], start=s)
     finally:
         model.clear_cache()
-    result = []
-    for row in out.tolist():
-        cut = next((j for j, x in enumerate(row) if x in stop_ids), len(row))
-        result.append(row[:cut])
-    return result
+    return out
 
 
 def _sample(logits, temperature, top_k):

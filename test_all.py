@@ -1040,16 +1040,33 @@ def test_evaluate_tiny_model(memorized):
     assert m4["average"] == sum(r["accuracy"] for r in m4["datasets"].values()) / 2
 
 
-def test_chunked_decoding_matches_generate(monkeypatch):
-    """Decoding in chunks with stop-string checks equals one plain generate call."""
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_stop_strings_in_generate_equal_generate_then_cut(monkeypatch, check_every):
+    """complete(): generate with the stop-string test inside (rows leave the batch when they stop)
+    gives exactly the texts of one plain generate call cut at the first stop string, for any
+    check interval; a stop callback ends a row where it says, and only that row."""
     tok, model = Tokenizer.bytes(), tiny_model(1, vocab=264)
     problems = E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=2)
     prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
-    ref = [tok.decode(o) for o in generate(model, prompts, 30, tok.stop_ids, tok.pad_id)]
-    monkeypatch.setattr(E, "GENERATE_CHUNK", 8)
-    assert E.complete(model, tok, prompts, 30) == [t.split("\nQuestion:")[0] for t in ref]
-    got = E.evaluate(model, tok, problems, batch_size=2, max_new_tokens=30, progress=False)
-    assert [p["completion"] for p in got["predictions"]] == E.complete(model, tok, prompts, 30)
+    plain = generate(model, prompts, 40, tok.stop_ids, tok.pad_id)
+    texts = [tok.decode(o) for o in plain]
+    common = max(sorted(set("".join(t[4:20] for t in texts))), key=lambda c: sum(c in t[4:20] for t in texts))
+    monkeypatch.setattr(E, "STOP_STRINGS", (common, "\nQuestion:"))  # a character this random model writes early
+    monkeypatch.setattr(E, "STOP_CHECK", check_every)
+    cut = [E._cut_at_stop(tok.decode(o))[0] for o in plain]
+    assert E.complete(model, tok, prompts, 40) == cut
+    assert sum(E._cut_at_stop(tok.decode(o))[1] for o in plain) >= 2   # the test exercises stopping
+    asked = []
+
+    def stop_row_1_at_5(i, ids):
+        asked.append(i)
+        return i == 1 and len(ids) >= 5
+    out = generate(model, prompts, 40, tok.stop_ids, tok.pad_id, stop=stop_row_1_at_5, check_every=check_every)
+    n1 = -(-5 // check_every) * check_every  # the first check at or after 5 tokens
+    assert out[1] == plain[1][:n1] and [o for i, o in enumerate(out) if i != 1] == [o for i, o in enumerate(plain) if i != 1]
+    assert asked.count(1) == n1 // check_every
+    got = E.evaluate(model, tok, problems, batch_size=2, max_new_tokens=40, progress=False)
+    assert [p["completion"] for p in got["predictions"]] == cut
 
 
 def test_stop_strings_and_default_length():
