@@ -383,6 +383,44 @@ def test_batched_generate_equals_one_at_a_time_and_transformers(tmp_path):
         assert out[0, len(p):].tolist() == ours
 
 
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_equals_transformers(tmp_path, num_beams):
+    """generate(num_beams=n) against transformers' beam search (its defaults: length penalty 1.0,
+    early_stopping False), with a stop token the model does write, so hypotheses end at different
+    lengths; batched with left padding equals one prompt at a time."""
+    from transformers import LlamaForCausalLM
+    model = tiny_model(1, scale=3.0, rope_theta=10000.0).eval()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 16)]
+    assert generate(model, prompts, 12, num_beams=1) == generate(model, prompts, 12)
+    model.save_pretrained(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ended = 0
+    for eos in (20, 34, 59):  # tokens this model writes: hypotheses end at different lengths
+        ours = generate(model, prompts, 12, stop_ids=[eos], num_beams=num_beams)
+        assert ours == [generate(model, [p], 12, stop_ids=[eos], num_beams=num_beams)[0] for p in prompts]
+        for p, o in zip(prompts, ours):
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                              num_beams=num_beams, max_new_tokens=12, pad_token_id=0,
+                              eos_token_id=eos)[0, len(p):].tolist()
+            ended += eos in out
+            assert o == (out[:out.index(eos)] if eos in out else out), (eos, p)
+    assert 2 <= ended < 15                        # some hypotheses ended with the stop token, most ran out
+
+
+def test_beam_search_equals_transformers_on_smollm2(smol, smol_ref):
+    model, tok = smol
+    hf, hf_tok = smol_ref
+    prompts = [tok.encode(t) for t in ("The capital of France is", "def add(a, b):\n", "Once upon a time")]
+    ours = generate(model, prompts, 16, stop_ids=tok.stop_ids, pad_id=tok.pad_id, num_beams=4)
+    for p, o in zip(prompts, ours):
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                          num_beams=4, max_new_tokens=16, pad_token_id=tok.pad_id,
+                          eos_token_id=list(tok.stop_ids))[0, len(p):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in tok.stop_ids), len(out))
+        assert o == out[:cut]
+
+
 def test_generate_stops_per_sequence():
     model = tiny_model(2, scale=3.0, rope_theta=10000.0).eval()
     prompts = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6]]
