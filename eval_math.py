@@ -303,8 +303,8 @@ NUMBER = r"-?\d+\.?\d*"  # LLM-Adapters' number rule, applied after removing ','
 # "llm-adapters": the protocol of the LLM-Adapters evaluation the papers' arithmetic tables used
 # (LIFT, RoCoFT, LoRA-SB, HyperAdapt all cite it): the LAST number of the response (',' removed,
 # 1e-3 tolerance), the FIRST capital A-E anywhere for AQuA, decoded with 4-beam search. They differ:
-# "The answer is 12 - 4 = 8." scores 12 under nanopeft and 8 under llm-adapters. Beam search is
-# not in generate yet, so both protocols decode greedily here (evaluate() records the decoding).
+# "The answer is 12 - 4 = 8." scores 12 under nanopeft and 8 under llm-adapters. evaluate() records
+# the protocol and the decoding (greedy, or beam search: model.beam_search, equal to transformers').
 PROTOCOLS = ("nanopeft", "llm-adapters")
 
 
@@ -388,20 +388,30 @@ def _cut_at_stop(text: str) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy completions of token prompts, stopped at the end-of-text token or a stop string:
+def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1) -> list[str]:
+    """Completions of token prompts, stopped at the end-of-text token or a stop string. Greedy:
     generate looks at each running row's text every STOP_CHECK tokens and drops a row that has
-    one from the batch, so every prompt is prefilled once."""
+    one from the batch, so every prompt is prefilled once. num_beams > 1: beam search (the papers'
+    decoding), cut at the first stop string afterwards."""
     def has_stop(i, ids):
         return _cut_at_stop(tokenizer.decode(ids))[1]
-    outs = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id, stop=has_stop,
-                    check_every=STOP_CHECK)
+    outs = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
+                    stop=has_stop if num_beams == 1 else None, check_every=STOP_CHECK, num_beams=num_beams)
     return [_cut_at_stop(tokenizer.decode(ids))[0] for ids in outs]
 
 
+def decoding(protocol: str, num_beams: int | None) -> int:
+    """The beam count of an evaluation: --num-beams if given, else 4 for the llm-adapters protocol
+    (the papers' 4-beam search) and 1 (greedy) for nanopeft's."""
+    if num_beams is not None and num_beams < 1:
+        raise ValueError(f"--num-beams {num_beams} is not allowed: 1 (greedy) or more")
+    return num_beams or (4 if protocol == "llm-adapters" else 1)
+
+
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
-             progress: bool = True, protocol: str = "nanopeft") -> dict:
-    """Greedy answers to every problem, scored under `protocol` (PROTOCOLS). Each dataset is
+             progress: bool = True, protocol: str = "nanopeft", num_beams: int | None = None) -> dict:
+    """Answers to every problem, scored under `protocol` (PROTOCOLS), decoded greedily or with
+    `num_beams` beams (default: decoding(protocol, None)). Each dataset is
     decoded in batches of prompts of similar length (sorted longest first: little padding, peak
     memory first). Returns {"datasets": {name: {n, correct, accuracy, seconds, problems_per_s}},
     "average": mean accuracy over datasets, "batch_size", "max_new_tokens", "protocol",
@@ -412,6 +422,7 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     check_protocol(protocol)
+    num_beams = decoding(protocol, num_beams)
     max_new_tokens = max_new_tokens or default_max_new_tokens(problems)
     was_training = model.training
     model.eval()
@@ -423,7 +434,7 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
         t0, last = time.time(), 0.0
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
-            for i, text in zip(batch, complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)):
+            for i, text in zip(batch, complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, num_beams)):
                 p = problems[i]
                 pred = extract_choice(text, protocol) if is_choice(p) else extract_answer(text, protocol)
                 predictions[i] = dict(dataset=name, question=p["question"], completion=text, extracted=pred,
@@ -438,8 +449,8 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
                              problems_per_s=len(idx) / max(seconds, 1e-9))
     model.train(was_training)
     return dict(datasets=results, average=sum(r["accuracy"] for r in results.values()) / len(results),
-                batch_size=batch_size, max_new_tokens=max_new_tokens, protocol=protocol, decoding="greedy",
-                predictions=predictions)
+                batch_size=batch_size, max_new_tokens=max_new_tokens, protocol=protocol,
+                decoding="greedy" if num_beams == 1 else f"beam search, {num_beams} beams", predictions=predictions)
 
 
 def print_table(metrics: dict, file=None):
@@ -575,8 +586,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 512, or ~1.5x the longest solution")
     ap.add_argument("--protocol", default="nanopeft", choices=PROTOCOLS,
-                    help="answer extraction: nanopeft (first '#### N') or llm-adapters (the papers': last number, "
-                         "first capital A-E); both decode greedily until generate has beam search")
+                    help="nanopeft (first '#### N', greedy) or llm-adapters (the papers': last number, first "
+                         "capital A-E, 4-beam search)")
+    ap.add_argument("--num-beams", type=int, default=None, help="beams (1 = greedy); default: the protocol's")
     ap.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and metrics.json")
     ap.add_argument("--data-dir", default=None, help="where dataset names are looked up ($NANOPEFT_DATA or ./dataset)")
     ap.add_argument("--seed", type=int, default=0, help="picks the synthetic problems (and a preset's init)")
@@ -602,7 +614,7 @@ def check_at_least(args, **least):
 def run(args):
     """The CLI's work: every setting checked before the model loads; (metrics, output folder)."""
     import torch
-    check_at_least(args, batch_size=1, max_new_tokens=1, limit=1)
+    check_at_least(args, batch_size=1, max_new_tokens=1, limit=1, num_beams=1)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a folder for predictions.jsonl and metrics.json")
@@ -615,10 +627,10 @@ def run(args):
     model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
     names = sorted({p["dataset"] for p in problems})
     print(f"{len(problems)} problems ({', '.join(names)}), model {args.model}, batch {args.batch_size}", file=sys.stderr)
-    metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens, protocol=args.protocol)
+    metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens, protocol=args.protocol,
+                       num_beams=args.num_beams)
     print_table(metrics)
-    print(f"protocol {metrics['protocol']}, {metrics['decoding']} decoding, "
-          f"{metrics['max_new_tokens']} new tokens at most")
+    print(f"protocol {metrics['protocol']}, {metrics['decoding']}, {metrics['max_new_tokens']} new tokens at most")
     with open(out / "predictions.jsonl", "w") as f:
         for p in metrics["predictions"]:
             f.write(json.dumps(p) + "\n")

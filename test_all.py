@@ -834,8 +834,16 @@ def test_protocols_score_as_their_rules_say(memorized):
     model, tok, seen = memorized
     problems = seen + E.load_problems("synth-source", limit=3)
     ours = E.evaluate(model, tok, problems, batch_size=4, progress=False)
-    theirs = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters")
+    theirs = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters", num_beams=1)
     assert (ours["protocol"], theirs["protocol"], theirs["decoding"]) == ("nanopeft", "llm-adapters", "greedy")
+    beams = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters")  # the papers' 4 beams
+    assert beams["decoding"] == "beam search, 4 beams" and ours["decoding"] == "greedy"
+    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
+    ref = [E._cut_at_stop(tok.decode(o))[0] for o in generate(model, prompts, beams["max_new_tokens"], tok.stop_ids,
+                                                               tok.pad_id, num_beams=4)]
+    assert [p["completion"] for p in beams["predictions"]] == ref
+    with pytest.raises(ValueError, match="--num-beams 0 is not allowed"):
+        E.evaluate(model, tok, problems, num_beams=0)
     for a, b in zip(ours["predictions"], theirs["predictions"]):
         assert a["completion"] == b["completion"]                    # the same text, scored two ways
         last = re.findall(r"-?\d+\.?\d*", b["completion"].replace(",", ""))
@@ -1494,7 +1502,8 @@ def test_eval_every_logs_the_curve_and_protocol_is_recorded(small_dir, tmp_path,
     assert [r["step"] for r in log if "accuracy" in r] == [1]            # not at the end: metrics has that
     assert set(next(r for r in log if "accuracy" in r)["accuracy"]) == {"synth-target", "synth-source"}
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
-    assert metrics["protocol"] == "llm-adapters" and "llm-adapters scoring, greedy decoding" in capsys.readouterr().out
+    assert metrics["protocol"] == "llm-adapters" and metrics["num_beams"] == 4
+    assert "llm-adapters scoring, beam search, 4 beams)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="invalid choice: 'beam'"):
         train.parse_args(_argv(small_dir, out, "--protocol", "beam"))
 

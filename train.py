@@ -193,8 +193,9 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=64)
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget per problem; default eval_math's")
     g.add_argument("--protocol", default="nanopeft", choices=eval_math.PROTOCOLS,
-                   help="answer extraction: nanopeft (first '#### N') or llm-adapters (the papers': last number, "
-                        "first capital A-E); greedy decoding for both")
+                   help="nanopeft (first '#### N', greedy) or llm-adapters (the papers': last number, first capital "
+                        "A-E, 4-beam search)")
+    g.add_argument("--num-beams", type=int, default=None, help="beams in evaluation (1 = greedy); default: the protocol's")
     g.add_argument("--forget-prompts", type=int, default=100,
                    help="real models: forgetting = drift from the base model on its own greedy continuations of this "
                         "many neutral prompts (1-100, generated once, cached in base-cache/ beside --out; 0 = off)")
@@ -321,7 +322,7 @@ def check_run(args):
     """The run's own flags, before anything is loaded: counts, the device, the evaluation settings."""
     eval_math.check_at_least(args, grad_accum=1, log_every=1, eval_batch_size=1, seq_len=2, max_steps=0,
                              save_every=0, eval_every=0, threads=0, eval_limit=1, train_limit=1, max_new_tokens=1,
-                             pretrain_steps=1)
+                             pretrain_steps=1, num_beams=1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     if args.resume and args.overwrite:
@@ -663,8 +664,8 @@ def run_eval(model, tok, args, label):
         return {}
     problems = list(eval_problems(args.eval_data, args.eval_limit, args.seed))
     result = eval_math.evaluate(model, tok, problems, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-                                protocol=args.protocol)
-    print(f"\naccuracy ({label}; {result['protocol']} scoring, {result['decoding']} decoding):")
+                                protocol=args.protocol, num_beams=args.num_beams)
+    print(f"\naccuracy ({label}; {result['protocol']} scoring, {result['decoding']}):")
     eval_math.print_table(result)
     return {name: r["accuracy"] for name, r in result["datasets"].items()}
 
@@ -780,7 +781,7 @@ def main(argv=None):
     before, forget = None, None
     if cache is not None and args.eval_data:  # the base's accuracy, computed once per base and cached
         f = cache / (f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}"
-                     f"-{args.max_new_tokens}-{args.protocol}.json")
+                     f"-{args.max_new_tokens}-{args.protocol}-{args.num_beams}.json")
         if f.exists():
             before = json.loads(f.read_text())
         else:
@@ -797,7 +798,7 @@ def main(argv=None):
     if measure_forgetting:
         forget = {"texts": len(texts), **eval_math.drift(model, tok, texts, reference)}
     metrics = {"method": args.method, "settings": asdict(s), **info, "accuracy": after, "accuracy_before": before,
-               "protocol": args.protocol,
+               "protocol": args.protocol, "num_beams": eval_math.decoding(args.protocol, args.num_beams),
                "forgetting": forget}
     if hasattr(s, "rank"):
         metrics["rank"] = s.rank
