@@ -385,9 +385,10 @@ def print_runs(table: dict, specs: list[str], level: float):
           + f"{'final loss':>18}{'train s':>9}{'rank(ΔW)/dim':>14}{'norm rank':>11}{'eff rank':>10}")
     for name, runs in table.items():
         m = runs[0]["metrics"]
+        at_level = pm_reached([kept_at(r, specs[0], source, level) for r in runs]) if source else ""
         print(f"{name:<{w}}{m['trainable']:>11,}{100 * m['trainable'] / m['model_params']:>8.2f}%"
               + "".join(f"{pm([accuracy(r, s) for r in runs], 100, 1) + '%':>{ws[s]}}" for s in specs)
-              + (f"{pm_reached([kept_at(r, specs[0], source, level) for r in runs]):>{len(kept) + 2}}" if source else "")
+              + (f"{at_level:>{len(kept) + 2}}" if source else "")
               + f"{pm([r['curve'][-1][1] for r in runs], 1, 4):>18}"
               + f"{mean(runs, lambda r: r['metrics']['train_s']):>9.0f}"
               + f"{pm([r['delta']['rank_share'] for r in runs]):>14}"
