@@ -300,10 +300,12 @@ def run_train(args, name: str, flags: list[str], seed: int) -> dict:
                 wall_s=float((folder / "wall_s").read_text()))
 
 
-def delta_summary(base, folder: str, spectrum_of: str) -> dict:
-    """analyze.delta_metrics over every target matrix, averaged; plus the normalised singular values
-    of ΔW of the `spectrum_of` matrices (mean over layers) for the spectra plot."""
-    tuned, _ = load(folder)
+def analyse_run(base, held, folder: str, spectrum_of: str) -> dict:
+    """What a tuned model is, next to its base: analyze.delta_metrics over every target matrix,
+    averaged; the normalised singular values of ΔW of the `spectrum_of` matrices (mean over layers,
+    for the spectra plot); and its loss on the held-out text of the noise claim (the base's own
+    domain: how much of it was forgotten, measured without greedy decoding's all-or-nothing)."""
+    tuned, tok = load(folder)
     per = analyze.compare(base, tuned)
     out = {k: statistics.fmean(m[k] for m in per.values())
            for k in ("rank", "eff_rank", "norm_rank", "alignment", "spec_change", "mean_abs", "changed")}
@@ -314,6 +316,7 @@ def delta_summary(base, folder: str, spectrum_of: str) -> dict:
             s = torch.linalg.svdvals((w - w0).float())
             spectra.append((s / s[0] if s[0] > 0 else s).tolist())
     out["spectrum"] = [statistics.fmean(col) for col in zip(*spectra)] if spectra else []
+    out["source_loss"] = text_loss(tuned, tok, held)
     return out
 
 
@@ -354,11 +357,11 @@ def loss_at(run, step):
     return got[-1] if got else float("nan")
 
 
-def summarise(runs: list[dict], base) -> dict:
-    """Per configuration: the runs' accuracies, losses, trainable counts and ΔW measures."""
+def summarise(runs: list[dict], base, held) -> dict:
+    """Per configuration: the runs' accuracies, losses, trainable counts and analyse_run."""
     table = {}
     for r in runs:
-        r["delta"] = delta_summary(base, r["folder"], "up_proj")
+        r["delta"] = analyse_run(base, held, r["folder"], "up_proj")
         table.setdefault(r["name"], []).append(r)
     return table
 
@@ -382,13 +385,14 @@ def print_runs(table: dict, specs: list[str], level: float):
     kept = f"{source} @ {specs[0]} {100 * level:.0f}%" if source else ""
     print(f"\n{'method':<{w}}{'trainable':>11}{'% model':>9}" + "".join(f"{s:>{ws[s]}}" for s in specs)
           + (f"{kept:>{len(kept) + 2}}" if source else "")
-          + f"{'final loss':>18}{'train s':>9}{'rank(ΔW)/dim':>14}{'norm rank':>11}{'eff rank':>10}")
+          + f"{'source loss':>18}{'final loss':>18}{'train s':>9}{'rank(ΔW)/dim':>14}{'norm rank':>11}{'eff rank':>10}")
     for name, runs in table.items():
         m = runs[0]["metrics"]
         at_level = pm_reached([kept_at(r, specs[0], source, level) for r in runs]) if source else ""
         print(f"{name:<{w}}{m['trainable']:>11,}{100 * m['trainable'] / m['model_params']:>8.2f}%"
               + "".join(f"{pm([accuracy(r, s) for r in runs], 100, 1) + '%':>{ws[s]}}" for s in specs)
               + (f"{at_level:>{len(kept) + 2}}" if source else "")
+              + f"{pm([r['delta']['source_loss'] for r in runs], 1, 3):>18}"
               + f"{pm([r['curve'][-1][1] for r in runs], 1, 4):>18}"
               + f"{mean(runs, lambda r: r['metrics']['train_s']):>9.0f}"
               + f"{pm([r['delta']['rank_share'] for r in runs]):>14}"
@@ -398,12 +402,16 @@ def print_runs(table: dict, specs: list[str], level: float):
 
 def training_claim(args, name: str, configs) -> tuple[dict, list[str]]:
     runs = [run_train(args, cname, flags, seed) for cname, flags in configs for seed in range(args.seeds)]
-    base, _ = load(base_path(args))
-    table = summarise(runs, base)
+    path = base_path(args)
+    base, tok = load(path)
+    held = held_out(tok, not train.is_tiny(path), args.texts)[0]
+    args.base_source_loss = text_loss(base, tok, held)
+    table = summarise(runs, base, held)
     specs = [s for s in args.eval_data.split(",") if s]
     base_acc = runs[0]["metrics"].get("accuracy_before") or {}
     print(f"\n{name}: {args.steps} steps per run, {args.seeds} seeds, mean ± std; base model: "
-          + ", ".join(f"{s} {100 * base_acc.get(s, float('nan')):.1f}%" for s in specs))
+          + ", ".join(f"{s} {100 * base_acc.get(s, float('nan')):.1f}%" for s in specs)
+          + f", held-out source loss {args.base_source_loss:.4f}")
     print_runs(table, specs, args.level)
     return table, specs
 
@@ -443,6 +451,8 @@ def claim_compare(args):
     if source:
         check(f"LIFT §7.1: LIFT r8 keeps more of the source ({source}) than full fine-tuning, at the end", "lift r8",
               "full", acc(source))
+        check("LIFT §7.1: ... its held-out source loss (the base's own domain) rises less", "lift r8", "full",
+              lambda r: r["delta"]["source_loss"], higher=False)
         check(f"LIFT §7.1: ... and where the target first reached {100 * args.level:.0f}% (equal learning)", "lift r8",
               "full", lambda r: kept_at(r, target, source, args.level))
     check("LIFT §7.2 / G.3: rank(ΔW)/min(n_out, n_in) of LIFT r8 far above LoRA r8's", "lift r8", "lora r8",
@@ -456,7 +466,8 @@ def claim_compare(args):
     print("\nthe claims, as measured here (means ordered as the paper says -> holds):")
     print("\n".join(checks))
     write_json(args, "compare", {"claim": "matched budgets", "model": args.model, "steps": args.steps,
-                                 "seeds": args.seeds, "specs": specs, "checks": checks, "runs": dump(table)})
+                                 "seeds": args.seeds, "specs": specs, "checks": checks,
+                                 "base_source_loss": args.base_source_loss, "runs": dump(table)})
     return table
 
 
@@ -547,21 +558,21 @@ def claim_plots(args):
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    if len(specs) > 1:  # each run's path through (learned, kept), evaluated every --eval-every steps
-        fig, ax = plt.subplots(figsize=(6.5, 5))
-        for name, rs in runs.items():
-            for i, r in enumerate(rs):
-                xs = [100 * a[specs[0]] for _, a in r["evals"]]
-                ys = [100 * a[specs[1]] for _, a in r["evals"]]
-                ax.plot(xs, ys, color=colors[name], alpha=0.45, lw=1, marker=".", ms=3)
-                ax.scatter(xs[-1:], ys[-1:], color=colors[name], s=30, label=name if i == 0 else None, zorder=3)
-        ax.set(xlabel=f"{specs[0]} accuracy, % (learned)", ylabel=f"{specs[1]} accuracy, % (kept)",
-               title="learn vs forget: each run's path; dots = the end (one per seed)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(figs / "learn_forget.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+    # learned (target accuracy) against forgotten (loss on the base's own held-out text), per run
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, rs in runs.items():
+        ax.scatter([100 * r["accuracy"][specs[0]] for r in rs], [r["delta"]["source_loss"] for r in rs],
+                   label=name, color=colors[name], s=30)
+    ax.scatter([100 * (next(iter(runs.values()))[0]["accuracy_before"] or {}).get(specs[0], 0)],
+               [data["base_source_loss"]], marker="*", s=160, color="black", label="base model")
+    ax.set(xlabel=f"{specs[0]} accuracy, % (learned)", yscale="log",
+           ylabel="held-out loss on the base's own domain (forgotten)",
+           title="learn vs forget: one point per method and seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(figs / "learn_forget.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rs in runs.items():
@@ -609,7 +620,8 @@ def build_parser():
     g = p.add_argument_group("noise / spectral / overlap")
     g.add_argument("--ranks", type=ints, default=[1, 4, 16], help="noise: budgets r (k = r(n_in + n_out) per matrix)")
     g.add_argument("--sigma", type=float, default=0.01, help="noise: the noise's std (the paper's 0.01)")
-    g.add_argument("--texts", type=int, default=64, help="noise, built-in model: held-out problems")
+    g.add_argument("--texts", type=int, default=64,
+                   help="noise and the training claims, built-in model: held-out source problems")
     g.add_argument("--sizes", type=ints, default=[128, 256, 512, 1024], help="spectral: random matrix sizes")
     g.add_argument("--scale", type=float, default=0.5, help="spectral: noise Frobenius norm / ||W||_F")
     g.add_argument("--rank", type=int, default=8, help="spectral / overlap: the budget r on the model's matrices")
