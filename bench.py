@@ -5,6 +5,7 @@ Speed and memory, side by side, in one run (ratios, not timed tests).
     python bench.py train        # forward+backward tokens/s of the tiny preset
     python bench.py methods      # step time and peak memory of every method on one ~25M model
     python bench.py methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
+    python bench.py eval --new-tokens 256   # evaluation decoding on SmolLM2 vs transformers' generate
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
 same batches and a comparable budget, and prints ratios to LoRA and to full fine-tuning.
@@ -149,6 +150,81 @@ def bench_one(args):
     print(json.dumps(rec))
 
 
+def _complete_chunked(model, tok, prompts, max_new_tokens, chunk=64):
+    """The previous eval_math.complete, the baseline of `eval`: decode `chunk` tokens, look for stop
+    strings, run prompt + text again for the rows still going (a prefill per chunk)."""
+    from eval_math import _cut_at_stop
+    ids, texts = [[] for _ in prompts], [""] * len(prompts)
+    active, done = list(range(len(prompts))), 0
+    while active and done < max_new_tokens:
+        step = min(chunk, max_new_tokens - done)
+        outs = generate(model, [prompts[i] + ids[i] for i in active], step, tok.stop_ids, tok.pad_id)
+        done += step
+        running = []
+        for i, out in zip(active, outs):
+            ids[i] += out
+            texts[i], stopped = _cut_at_stop(tok.decode(ids[i]))
+            if not stopped and len(out) == step:
+                running.append(i)
+        active = running
+    return texts
+
+
+def bench_eval(args):
+    """eval_math's decoding on SmolLM2-135M and Alpaca-template prompts, batch by batch, against the
+    previous chunked decoding and a loop over transformers' generate (stop_strings, same batches)."""
+    import os.path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import eval_math as E
+    from model import gguf_path
+    model, tok = load(args.model or "smollm2-135m")
+    model.eval()
+    folder, name = os.path.split(gguf_path("smollm2-135m") if not args.model else args.model)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    problems = [dict(p, template="alpaca", solution=None) for p in E.load_problems("synth-target", limit=args.limit)]
+    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
+    prompts.sort(key=len, reverse=True)
+    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    new = args.new_tokens
+
+    def hf_loop():
+        texts = []
+        for b in batches:
+            P = max(map(len, b))
+            ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in b])
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in b])
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=tok.pad_id,
+                                  eos_token_id=list(tok.stop_ids), stop_strings=list(E.STOP_STRINGS), tokenizer=hf_tok)
+            for row in out[:, P:].tolist():
+                cut = next((j for j, x in enumerate(row) if x in tok.stop_ids), len(row))
+                texts.append(E._cut_at_stop(tok.decode(row[:cut]))[0])
+        return texts
+
+    runs = {"nanopeft": lambda: [t for b in batches for t in E.complete(model, tok, b, new)],
+            "nanopeft, chunked (before)": lambda: [t for b in batches for t in _complete_chunked(model, tok, b, new)],
+            "transformers": hf_loop}
+    times = {k: [] for k in runs}
+    texts = {}
+    with torch.no_grad():
+        for _ in range(args.repeat):  # interleaved: A B C A B C ..., the median of each
+            for k, fn in runs.items():
+                t = time.perf_counter()
+                texts[k] = fn()
+                times[k].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    n_tok = sum(len(tok.encode(t)) for t in texts["nanopeft"])
+    print(f"greedy evaluation decoding, {args.model or 'smollm2-135m'}, {len(prompts)} Alpaca-template prompts "
+          f"(synth-target questions), batch {args.batch}, up to {new} new tokens, {torch.get_num_threads()} threads, "
+          f"median of {args.repeat} interleaved runs, load average {os.getloadavg()[0]:.2f}; "
+          f"{n_tok:,} tokens of answers")
+    print(f"{'':<28}{'seconds':>9}{'problems/s':>12}{'÷ transformers':>16}{'same texts':>12}")
+    for k in runs:
+        print(f"{k:<28}{med[k]:>9.2f}{len(prompts) / med[k]:>12.2f}{med[k] / med['transformers']:>16.2f}"
+              f"{str(texts[k] == texts['nanopeft']):>12}")
+
+
 def bench_methods(args):
     rows = []
     for m in args.methods.split(","):
@@ -187,7 +263,7 @@ def bench_methods(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["generate", "train", "methods", "_one"])
+    ap.add_argument("what", choices=["generate", "train", "methods", "eval", "_one"])
     ap.add_argument("--batch", type=int, default=None, help="default 32 (generate, train), 4 (methods)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -200,7 +276,10 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None, help="methods: a model to load (e.g. smollm2-135m); default a random ~25M LLaMA")
     ap.add_argument("--grad-checkpoint", action="store_true", help="methods: activation checkpointing per block")
+    ap.add_argument("--limit", type=int, default=16, help="eval: prompts")
+    ap.add_argument("--repeat", type=int, default=3, help="eval: interleaved repetitions (the median is shown)")
     args = ap.parse_args()
-    args.batch = args.batch or (4 if args.what in ("methods", "_one") else 32)
+    args.batch = args.batch or (4 if args.what in ("methods", "_one") else 8 if args.what == "eval" else 32)
     torch.set_num_threads(args.threads)
-    {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "_one": bench_one}[args.what](args)
+    {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "eval": bench_eval,
+     "_one": bench_one}[args.what](args)
