@@ -1625,7 +1625,8 @@ def test_train_py_writes_no_default_twice():
 
 
 def test_sources_cite_papers_not_our_files():
-    for f in ("model.py", "tokenizer.py", "train.py", "eval_math.py", "lift.py", "rocoft.py", "hyper.py", "lorasb.py"):
+    for f in ("model.py", "tokenizer.py", "train.py", "eval_math.py", "lift.py", "rocoft.py", "hyper.py", "lorasb.py",
+              "claims.py", "analyze.py"):
         text = open(f).read()
         for name in ("lift.txt", "rocoft.txt", "lorasb.txt", "hyperadapt.txt", "NOTES.md"):
             assert name not in text, (f, name)
