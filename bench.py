@@ -6,6 +6,7 @@ Speed and memory, side by side, in one run (ratios, not timed tests).
     python bench.py methods      # step time and peak memory of every method on one ~25M model
     python bench.py methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
     python bench.py eval --new-tokens 256   # evaluation decoding on SmolLM2 vs transformers' generate
+    python bench.py loss                    # the training loss from full logits vs target_loss, SmolLM2
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
 same batches and a comparable budget, and prints ratios to LoRA and to full fine-tuning.
@@ -225,6 +226,51 @@ def bench_eval(args):
               f"{str(texts[k] == texts['nanopeft']):>12}")
 
 
+def bench_loss(args):
+    """The training step with the loss from full [B, T, vocab] logits (F.cross_entropy) against
+    Transformer.target_loss (lm_head only at target positions, fused gradients), LoRA on SmolLM2
+    (or --model), with every position a target and with the first 40% of each row a masked prompt."""
+    import torch.nn.functional as F
+    import lorasb
+    model, _ = load(args.model or "smollm2-135m")
+    opt = lorasb.prepare(model, lorasb.LoRA(rank=args.rank, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                         iter(()), seed=0)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    x = torch.randint(0, V, (args.batch, args.seq), generator=g)
+    targets = {"all targets": torch.randint(0, V, (args.batch, args.seq), generator=g)}
+    targets["40% prompt"] = targets["all targets"].clone()
+    targets["40% prompt"][:, :int(0.4 * args.seq)] = -100
+
+    def full_logits(y):
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, V), y.reshape(-1), ignore_index=-100)
+
+    def step(loss_fn, y):
+        t = time.perf_counter()
+        loss = loss_fn(y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t, float(loss)
+    fns = {"full logits": full_logits, "target_loss": lambda y: model(x, y)[1]}
+    times = {}
+    for rep in range(args.steps + 1):  # interleaved; the first round is warm-up
+        for name, fn in fns.items():
+            for yn, y in targets.items():
+                t, _ = step(fn, y)
+                if rep:
+                    times.setdefault((name, yn), []).append(t)
+    print(f"LoRA r{args.rank} training step on {args.model or 'smollm2-135m'}, batch {args.batch} x {args.seq}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} interleaved steps, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'targets':<14}{'full logits s':>15}{'target_loss s':>15}{'ratio':>8}")
+    for yn in targets:
+        a, b = (sorted(times[(n, yn)])[len(times[(n, yn)]) // 2] for n in fns)
+        print(f"{yn:<14}{a:>15.2f}{b:>15.2f}{b / a:>8.2f}")
+
+
 def bench_methods(args):
     rows = []
     for m in args.methods.split(","):
@@ -263,7 +309,7 @@ def bench_methods(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["generate", "train", "methods", "eval", "_one"])
+    ap.add_argument("what", choices=["generate", "train", "methods", "eval", "loss", "_one"])
     ap.add_argument("--batch", type=int, default=None, help="default 32 (generate, train), 4 (methods)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -279,7 +325,7 @@ if __name__ == "__main__":
     ap.add_argument("--limit", type=int, default=16, help="eval: prompts")
     ap.add_argument("--repeat", type=int, default=3, help="eval: interleaved repetitions (the median is shown)")
     args = ap.parse_args()
-    args.batch = args.batch or (4 if args.what in ("methods", "_one") else 8 if args.what == "eval" else 32)
+    args.batch = args.batch or (4 if args.what in ("methods", "_one", "loss") else 8 if args.what == "eval" else 32)
     torch.set_num_threads(args.threads)
     {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "eval": bench_eval,
-     "_one": bench_one}[args.what](args)
+     "loss": bench_loss, "_one": bench_one}[args.what](args)

@@ -235,6 +235,43 @@ class Block(nn.Module):
 LOSS_CHUNK = 512  # rows of lm_head + cross-entropy at a time in training (their logits: 512 x vocab fp32)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i W^T, y_i), fused: per chunk of rows the logits are formed in fp32, the loss
+    summed, and, when autograd needs them, the gradients with respect to h and W computed at once
+    from softmax - onehot (the cross-entropy gradient), so backward only scales them. Same value and
+    gradients as F.cross_entropy(h @ W.T, y), without keeping any logits; nan without rows, as it."""
+
+    @staticmethod
+    def forward(ctx, h, W, y):
+        n = y.numel()
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.zeros_like(h) if need_h else None
+        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_W else None
+        for i in range(0, n, LOSS_CHUNK):
+            hc, yc = h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK]
+            logits = (hc @ W.T).float()
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_W:
+                d = logits.sub_(lse[:, None]).exp_()                 # softmax
+                d[torch.arange(len(yc), device=d.device), yc] -= 1   # - onehot
+                if need_h:
+                    gh[i:i + LOSS_CHUNK] = (d.to(W.dtype) @ W).to(h.dtype)
+                if need_W:
+                    gW += d.T @ hc.float()
+        ctx.save_for_backward(gh, gW)
+        ctx.n, ctx.w_dtype = n, W.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gW = ctx.saved_tensors
+        scale = grad / ctx.n
+        return (gh * scale.to(gh.dtype) if gh is not None else None,
+                (gW * scale).to(ctx.w_dtype) if gW is not None else None, None)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -298,23 +335,12 @@ class Transformer(nn.Module):
         return None, self.target_loss(x, targets)
 
     def target_loss(self, x, targets):
-        """Mean cross-entropy over the positions that have a target (-100 = none), computed without
-        the [B, T, vocab] logits: lm_head runs only on those positions (a prompt-masked SFT batch
-        has a third or more of its tokens in the prompt and padding), LOSS_CHUNK rows at a time, and
-        each chunk's fp32 logits are recomputed in the backward pass instead of kept."""
+        """Mean cross-entropy over the positions that have a target (-100 = none), without the
+        [B, T, vocab] logits: lm_head runs only on those positions (a prompt-masked SFT batch has a
+        third or more of its tokens in the prompt and padding), LOSS_CHUNK rows at a time, and each
+        chunk's gradients are computed on the spot (LinearCrossEntropy), so no logits are kept."""
         keep = targets != -100
-        h, y = x[keep], targets[keep]
-
-        def chunk_loss(hc, yc):
-            return F.cross_entropy(self.lm_head(hc).float(), yc, reduction="sum")
-        loss = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, y.numel(), LOSS_CHUNK):
-            hc, yc = h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK]
-            if torch.is_grad_enabled() and (hc.requires_grad or self.lm_head.weight.requires_grad):
-                loss = loss + torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
-            else:
-                loss = loss + chunk_loss(hc, yc)
-        return loss / keep.sum()  # 0 / 0 = nan without a target, as F.cross_entropy's mean
+        return LinearCrossEntropy.apply(x[keep], self.lm_head.weight, targets[keep])
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
