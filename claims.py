@@ -541,6 +541,12 @@ def claim_plots(args):
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
     written = []
 
+    def save(fig, name):
+        fig.tight_layout()
+        written.append(figs / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rs in runs.items():
         steps = [s for s, _ in rs[0]["curve"]]
@@ -554,10 +560,7 @@ def claim_plots(args):
     ax.set(xlabel="step", ylabel="training loss (mean over seeds; band: min-max)", yscale="log",
            title=f"training loss on {data.get('specs', ['target'])[0]}, matched budgets ({data['model']})")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    written.append(figs / "loss_curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "loss_curves.png")
 
     # learned (target accuracy) against forgotten (loss on the base's own held-out text), per run
     fig, ax = plt.subplots(figsize=(6.5, 5))
@@ -570,10 +573,7 @@ def claim_plots(args):
            ylabel="held-out loss on the base's own domain (forgotten)",
            title="learn vs forget: one point per method and seed")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(figs / "learn_forget.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "learn_forget.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rs in runs.items():
@@ -584,10 +584,7 @@ def claim_plots(args):
     ax.set(xlabel="singular value index", ylabel="σ_i / σ_1 of ΔW (mean over layers and seeds)", yscale="log",
            title="spectrum of ΔW = W - W0, up_proj", ylim=(1e-4, 1.5))
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    written.append(figs / "spectra.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "spectra.png")
     for w in written:
         print(f"wrote {w}")
     return written
