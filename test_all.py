@@ -1508,6 +1508,15 @@ def test_eval_every_logs_the_curve_and_protocol_is_recorded(small_dir, tmp_path,
         train.parse_args(_argv(small_dir, out, "--protocol", "beam"))
 
 
+def test_base_cache_of_a_named_gguf_model(smol_file, tmp_path):
+    """--model smollm2-135m (a name, not a path): the base cache is keyed by the GGUF file it names,
+    the same folder as for that file's path."""
+    import types
+    args = types.SimpleNamespace(builtin=False, dtype="auto", out=str(tmp_path / "run"))
+    by_name = train.base_cache(args, "smollm2-135m")
+    assert by_name == train.base_cache(args, smol_file) and by_name.parent == tmp_path / "base-cache"
+
+
 def test_truncation_keeps_inputs_and_targets_aligned(small_dir, tmp_path, capsys):
     """--seq-len shorter than the prompts: every example is cut, counted, and still trains."""
     import eval_math

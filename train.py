@@ -39,7 +39,7 @@ import hyper
 import lift
 import lorasb
 import rocoft
-from model import LINEAR_NAMES, PRESETS, adamw, load, usual_permissions
+from model import GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, gguf_path, load, usual_permissions
 
 # -----------------------------------------------------------------------------
 # full fine-tuning: the method with no method
@@ -703,7 +703,7 @@ def base_cache(args, model_path) -> Path:
     the text it writes itself (the forgetting measure)."""
     if args.builtin:
         return base_dir(args)
-    p = Path(model_path).resolve()
+    p = Path(gguf_path(model_path) if model_path in GGUF_MODELS else model_path).resolve()  # smollm2-135m: its file
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
     key = "|".join([str(p), str(args.dtype), *(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
     return Path(args.out).parent / "base-cache" / f"{p.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
