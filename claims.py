@@ -275,7 +275,7 @@ def run_train(args, name: str, flags: list[str], seed: int) -> dict:
     """train.main on the base with `flags`, into out/claims/runs/<name>-seed<seed>; a folder whose
     recorded command equals this one is read, not re-run. Returns its metrics and loss curve."""
     folder = Path(args.out) / "runs" / f"{name}-seed{seed}"
-    argv = [*flags, "--model", base_path(args), "--data", args.data, "--eval-data", args.eval_data,
+    argv = [*flags, "--model", args.base, "--data", args.data, "--eval-data", args.eval_data,
             "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
             "--log-every", str(args.log_every), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
             "--forget-prompts", str(args.forget_prompts)]
@@ -401,10 +401,10 @@ def print_runs(table: dict, specs: list[str], level: float):
 
 
 def training_claim(args, name: str, configs) -> tuple[dict, list[str]]:
+    args.base = base_path(args)  # resolved (and the built-in base pretrained) once, not per run
     runs = [run_train(args, cname, flags, seed) for cname, flags in configs for seed in range(args.seeds)]
-    path = base_path(args)
-    base, tok = load(path)
-    held = held_out(tok, not train.is_tiny(path), args.texts)[0]
+    base, tok = load(args.base)
+    held = held_out(tok, not train.is_tiny(args.base), args.texts)[0]
     args.base_source_loss = text_loss(base, tok, held)
     table = summarise(runs, base, held)
     specs = [s for s in args.eval_data.split(",") if s]

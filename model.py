@@ -720,10 +720,10 @@ def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: in
             score = top_lp / ((t + 1) ** length_penalty)
             score = score + (~improvable).float() * -1.0e9
             score = score + (~just) * -1.0e9
-            best = torch.cat((fin_score, score), 1).topk(K)[1]
+            merged = torch.cat((fin_score, score), 1)
+            best = merged.topk(K)[1]
             fin_seq = torch.cat((fin_seq, cand), 1).gather(1, best[:, :, None].expand(B, K, T))
-            fin_score = torch.cat((fin_score, score), 1).gather(1, best)
-            fin = torch.cat((fin, just), 1).gather(1, best)
+            fin_score, fin = merged.gather(1, best), torch.cat((fin, just), 1).gather(1, best)
             worst = torch.where(fin, fin_score.min(1, keepdim=True)[0], -1.0e9)
             improvable = improvable & (run_score[:, :1] / ((t + 1) ** length_penalty) > worst).any(-1, keepdim=True)
             if t == T - 1 or not bool(improvable.any()) or bool(ends.all()):
