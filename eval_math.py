@@ -20,7 +20,7 @@ import time
 import zlib
 from pathlib import Path
 
-from model import generate, load
+from model import bf16_fast, generate, load
 
 GSM8K_HUB = "openai/gsm8k"   # datasets.load_dataset(GSM8K_HUB, "main"): splits train / test
 SPLITS = ("train", "test")
@@ -594,7 +594,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="picks the synthetic problems (and a preset's init)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 on CUDA, float32 otherwise")
+                    help="default: bfloat16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), "
+                         "float32 otherwise")
     args = ap.parse_args(argv)
     try:
         metrics, out = run(args)
@@ -621,7 +622,7 @@ def run(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     out.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if bf16_fast(args.device) else "float32"))
     problems = [p for spec in args.data.split(",") if spec.strip()
                 for p in load_problems(spec.strip(), args.split, args.limit, args.seed, args.data_dir)]
     model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)

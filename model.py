@@ -320,7 +320,11 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # [B, 1, T, head_dim]
-        x = self.embed_tokens(tokens)
+        # tied and trained (full fine-tuning): the embedding's gradient is the few rows it looked up; made
+        # sparse, it is added into lm_head's dense gradient (the same tensor) row by row instead of as a
+        # dense vocab x dim tensor of zeros (a full extra pass over the largest matrix per backward)
+        w = self.embed_tokens.weight
+        x = F.embedding(tokens, w, sparse=self.config.tie_embeddings and w.requires_grad and torch.is_grad_enabled())
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
@@ -816,6 +820,26 @@ def plain_linear(weight: nn.Parameter, bias=None) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight, lin.bias = weight, bias
     return lin
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, aarch64 BF16 (/proc/cpuinfo)
+
+
+def bf16_fast(device="cpu") -> bool:
+    """Does `device` multiply bf16 matrices natively, faster than fp32? What --dtype auto asks. CUDA:
+    bf16 support (Ampere and newer). CPU: the instructions in /proc/cpuinfo's flags (Linux); without
+    them bf16 GEMMs are emulated, and many times slower than fp32 (1.3 vs 84 GFLOP/s on an AVX2 CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:  # not Linux: fp32, the safe choice
+        return False
+    return any(f in flags for f in BF16_CPU_FLAGS)
 
 
 def adamw(params, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:

@@ -336,6 +336,82 @@ def test_target_loss_equals_cross_entropy_on_full_logits(monkeypatch, tied):
     assert torch.isnan(a(x, torch.full_like(y, -100))[1])   # no target anywhere: nan, as F.cross_entropy
 
 
+def test_tied_embedding_sparse_gradient_equals_dense():
+    """Full fine-tuning of a tied model: the embedding's gradient (made sparse, added into lm_head's)
+    equals the dense gradient of the same model whose lookup is the plain dense one, over two
+    accumulated micro-batches; the result is an ordinary dense tensor (AdamW, clipping)."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, tie_embeddings=True)
+    a, b = Transformer(cfg).init_weights(0), Transformer(cfg).init_weights(0)
+    b.config = replace(cfg, tie_embeddings=False)   # still one tensor (tied at construction): the dense lookup
+    assert b.lm_head.weight is b.embed_tokens.weight
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        x, y = torch.randint(0, 64, (3, 9), generator=g), torch.randint(0, 64, (3, 9), generator=g)
+        y[:, :3] = -100
+        a(x, y)[1].backward()
+        b(x, y)[1].backward()
+    assert a.embed_tokens.weight.grad.layout == torch.strided
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_fast_reads_the_cpu_flags(monkeypatch):
+    """--dtype auto's question: bf16 only where the CPU has bf16 instructions (emulated bf16 GEMMs are
+    many times slower than fp32), read from /proc/cpuinfo; no such file (not Linux): fp32."""
+    import model as M
+    cpuinfo = {"text": ""}
+    monkeypatch.setattr(M, "open", lambda *a, **k: io.StringIO(cpuinfo["text"]), raising=False)
+    cpuinfo["text"] = "processor : 0\nflags : fpu sse avx2 avx512f avx512bw\n"
+    assert not M.bf16_fast("cpu")
+    cpuinfo["text"] = "processor : 0\nflags : fpu avx2 avx512f avx512_bf16 amx_tile\n"
+    assert M.bf16_fast("cpu") and M.bf16_fast(torch.device("cpu"))
+    cpuinfo["text"] = "processor : 0\nFeatures : fp asimd bf16 i8mm\n"   # aarch64
+    assert M.bf16_fast("cpu")
+    monkeypatch.setattr(M, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("/proc/cpuinfo")),
+                        raising=False)
+    assert not M.bf16_fast("cpu")
+    assert not M.bf16_fast("meta")
+
+
+@pytest.mark.parametrize("dtype,fast,method,expect", [
+    ("auto", False, "lora", (torch.float32, False)), ("auto", True, "lora", (torch.bfloat16, True)),
+    ("auto", True, "full", (torch.float32, True)), ("float32", True, "lora", (torch.float32, False)),
+    ("bfloat16", False, "full", (torch.bfloat16, True))])
+def test_precision_from_dtype_flag(monkeypatch, dtype, fast, method, expect):
+    """(stored weights, autocast): auto is bf16 frozen weights + autocast only where bf16 is native,
+    full fine-tuning keeping fp32 weights (its trained state); explicit flags are taken as given."""
+    monkeypatch.setattr(train, "bf16_fast", lambda device: fast)
+    args = train.parse_args(["--method", method, "--dtype", dtype])[0]
+    assert train.precision(args) == expect
+
+
+def test_bf16_training_on_cpu_keeps_trainables_fp32(small_dir, tmp_path, monkeypatch, capsys):
+    """--dtype auto on a CPU with bf16 (faked here): the base weights load in bf16, the steps run under
+    CPU autocast, LoRA's factors and their AdamW state stay fp32, and the loss is that of fp32 training
+    to bf16 precision."""
+    monkeypatch.setattr(train, "bf16_fast", lambda device: True)
+    seen = {}
+    real = train.METHODS["lora"][0].prepare
+
+    def spy(model, s, batches, **kw):
+        opt = real(model, s, batches, **kw)
+        seen["base"] = model.layers[0].self_attn.q_proj.weight.dtype
+        seen["trainable"] = {p.dtype for g in opt.param_groups for p in g["params"]}
+        return opt
+    monkeypatch.setattr(train.METHODS["lora"][0], "prepare", spy)
+    runs = {}
+    for dtype in ("auto", "float32"):
+        runs[dtype] = train.main(_argv(small_dir, tmp_path / dtype, "--method", "lora", "--rank", "4", "--max-steps", "3",
+                                       "--dtype", dtype))
+        seen[dtype] = dict(seen)
+    assert seen["auto"]["base"] == torch.bfloat16 and seen["auto"]["trainable"] == {torch.float32}
+    assert seen["float32"]["base"] == torch.float32
+    assert "weights bfloat16, bf16 autocast" in capsys.readouterr().out
+    loss = {d: [json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl") if '"loss"' in line] for d in runs}
+    assert len(loss["auto"]) == 3
+    np.testing.assert_allclose(loss["auto"], loss["float32"], rtol=2e-2)
+
+
 def test_bf16_preset_keeps_fp32_rope_frequencies():
     from model import rope_frequencies
     model, _ = load("tiny", dtype=torch.bfloat16)

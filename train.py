@@ -39,7 +39,7 @@ import hyper
 import lift
 import lorasb
 import rocoft
-from model import GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, gguf_path, load, usual_permissions
+from model import GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, bf16_fast, gguf_path, load, usual_permissions
 
 # -----------------------------------------------------------------------------
 # full fine-tuning: the method with no method
@@ -209,8 +209,8 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="base weights; auto = bf16 on CUDA (fp32 for full FT, whose weights are the trained state), "
-                        "fp32 on CPU")
+                   help="auto = bf16 base weights and autocast where the device has native bf16 (CUDA, CPUs with "
+                        "AVX512-BF16/AMX; full FT keeps fp32 weights), fp32 elsewhere; trainables are always fp32")
     g.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
                    help="CPU threads for torch (0 = torch's default). 1 by default on CPU: on a busy machine OpenMP "
                         "threads that wait for each other are many times slower")
@@ -598,7 +598,7 @@ def train(model, tok, args, s, problems, log_path=None):
     n_trainable = print_trainable(model, optimizer, base_total)
     start = resume(ckpt_path, model, optimizer, args, s) if args.resume else 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in str(args.device) else nullcontext()
+    autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16) if precision(args)[1] else nullcontext()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     print(f"training {total} steps ({len(examples)} examples, batch {s.batch_size} x {args.grad_accum} accum, "
@@ -670,6 +670,17 @@ def run_eval(model, tok, args, label):
     return {name: r["accuracy"] for name, r in result["datasets"].items()}
 
 
+def precision(args) -> tuple[torch.dtype, bool]:
+    """(dtype of the loaded weights, whether steps run under bf16 autocast), from --dtype. float32: fp32
+    throughout. bfloat16: weights stored in bf16. auto: bf16 where the device multiplies it natively
+    (model.bf16_fast: CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32; with bf16 the frozen base
+    weights are stored in bf16 (full fine-tuning keeps fp32 weights: they are its trained state) and
+    the matrix products run under autocast. Trainable values and optimizer state are fp32 always."""
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_fast(args.device))
+    stored = bf16 and not (args.dtype == "auto" and args.method == "full")
+    return (torch.bfloat16 if stored else torch.float32), bf16
+
+
 def base_dir(args) -> Path:
     """Where the pretrained built-in base is cached (one per pretraining length)."""
     return Path("out") / f"base-tiny-{args.pretrain_steps}"
@@ -705,7 +716,7 @@ def base_cache(args, model_path) -> Path:
         return base_dir(args)
     p = Path(gguf_path(model_path) if model_path in GGUF_MODELS else model_path).resolve()  # smollm2-135m: its file
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
-    key = "|".join([str(p), str(args.dtype), *(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
+    key = "|".join([str(p), str(precision(args)), *(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
     return Path(args.out).parent / "base-cache" / f"{p.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
@@ -766,12 +777,11 @@ def main(argv=None):
     model_path = args.model
     if args.builtin:
         model_path = builtin_base(args)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if "cuda" in args.device and args.method != "full" else torch.float32
+    dtype, bf16 = precision(args)
     t0 = time.time()
     model, tok = load(model_path, dtype=dtype, device=args.device, seed=args.seed)
-    print(f"loaded {model_path} in {time.time() - t0:.1f}s: {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"loaded {model_path} in {time.time() - t0:.1f}s: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"weights {str(dtype)[6:]}" + (", bf16 autocast" if bf16 else ""))
     if args.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} is more than the model's {model.config.max_seq_len} positions "
                          "(its max_position_embeddings); lower it")
