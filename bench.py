@@ -85,6 +85,7 @@ def bench_train(args):
 
 
 BENCH_CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=264, multiple_of=256)  # ~25M
+PEERS = ("peft-lora", "hf-full")  # transformers + peft LoRA, transformers full fine-tuning: what users would pick
 
 
 def _rss_mb(field="VmRSS") -> float:
@@ -95,21 +96,60 @@ def _rss_mb(field="VmRSS") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sft_batches(n, batch, seq, vocab, seed=1):
+    """n GSM8K-style supervised batches (x, y) of random tokens: rows of 75-100% of `seq` tokens,
+    right-padded, whose first 35-45% (the Alpaca header + question) and padding have no target
+    (-100) — as train.py builds them with the prompt masked."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, vocab, (batch, seq), generator=g)
+        y = torch.roll(x, -1, 1)
+        for row in range(batch):
+            length = int(seq * (0.75 + 0.25 * float(torch.rand((), generator=g))))
+            prompt = int(length * (0.35 + 0.10 * float(torch.rand((), generator=g))))
+            x[row, length:] = 0
+            y[row, :prompt] = -100
+            y[row, length - 1:] = -100
+        out.append((x, y))
+    return out
+
+
+def _peer(args):
+    """(model, optimizer, step's loss function) for a transformers (+ peft) peer on the same weights:
+    LoRA with peft's LoraConfig at the same rank and targets, or full fine-tuning; torch's AdamW as
+    the Hugging Face Trainer would. The loss is transformers' own (full logits), on the same
+    already-shifted targets (shift_labels)."""
+    from transformers import LlamaForCausalLM
+    hf = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    if args.method == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+        hf = get_peft_model(hf, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]))
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    return hf, opt, lambda x, y: hf(input_ids=x, labels=y, shift_labels=y).loss
+
+
 def bench_one(args):
-    """One method in this process: steps of forward+backward+clip+step on random tokens. Memory is
-    the process's peak RSS during training minus its RSS once the weights are loaded and touched
-    (the peak is reset after loading, so dequantizing a GGUF or reading safetensors does not count)."""
+    """One method in this process: steps of forward+backward+clip+step on GSM8K-style batches
+    (sft_batches). Memory is the process's peak RSS during training minus its RSS once the weights
+    are loaded and touched (the peak is reset after loading, so reading the weights does not count).
+    The step's floating-point work is counted once, after timing (FlopCounterMode)."""
     import contextlib
     import gc
     import io
     import itertools
+    from torch.utils.flop_counter import FlopCounterMode
     import train
     torch.manual_seed(0)
-    if args.model:
-        model = load(args.model)[0]
+    if args.method in PEERS:
+        model, opt, loss_fn = _peer(args)
+        autocast = contextlib.nullcontext()
     else:
-        model = Transformer(ModelConfig(**BENCH_CONFIG)).init_weights(0)
-    model.grad_checkpoint = args.grad_checkpoint
+        bf16 = args.dtype == "bfloat16" and args.method != "full"  # frozen base weights in bf16, as train.py does
+        model = load(args.model_dir, dtype=torch.bfloat16 if bf16 else None)[0]
     model.train()
     sum(float(p.sum()) for p in model.parameters())  # touch every page of the weights
     gc.collect()
@@ -118,37 +158,157 @@ def bench_one(args):
     except OSError:
         pass
     rss_model = _rss_mb()
+    n_params = sum(p.numel() for p in model.parameters())
     vocab = min(model.config.vocab_size, 32000)
-    g = torch.Generator().manual_seed(1)
-    data = [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(4))]
-    name, *mode = args.method.split("-")
-    module, settings = train.METHODS[name]
-    knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 16}
-    s = settings(lr=1e-4, **{k: v for k, v in knobs.items() if v is not None and k in settings.__dataclass_fields__})
-    run = {"lift": dict(max_steps=1000), "lorasb": dict(lr_first=1e-4, n_train=1000)}.get(name, {})
-    with contextlib.redirect_stdout(io.StringIO()):
-        t = time.perf_counter()
-        opt = module.prepare(model, s, itertools.cycle(data), seed=0, **run)
-        t_prepare = time.perf_counter() - t
+    data = sft_batches(4, args.batch, args.seq, vocab)
+    t_prepare = 0.0
+    if args.method not in PEERS:
+        model.grad_checkpoint = args.grad_checkpoint
+        name, *mode = args.method.split("-")
+        module, settings = train.METHODS[name]
+        knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 16}
+        s = settings(lr=1e-4, **{k: v for k, v in knobs.items() if v is not None and k in settings.__dataclass_fields__})
+        run = {"lift": dict(max_steps=1000), "lorasb": dict(lr_first=1e-4, n_train=1000)}.get(name, {})
+        with contextlib.redirect_stdout(io.StringIO()):
+            t = time.perf_counter()
+            opt = module.prepare(model, s, itertools.cycle(data), seed=0, **run)
+            t_prepare = time.perf_counter() - t
+        loss_fn = lambda x, y: model(x, y)[1]  # noqa: E731
+        bf16 = args.dtype == "bfloat16"
+        autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+    elif args.grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for gr in opt.param_groups for p in gr["params"]]
-    times = []
-    for i, (x, y) in enumerate(itertools.islice(itertools.cycle(data), args.warmup + args.steps)):
-        t = time.perf_counter()
-        _, loss = model(x, y)
+
+    def step(x, y):
+        with autocast:
+            loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(loss)
+    times, losses = [], []
+    for i, (x, y) in enumerate(itertools.islice(itertools.cycle(data), args.warmup + args.steps)):
+        t = time.perf_counter()
+        losses.append(step(x, y))
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    rec = {"method": args.method, "trainable": sum(p.numel() for p in params), "step_s": sorted(times)[len(times) // 2],
-           "prepare_s": t_prepare, "peak_mb": _rss_mb("VmHWM"), "model_mb": rss_model,
-           "params": sum(p.numel() for p in model.parameters())}
+    peak = _rss_mb("VmHWM")
+    with FlopCounterMode(display=False) as counter:
+        step(*data[0])
+    rec = {"method": args.method, "trainable": sum(p.numel() for p in params), "step_s": times,
+           "prepare_s": t_prepare, "peak_mb": peak, "model_mb": rss_model, "params": n_params,
+           "flops": counter.get_total_flops(), "first_loss": losses[0]}
     if hasattr(opt, "refresh"):  # LIFT: one mask refresh of every target matrix
         t = time.perf_counter()
         opt.refresh()
         rec["refresh_s"] = time.perf_counter() - t
     print(json.dumps(rec))
+
+
+def gemm_rate(shapes, repeat=5) -> float:
+    """This CPU's fp32 matrix-multiply rate (FLOP/s) at the given (m, k, n) shapes, in this process's
+    threads: total flops over the summed median times (the physical limit a training step meets)."""
+    flops, secs = 0.0, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        ts = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t)
+        flops, secs = flops + 2 * m * k * n, secs + sorted(ts)[repeat // 2]
+    return flops / secs
+
+
+def _median(v):
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
+def bench_methods(args):
+    """Every method (and the peers, with --peers) in its own process, in rounds: A B C .. A B C ..
+    (--rounds), so a slow spell of the machine hits every method alike; step time is the median of
+    all its steps, memory the largest peak. One model folder serves every process (same weights)."""
+    import tempfile
+    import train
+    methods = args.methods.split(",") + (list(PEERS) if args.peers else [])
+    with tempfile.TemporaryDirectory() as d:
+        if args.model:  # the same weights for ours and transformers': a Hugging Face folder, written once
+            model, tok = load(args.model)
+        else:
+            model, tok = Transformer(ModelConfig(**BENCH_CONFIG)).init_weights(0), None
+        model.save_pretrained(d)
+        cfg = model.config
+        if tok is not None:
+            tok.save(d)
+        else:
+            from tokenizer import Tokenizer
+            Tokenizer.bytes().save(d)
+        del model
+        rows = {}
+        for r in range(args.rounds):
+            for m in methods:
+                cmd = [sys.executable, __file__, "_one", "--method", m, "--rank", str(args.rank), "--batch",
+                       str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--threads", str(args.threads), "--model-dir", d, "--dtype", args.dtype] \
+                    + (["--grad-checkpoint"] if args.grad_checkpoint else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"bench {m} failed:\n{out.stderr[-3000:]}")
+                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                if m in rows:
+                    rows[m]["step_s"] += rec["step_s"]
+                    rows[m]["peak_mb"] = max(rows[m]["peak_mb"], rec["peak_mb"])
+                else:
+                    rows[m] = rec
+                print(f"  round {r + 1}/{args.rounds} {m}: {1e3 * _median(rec['step_s']):.0f} ms/step", file=sys.stderr,
+                      flush=True)
+    for r in rows.values():
+        r["step"] = _median(r["step_s"])
+    T = args.batch * args.seq
+    rate = gemm_rate([(T, cfg.dim, cfg.hidden_dim), (T, cfg.hidden_dim, cfg.dim), (T, cfg.dim, cfg.dim)])
+    lora, full = rows.get("lora"), rows.get("full")
+    model_name = args.model or f"a ~25M LLaMA ({BENCH_CONFIG})"
+    print(f"methods on {model_name} ({rows[methods[0]]['params']:,} parameters), rank {args.rank}, batch {args.batch} x "
+          f"{args.seq} tokens (GSM8K-style: 35-45% prompt, 0-25% padding, neither trained), activation checkpointing "
+          f"{'on' if args.grad_checkpoint else 'off'}, {args.dtype}, {args.threads} thread(s); step = median of "
+          f"{args.rounds} rounds x {args.steps} steps, one process per method and round, interleaved; "
+          f"fp32 GEMM rate here {rate / 1e9:.0f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
+    rel = lambda a, b: f"{a / b:>7.2f}" if b else f"{'':>7}"  # noqa: E731
+    print(f"{'method':<15}{'trainable':>12}{'step ms':>9}{'tokens/s':>10}{'GEMM %':>8}{'/LoRA':>7}{'/peft':>7}"
+          f"{'peak MB':>9}{'above model':>12}{'/LoRA':>7}{'/full':>7}")
+    peft_ = rows.get("peft-lora")
+    for m in methods:
+        r = rows[m]
+        above = r["peak_mb"] - r["model_mb"]
+        print(f"{m:<15}{r['trainable']:>12,}{1e3 * r['step']:>9.0f}{T / r['step']:>10,.0f}"
+              f"{100 * r['flops'] / r['step'] / rate:>8.0f}{rel(r['step'], lora['step'] if lora else 0)}"
+              f"{rel(r['step'], peft_['step'] if peft_ else 0)}{r['peak_mb']:>9.0f}{above:>12.0f}"
+              f"{rel(above, lora['peak_mb'] - lora['model_mb'] if lora else 0)}"
+              f"{rel(above, full['peak_mb'] - full['model_mb'] if full else 0)}")
+    goals = []
+    if lora and peft_:
+        goals.append(("LoRA step / transformers+peft LoRA step", lora["step"] / peft_["step"],
+                      0.5 if args.dtype == "bfloat16" else 0.80))
+    if lora and "lift" in rows:
+        goals.append(("LIFT step / LoRA step", rows["lift"]["step"] / lora["step"], 1.15))
+    if full and "lift" in rows:
+        above = lambda r: r["peak_mb"] - r["model_mb"]  # noqa: E731
+        goals.append(("LIFT memory above the model / full FT's", above(rows["lift"]) / above(full), 0.40))
+    for what, value, goal in goals:
+        print(f"goal: {what} = {value:.2f} (goal <= {goal:.2f}): {'met' if value <= goal else 'NOT met'}")
+    if "lift" in rows and "refresh_s" in rows["lift"]:
+        r = rows["lift"]
+        share = r["refresh_s"] / (r["refresh_s"] + args.interval * r["step"])
+        print(f"LIFT mask refresh: {r['refresh_s']:.2f} s for all matrices = {100 * share:.1f}% of training time "
+              f"at one refresh every {args.interval} steps")
+    if "lorasb" in rows:
+        print(f"LoRA-SB initialisation (gradient estimate + SVDs): {rows['lorasb']['prepare_s']:.2f} s "
+              f"= {rows['lorasb']['prepare_s'] / rows['lorasb']['step']:.1f} training steps")
+    return rows
 
 
 def _complete_chunked(model, tok, prompts, max_new_tokens, chunk=64):
@@ -271,42 +431,6 @@ def bench_loss(args):
         print(f"{yn:<14}{a:>15.2f}{b:>15.2f}{b / a:>8.2f}")
 
 
-def bench_methods(args):
-    rows = []
-    for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, "_one", "--method", m, "--rank", str(args.rank), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads)] + (["--model", args.model] if args.model else []) \
-            + (["--grad-checkpoint"] if args.grad_checkpoint else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"  {m}: done", file=sys.stderr, flush=True)
-    ref = {r["method"]: r for r in rows}
-    lora, full = ref.get("lora"), ref.get("full")
-    model = args.model or f"a ~25M LLaMA ({BENCH_CONFIG})"
-    tokens = args.batch * args.seq
-    print(f"methods on {model} ({rows[0]['params']:,} parameters), rank {args.rank}, batch {args.batch} x {args.seq} "
-          f"tokens, activation checkpointing {'on' if args.grad_checkpoint else 'off'}, {args.threads} threads, "
-          f"median of {args.steps} steps; one process per method; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<15}{'trainable':>12}{'step ms':>9}{'tokens/s':>10}{'/LoRA':>7}{'peak MB':>9}{'above model':>12}"
-          f"{'/LoRA':>7}{'/full':>7}")
-    for r in rows:
-        above = r["peak_mb"] - r["model_mb"]
-        rel = lambda a, b: f"{a / b:>7.2f}" if b else f"{'':>7}"
-        print(f"{r['method']:<15}{r['trainable']:>12,}{1e3 * r['step_s']:>9.0f}{tokens / r['step_s']:>10,.0f}"
-              f"{rel(r['step_s'], lora['step_s'] if lora else 0)}{r['peak_mb']:>9.0f}{above:>12.0f}"
-              f"{rel(above, lora['peak_mb'] - lora['model_mb'] if lora else 0)}"
-              f"{rel(above, full['peak_mb'] - full['model_mb'] if full else 0)}")
-    if "lift" in ref and "refresh_s" in ref["lift"]:
-        r = ref["lift"]
-        share = r["refresh_s"] / (r["refresh_s"] + args.interval * r["step_s"])
-        print(f"LIFT mask refresh: {r['refresh_s']:.2f} s for all matrices = {100 * share:.1f}% of training time "
-              f"at one refresh every {args.interval} steps")
-    if "lorasb" in ref:
-        print(f"LoRA-SB initialisation (gradient estimate + SVDs): {ref['lorasb']['prepare_s']:.2f} s "
-              f"= {ref['lorasb']['prepare_s'] / ref['lorasb']['step_s']:.1f} training steps")
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["generate", "train", "methods", "eval", "loss", "_one"])
@@ -322,6 +446,12 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None, help="methods: a model to load (e.g. smollm2-135m); default a random ~25M LLaMA")
     ap.add_argument("--grad-checkpoint", action="store_true", help="methods: activation checkpointing per block")
+    ap.add_argument("--peers", action="store_true", help="methods: also transformers+peft LoRA and transformers full FT "
+                    "(needs `pip install peft`)")
+    ap.add_argument("--rounds", type=int, default=3, help="methods: interleaved rounds (one process per method each)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="methods: our methods' precision (bfloat16 = bf16 autocast; fast only on CPUs with bf16)")
+    ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=int, default=16, help="eval: prompts")
     ap.add_argument("--repeat", type=int, default=3, help="eval: interleaved repetitions (the median is shown)")
     args = ap.parse_args()

@@ -186,11 +186,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache = None  # (k, v), each [B, n_kv_heads, max_len, head_dim], set by Transformer.setup_cache
 
-    def forward(self, x, cos, sin, mask=None, start=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, mask=None, start=None, packed=None):
+        if packed is None:
+            B, T, _ = x.shape
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # x holds only the positions idx of a [B, T] batch (Transformer.forward): attention needs the grid
+            idx, B, T = packed
+            q, k, v = (y.new_zeros(B * T, y.shape[-1]).index_copy_(0, idx, y)
+                       for y in (self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if start is not None:  # KV cache: write this step's keys/values, attend to everything so far
             ck, cv = self.cache
@@ -205,7 +211,8 @@ class Attention(nn.Module):
             y = y.view(B, self.n_heads, 1, self.head_dim)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if packed is None else y.view(B * T, -1).index_select(0, packed[0]))
 
 
 class MLP(nn.Module):
@@ -227,8 +234,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, start=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+    def forward(self, x, cos, sin, mask=None, start=None, packed=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -324,13 +331,24 @@ class Transformer(nn.Module):
         # sparse, it is added into lm_head's dense gradient (the same tensor) row by row instead of as a
         # dense vocab x dim tensor of zeros (a full extra pass over the largest matrix per backward)
         w = self.embed_tokens.weight
+        packed = None
+        if targets is not None and start is None:
+            # no work where it cannot change the loss: attention is causal, so the positions after a row's
+            # last target (its padding, mostly) reach no target. Only the others run, as one [N, dim] list
+            # (every Linear, norm and MLP); attention scatters them back into the [B, T] grid.
+            t = torch.arange(T, device=tokens.device)
+            last = torch.where(targets != -100, t, -1).max(1).values
+            keep = (t <= last[:, None]).flatten()
+            if not bool(keep.all()):
+                packed = (keep.nonzero().squeeze(1), B, T)
+                tokens, targets = tokens.flatten()[packed[0]], targets.flatten()[packed[0]]
         x = F.embedding(tokens, w, sparse=self.config.tie_embeddings and w.requires_grad and torch.is_grad_enabled())
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, start, packed, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, start)
+                x = layer(x, cos, sin, mask, start, packed)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

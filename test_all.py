@@ -336,6 +336,34 @@ def test_target_loss_equals_cross_entropy_on_full_logits(monkeypatch, tied):
     assert torch.isnan(a(x, torch.full_like(y, -100))[1])   # no target anywhere: nan, as F.cross_entropy
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_positions_after_the_last_target_are_skipped_exactly(checkpoint):
+    """Training runs only the positions up to each row's last target (attention is causal, the rest
+    cannot reach the loss): loss and gradients equal the forward over every position (a model whose
+    targets reach the end of every row), whatever tokens the skipped positions hold."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16)
+    a = Transformer(cfg).init_weights(0)
+    a.grad_checkpoint = checkpoint
+    a.train()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 64, (3, 10), generator=g), torch.randint(0, 64, (3, 10), generator=g)
+    y[0, 6:] = -100                      # padding after 6 targets
+    y[1, :2] = -100                      # a prompt, targets to the end
+    y[2, :] = -100                       # no target at all
+    loss = a(x, y)[1]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in a.named_parameters()}
+    a.zero_grad()
+    ref = F.cross_entropy(a(x).view(-1, 64), y.view(-1), ignore_index=-100)   # every position, full logits
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    x2 = x.clone()
+    x2[0, 6:], x2[2] = 7, 9              # other tokens where no target can see them
+    torch.testing.assert_close(a(x2, y)[1], loss, rtol=0, atol=0)
+
+
 def test_tied_embedding_sparse_gradient_equals_dense():
     """Full fine-tuning of a tied model: the embedding's gradient (made sparse, added into lm_head's)
     equals the dense gradient of the same model whose lookup is the plain dense one, over two
@@ -1588,7 +1616,7 @@ def test_base_cache_of_a_named_gguf_model(smol_file, tmp_path):
     """--model smollm2-135m (a name, not a path): the base cache is keyed by the GGUF file it names,
     the same folder as for that file's path."""
     import types
-    args = types.SimpleNamespace(builtin=False, dtype="auto", out=str(tmp_path / "run"))
+    args = types.SimpleNamespace(builtin=False, dtype="auto", method="lora", device="cpu", out=str(tmp_path / "run"))
     by_name = train.base_cache(args, "smollm2-135m")
     assert by_name == train.base_cache(args, smol_file) and by_name.parent == tmp_path / "base-cache"
 
