@@ -5,7 +5,7 @@ Speed and memory, side by side, in one run (ratios, not timed tests).
     python bench.py train        # forward+backward tokens/s of the tiny preset
     python bench.py methods      # step time and peak memory of every method on one ~25M model
     python bench.py methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
-    python bench.py eval --new-tokens 256   # evaluation decoding on SmolLM2 vs transformers' generate
+    python bench.py eval --batch 32 --limit 64 --new-tokens 320   # evaluation on SmolLM2 vs transformers' generate
     python bench.py loss                    # the training loss from full logits vs target_loss, SmolLM2
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
@@ -233,7 +233,6 @@ def bench_methods(args):
     (--rounds), so a slow spell of the machine hits every method alike; step time is the median of
     all its steps, memory the largest peak. One model folder serves every process (same weights)."""
     import tempfile
-    import train
     methods = args.methods.split(",") + (list(PEERS) if args.peers else [])
     with tempfile.TemporaryDirectory() as d:
         if args.model:  # the same weights for ours and transformers': a Hugging Face folder, written once
@@ -311,29 +310,49 @@ def bench_methods(args):
     return rows
 
 
-def _complete_chunked(model, tok, prompts, max_new_tokens, chunk=64):
-    """The previous eval_math.complete, the baseline of `eval`: decode `chunk` tokens, look for stop
-    strings, run prompt + text again for the rows still going (a prefill per chunk)."""
-    from eval_math import _cut_at_stop
-    ids, texts = [[] for _ in prompts], [""] * len(prompts)
-    active, done = list(range(len(prompts))), 0
-    while active and done < max_new_tokens:
-        step = min(chunk, max_new_tokens - done)
-        outs = generate(model, [prompts[i] + ids[i] for i in active], step, tok.stop_ids, tok.pad_id)
-        done += step
-        running = []
-        for i, out in zip(active, outs):
-            ids[i] += out
-            texts[i], stopped = _cut_at_stop(tok.decode(ids[i]))
-            if not stopped and len(out) == step:
-                running.append(i)
-        active = running
-    return texts
+def gsm_style_problems(n, seed=0):
+    """n GSM8K-style word problems (two or three steps each): prompts that make an instruction-tuned
+    model reason for ~100-300 tokens, as GSM8K does (which is not on this machine's disk)."""
+    import random
+    rng = random.Random(seed)
+    names = ["Maria", "James", "Aisha", "Tom", "Lena", "Carlos", "Mei", "Omar"]
+    templates = [
+        "{n} buys {a} boxes of pencils. Each box holds {b} pencils. {n} gives away {c} pencils and shares the rest "
+        "equally among {d} friends. How many pencils does each friend get?",
+        "A bakery sells muffins for ${a} each and cookies for ${d} each. On Monday it sold {b} muffins and {c} cookies. "
+        "How much money did the bakery make on Monday?",
+        "A train travels at {a} miles per hour for {d} hours, then at {b} miles per hour for {c} hours. How many miles "
+        "does it travel in total?",
+        "{n} saves ${a} every week for {b} weeks, then spends ${c} on a bike and half of what is left on books. How "
+        "much money does {n} have now?",
+        "A garden has {a} rows of tomato plants with {b} plants in each row. Each plant gives {d} tomatoes, and {c} "
+        "tomatoes go bad. How many good tomatoes does the garden give?",
+        "A school has {a} classes with {b} students each. {c} students are absent and the rest go on a trip in buses "
+        "that hold {d} students each. How many buses are needed?",
+    ]
+    return [dict(question=rng.choice(templates).format(n=rng.choice(names), a=rng.randint(3, 30), b=rng.randint(4, 25),
+                                                        c=rng.randint(2, 20), d=rng.randint(2, 9)),
+                 answer="0", dataset="gsm-style", template="alpaca") for _ in range(n)]
+
+
+def read_bandwidth(mb=512, repeat=5) -> float:
+    """This machine's memory read rate (bytes/s, this process's threads): sum a tensor larger than the
+    caches. Decoding reads every weight once per step, so this bounds its steps per second."""
+    x = torch.ones(mb * 2**18)
+    x.sum()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    return x.numel() * 4 / _median(ts)
 
 
 def bench_eval(args):
-    """eval_math's decoding on SmolLM2-135M and Alpaca-template prompts, batch by batch, against the
-    previous chunked decoding and a loop over transformers' generate (stop_strings, same batches)."""
+    """eval_math's decoding (eval_math.complete: greedy, stop strings checked inside generate) on
+    SmolLM2-135M and GSM8K-style Alpaca prompts, batch by batch, against a loop over transformers'
+    generate (stop_strings, the same batches), interleaved; then the decode rate beside this machine's
+    limits (memory bandwidth, GEMM rate) and how much of the time the prefill takes."""
     import os.path
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import eval_math as E
@@ -343,9 +362,8 @@ def bench_eval(args):
     folder, name = os.path.split(gguf_path("smollm2-135m") if not args.model else args.model)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    problems = [dict(p, template="alpaca", solution=None) for p in E.load_problems("synth-target", limit=args.limit)]
-    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
-    prompts.sort(key=len, reverse=True)
+    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in gsm_style_problems(args.limit)]
+    prompts.sort(key=len, reverse=True)  # as eval_math.evaluate batches them
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     new = args.new_tokens
 
@@ -355,35 +373,61 @@ def bench_eval(args):
             P = max(map(len, b))
             ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in b])
             mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in b])
-            with torch.no_grad():
-                out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=tok.pad_id,
-                                  eos_token_id=list(tok.stop_ids), stop_strings=list(E.STOP_STRINGS), tokenizer=hf_tok)
+            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=tok.pad_id,
+                              eos_token_id=list(tok.stop_ids), stop_strings=list(E.STOP_STRINGS), tokenizer=hf_tok)
             for row in out[:, P:].tolist():
                 cut = next((j for j, x in enumerate(row) if x in tok.stop_ids), len(row))
                 texts.append(E._cut_at_stop(tok.decode(row[:cut]))[0])
         return texts
 
-    runs = {"nanopeft": lambda: [t for b in batches for t in E.complete(model, tok, b, new)],
-            "nanopeft, chunked (before)": lambda: [t for b in batches for t in _complete_chunked(model, tok, b, new)],
-            "transformers": hf_loop}
-    times = {k: [] for k in runs}
-    texts = {}
+    runs = {"nanopeft": lambda: [t for b in batches for t in E.complete(model, tok, b, new)], "transformers": hf_loop}
+    times, texts = {k: [] for k in runs}, {}
     with torch.no_grad():
-        for _ in range(args.repeat):  # interleaved: A B C A B C ..., the median of each
+        for _ in range(args.repeat):  # interleaved: A B A B ..., the median of each
             for k, fn in runs.items():
                 t = time.perf_counter()
                 texts[k] = fn()
                 times[k].append(time.perf_counter() - t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    n_tok = sum(len(tok.encode(t)) for t in texts["nanopeft"])
-    print(f"greedy evaluation decoding, {args.model or 'smollm2-135m'}, {len(prompts)} Alpaca-template prompts "
-          f"(synth-target questions), batch {args.batch}, up to {new} new tokens, {torch.get_num_threads()} threads, "
-          f"median of {args.repeat} interleaved runs, load average {os.getloadavg()[0]:.2f}; "
-          f"{n_tok:,} tokens of answers")
-    print(f"{'':<28}{'seconds':>9}{'problems/s':>12}{'÷ transformers':>16}{'same texts':>12}")
+        # the decode rate alone: one batch's generate of 1 token (the prefill) and of 1 + n (n decode steps)
+        b, n = batches[0], 64
+        t1 = _median([_time(lambda: generate(model, b, 1)) for _ in range(3)])
+        tn = _median([_time(lambda: generate(model, b, 1 + n)) for _ in range(3)])
+    med = {k: _median(v) for k, v in times.items()}
+    n_tok = [len(tok.encode(t)) for t in texts["nanopeft"]]
+    print(f"greedy evaluation decoding, {args.model or 'smollm2-135m'}, {len(prompts)} GSM8K-style Alpaca prompts "
+          f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens), batch {args.batch}, up to {new} new tokens "
+          f"(answers: {min(n_tok)}-{max(n_tok)} tokens, mean {sum(n_tok) / len(n_tok):.0f}), "
+          f"{torch.get_num_threads()} thread(s), median of {args.repeat} interleaved runs, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'':<14}{'seconds':>9}{'problems/s':>12}{'speed-up':>10}{'same texts':>12}")
     for k in runs:
-        print(f"{k:<28}{med[k]:>9.2f}{len(prompts) / med[k]:>12.2f}{med[k] / med['transformers']:>16.2f}"
+        print(f"{k:<14}{med[k]:>9.2f}{len(prompts) / med[k]:>12.2f}{med['transformers'] / med[k]:>10.2f}"
               f"{str(texts[k] == texts['nanopeft']):>12}")
+    # the physical limits of a decode step: read every weight once (bandwidth), or do its flops (GEMM rate)
+    cfg, B = model.config, len(b)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    flops_per_token = 2 * sum(p.numel() for n_, p in model.named_parameters() if "norm" not in n_)
+    bw = read_bandwidth()
+    rate = gemm_rate([(512, cfg.dim, cfg.hidden_dim), (512, cfg.hidden_dim, cfg.dim), (512, cfg.dim, cfg.dim)])
+    lim_bw, lim_gemm = B * bw / weight_bytes, rate / flops_per_token
+    decode = B * n / (tn - t1)
+    print(f"decode, batch {B}, {n} steps after the prefill: {decode:,.0f} tokens/s = "
+          f"{100 * decode / min(lim_bw, lim_gemm):.0f}% of the lower limit; limits here: memory read "
+          f"{bw / 1e9:.1f} GB/s over {weight_bytes / 1e6:.0f} MB of weights per step = {lim_bw:,.0f} tokens/s, "
+          f"fp32 GEMM {rate / 1e9:.0f} GFLOP/s over {flops_per_token / 1e6:.0f} MFLOP per token = {lim_gemm:,.0f} "
+          f"tokens/s")
+    header = len(os.path.commonprefix(prompts))
+    n_batches, mean_len = len(batches), sum(map(len, prompts)) / len(prompts)
+    print(f"prefill: {t1:.2f} s for the first batch ({B} x {len(b[0])} tokens), ~{100 * t1 * n_batches / med['nanopeft']:.0f}% "
+          f"of the evaluation time; the shared Alpaca header is {header} of {mean_len:.0f} prompt tokens "
+          f"({100 * header / mean_len:.0f}%), so prefilling it once would save at most "
+          f"~{t1 * n_batches / med['nanopeft'] * header / mean_len * 100:.0f}% of it")
+
+
+def _time(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def bench_loss(args):

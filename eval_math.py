@@ -271,7 +271,7 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                 "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-STOP_STRINGS = ("\nQuestion:", "### Instruction:", "Below is an instruction")  # a new problem begins
+STOP_STRINGS = ("\nQuestion:", "### Instruction:", "Below is an instruction")  # a new problem begins (< 24 chars)
 
 
 def format_prompt(problem: dict) -> str:
@@ -393,8 +393,8 @@ def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, nu
     generate looks at each running row's text every STOP_CHECK tokens and drops a row that has
     one from the batch, so every prompt is prefilled once. num_beams > 1: beam search (the papers'
     decoding), cut at the first stop string afterwards."""
-    def has_stop(i, ids):
-        return _cut_at_stop(tokenizer.decode(ids))[1]
+    def has_stop(i, ids):  # only the tail can hold a stop string the last look did not see (each <= 24 tokens)
+        return _cut_at_stop(tokenizer.decode(ids[-(STOP_CHECK + 24):]))[1]
     outs = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
                     stop=has_stop if num_beams == 1 else None, check_every=STOP_CHECK, num_beams=num_beams)
     return [_cut_at_stop(tokenizer.decode(ids))[0] for ids in outs]

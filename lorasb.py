@@ -149,7 +149,8 @@ class LowRankLinear(nn.Module):
         h = F.linear(x, self.A.to(x.dtype))                  # [.., r]
         if self.R is not None:
             h = F.linear(h, self.R.to(x.dtype))              # [.., r]
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(h, self.B.to(x.dtype))
+        # the scale multiplies the r-wide h, not the n_out-wide product: the same sum, a smaller pass
+        return F.linear(x, self.weight, self.bias) + F.linear(h * self.scale, self.B.to(x.dtype))
 
     def delta(self) -> torch.Tensor:
         """The dense update scale * B R A (fp32), for merge and the tests only."""
