@@ -527,6 +527,7 @@ def print_trainable(model, optimizer, base_total):
 
 def log_step(log, done, total, start, losses, lr, tokens, t0):
     elapsed = time.time() - t0
+    tokens = int(tokens)  # a device counter: read here, at log steps only
     rec = {"step": done, "loss": sum(losses) / len(losses), "lr": lr, "tok_s": tokens / elapsed, "elapsed_s": elapsed}
     mem = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
     eta = elapsed / (done - start) * (total - done)
@@ -536,10 +537,10 @@ def log_step(log, done, total, start, losses, lr, tokens, t0):
     log.flush()
 
 
-def check_finite(value, what, step, ckpt_path):
-    if not torch.isfinite(value):
+def check_finite(value: float, what, step, ckpt_path):
+    if not math.isfinite(value):
         kept = f"the last good checkpoint in {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
-        raise FloatingPointError(f"{what} is {value.item()} at step {step}; stopping: {kept}. Try a lower --lr")
+        raise FloatingPointError(f"{what} is {value} at step {step}; stopping: {kept}. Try a lower --lr")
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -611,18 +612,22 @@ def train(model, tok, args, s, problems, log_path=None):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             # forward and backward over grad_accum micro-batches: the step's gradient is their mean
+            step_loss = torch.zeros((), device=args.device)
             for j in range(args.grad_accum):
                 x, y = collate(micro_batch(examples, step * args.grad_accum + j, s.batch_size, args.seed),
                                tok.pad_id, args.device)
                 with autocast:
                     _, loss = model(x, y)
-                check_finite(loss, "loss", step, ckpt_path)  # a NaN stops the run, never trains on
                 (loss / args.grad_accum).backward()
-                losses.append(loss.item())
-                tokens += int((x != tok.pad_id).sum())  # tokens processed (prompt + solution, no padding)
-            # clip the global gradient norm (0 = off), step the method's optimizer, drop the gradients
+                step_loss += loss.detach() / args.grad_accum  # kept on the device: no host sync per micro-batch
+                tokens += (x != tok.pad_id).sum()  # tokens processed (prompt + solution, no padding)
+            # clip the global gradient norm (0 = off); one host sync per step: a NaN loss or gradient stops
+            # the run before the optimizer takes the step (never trains on)
             norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
+            step_loss, norm = torch.stack([step_loss, norm.float()]).tolist()
+            check_finite(step_loss, "loss", step, ckpt_path)
             check_finite(norm, "gradient norm", step, ckpt_path)
+            losses.append(step_loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
