@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from model import LINEAR_NAMES, find_linears
+from model import LINEAR_NAMES, broadcast_, find_linears
 
 SELECTS = ("principal", "magnitude", "gradient", "random")
 SVDS = ("exact", "lowrank")
@@ -176,6 +176,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         self.n_refresh = 0  # masks recomputed so far
         self._scoring = False
         self.index = self._select_all()  # Algorithm 1, line 2: M <- calc_mask(theta_0), as sorted flat indices
+        broadcast_(self.index)  # data parallel: every process trains process 0's entries
         self.values = [w.detach().view(-1)[i].float() for w, i in zip(self.weights, self.index)]  # fp32 master copies
         super().__init__([{"params": self.values, "param_names": [n for n, _ in named_weights]}],
                          dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -244,6 +245,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         grads = self._probe_gradients() if self.select == "gradient" else [None] * len(self.weights)
         for j, w in enumerate(self.weights):  # one matrix at a time: transients stay one matrix large
             new, grads[j] = self._select(j, grads[j]), None
+            broadcast_([new])
             old, v = self.index[j], self.values[j]
             pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
             kept = old[pos] == new

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+from model import LINEAR_NAMES, adamw, all_reduce_sum_, find_linears, plain_linear, rank_world, replace_module
 
 LORAXS_R_STD = 1e-5  # LoRA-XS: R drawn from N(0, sigma^2), sigma = 1e-5 (the authors' code)
 LIFT = "LIFT (Liu et al., ICML 2025)'s LoRA baseline"
@@ -221,15 +221,17 @@ def first_step_gradients(model, linears, batches, n_samples):
         w.requires_grad_(True)
         hooks.append(w.register_post_accumulate_grad_hook(add_and_free))
     batches, seen, nb, t0, report = iter(batches), 0, 0, time.time(), n_samples / 4
+    rank, world = rank_world()  # data parallel: process r takes batches r, r + world, ...; G is summed below
     try:
         with torch.enable_grad():
             while seen < n_samples:
                 x, y = next(batches)
                 x, y = x[:n_samples - seen], y[:n_samples - seen]
-                _, loss = model(x, y)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"lorasb: loss is {loss.item()} on batch {nb} of the gradient estimate")
-                (loss * (x.shape[0] / n_samples)).backward()
+                if nb % world == rank:
+                    _, loss = model(x, y)
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"lorasb: loss is {loss.item()} on batch {nb} of the gradient estimate")
+                    (loss * (x.shape[0] / n_samples)).backward()
                 seen, nb = seen + x.shape[0], nb + 1
                 if seen >= report:  # a progress line at every quarter
                     print(f"lorasb: gradient estimate {seen}/{n_samples} examples, {time.time() - t0:.1f}s", flush=True)
@@ -241,6 +243,8 @@ def first_step_gradients(model, linears, batches, n_samples):
         for _, lin in linears:
             lin.weight.requires_grad_(False)
             lin.weight.grad = None
+    for g in G.values():  # one matrix at a time: no second copy of every G
+        all_reduce_sum_([g])
     return G
 
 

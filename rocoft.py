@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+from model import LINEAR_NAMES, adamw, all_reduce_sum_, find_linears, plain_linear, rank_world, replace_module
 
 MODES = ("row", "column")
 SELECTS = ("first", "random", "max", "min", "mixed")
@@ -118,8 +118,11 @@ def activation_norms(model, linears, batches, n_batches: int) -> dict:
 
     handles = [m.register_forward_hook(hook(name)) for name, m in linears]
     seen = tokens = 0
+    rank, world = rank_world()  # data parallel: process r takes batches r, r + world, ...; summed below
     try:
-        for x, y in itertools.islice(batches, n_batches):
+        for i, (x, y) in enumerate(itertools.islice(batches, n_batches)):
+            if i % world != rank:
+                continue
             # padding is not data: a row's real tokens end at its last target (collate pads after it)
             pos = torch.arange(x.shape[1], device=x.device)
             last = torch.where(y != -100, pos, -1).max(1).values
@@ -129,6 +132,9 @@ def activation_norms(model, linears, batches, n_batches: int) -> dict:
     finally:
         for h in handles:
             h.remove()
+    counts = torch.tensor([seen, tokens], dtype=torch.float64)
+    all_reduce_sum_([*sq.values(), counts])
+    seen, tokens = (int(c) for c in counts)
     print(f"rocoft: Wanda activation norms from {seen} batches ({tokens} tokens)")
     return {name: s.sqrt() for name, s in sq.items()}
 

@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 import types
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ import hyper
 import lift
 import lorasb
 import rocoft
-from model import GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, bf16_fast, gguf_path, load, usual_permissions
+from model import (GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, all_reduce_sum_, bf16_fast, gguf_path, load, rank_world,
+                   usual_permissions)
 
 # -----------------------------------------------------------------------------
 # full fine-tuning: the method with no method
@@ -211,6 +213,9 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto = bf16 base weights and autocast where the device has native bf16 (CUDA, CPUs with "
                         "AVX512-BF16/AMX; full FT keeps fp32 weights), fp32 elsewhere; trainables are always fp32")
+    g.add_argument("--dist-timeout", type=float, default=1800,
+                   help="torchrun data parallel: seconds to wait for the other processes (to join, or at a step) "
+                        "before failing")
     g.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
                    help="CPU threads for torch (0 = torch's default). 1 by default on CPU: on a busy machine OpenMP "
                         "threads that wait for each other are many times slower")
@@ -433,6 +438,7 @@ def run_defining(args, s) -> dict:
     run["model"] = str(base_dir(args)) if args.builtin else (
         args.model if args.model in PRESETS or not os.path.exists(os.path.expanduser(args.model))
         else os.path.realpath(os.path.expanduser(args.model)))
+    run["processes"] = rank_world()[1]  # the data order depends on it (each process its shard of a batch)
     return {**run, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
 
 
@@ -458,7 +464,7 @@ def check_resumable(path, args, s):
                 and not (args.method == "lift" and (then[key] + 1) % s.interval == 0):
             continue  # a constant lr does not depend on the length: extending such a run is exact (unless
             # LIFT skipped the mask refresh due before the old run's would-be next step)
-        if then.get(key) != value:
+        if then.get(key, 1 if key == "processes" else None) != value:  # (checkpoints from before: 1)
             show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v
             raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} {show(then.get(key))}, "
                              f"this run has {show(value)}; resume needs the same run-defining settings "
@@ -527,7 +533,6 @@ def print_trainable(model, optimizer, base_total):
 
 def log_step(log, done, total, start, losses, lr, tokens, t0):
     elapsed = time.time() - t0
-    tokens = int(tokens)  # a device counter: read here, at log steps only
     rec = {"step": done, "loss": sum(losses) / len(losses), "lr": lr, "tok_s": tokens / elapsed, "elapsed_s": elapsed}
     mem = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
     eta = elapsed / (done - start) * (total - done)
@@ -581,13 +586,20 @@ def save_adapter(module, model, optimizer, out: Path):
     usual_permissions(out / "adapter.safetensors")
 
 
-def train(model, tok, args, s, problems, log_path=None):
+def train(model, tok, args, s, problems, log_path=None, parallel=True):
     """Fine-tune `model` in place with args.method and its settings `s` on `problems`; returns
-    (model, optimizer, info). Checkpoints go to args.out/ckpt.pt; the model is merged before returning."""
+    (model, optimizer, info). Checkpoints go to args.out/ckpt.pt; the model is merged before returning.
+    Under torchrun (parallel): process r of W takes micro-batches r, r + W, ... of the same sequence,
+    so a step sees batch x grad-accum x W examples, and the gradients of the trainable values (LIFT's:
+    its k selected entries, never a dense matrix) are summed over the processes in one message;
+    process 0 alone writes files."""
+    rank, world = rank_world() if parallel else (0, 1)
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    save = save_checkpoint if rank == 0 else (lambda *a: None)
     examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt)
-    steps_per_epoch = max(1, len(examples) // (s.batch_size * args.grad_accum))
+    steps_per_epoch = max(1, len(examples) // (s.batch_size * args.grad_accum * world))
     total = args.max_steps if args.max_steps is not None else max(1, round(s.epochs * steps_per_epoch))
     warmup = math.ceil(s.warmup_ratio * total)
     base_keys, base_total = set(model.state_dict()), sum(p.numel() for p in model.parameters())
@@ -604,30 +616,45 @@ def train(model, tok, args, s, problems, log_path=None):
         torch.cuda.reset_peak_memory_stats()
     print(f"training {total} steps ({len(examples)} examples, batch {s.batch_size} x {args.grad_accum} accum, "
           f"lr {s.lr:g} {s.schedule}, warmup {warmup}) -> {out}")
-    t0, tokens, losses = time.time(), 0, []
-    with open(log_path or out / "log.jsonl", "a" if args.resume else "w") as log, stop_requests() as stop:
+    if world > 1:
+        print(f"data parallel: {world} processes ({torch.distributed.get_backend()}), a step's batch {s.batch_size} x "
+              f"{args.grad_accum} accum x {world} = {s.batch_size * args.grad_accum * world} examples; each step "
+              f"all-reduces {sum(p.numel() for p in params):,} gradient values (the trainable ones) in one message")
+    t0, tokens, losses, sent = time.time(), 0, [], 0
+    log_file = (log_path or out / "log.jsonl") if rank == 0 else os.devnull
+    with open(log_file, "a" if args.resume else "w") as log, stop_requests() as stop:
         for step in range(start, total):
             # this step's learning rate: warmup, then decay; a pure function of the step
             lr = s.lr * lr_mult(step, total, warmup, s.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             # forward and backward over grad_accum micro-batches: the step's gradient is their mean
-            step_loss = torch.zeros((), device=args.device)
+            # (step loss, tokens, stop requested): kept on the device, no host sync per micro-batch
+            stats = torch.zeros(3, device=args.device)
             for j in range(args.grad_accum):
-                x, y = collate(micro_batch(examples, step * args.grad_accum + j, s.batch_size, args.seed),
-                               tok.pad_id, args.device)
+                x, y = collate(micro_batch(examples, (step * args.grad_accum + j) * world + rank, s.batch_size,
+                                           args.seed), tok.pad_id, args.device)
                 with autocast:
                     _, loss = model(x, y)
                 (loss / args.grad_accum).backward()
-                step_loss += loss.detach() / args.grad_accum  # kept on the device: no host sync per micro-batch
-                tokens += (x != tok.pad_id).sum()  # tokens processed (prompt + solution, no padding)
+                stats[0] += loss.detach() / args.grad_accum
+                stats[1] += (x != tok.pad_id).sum()  # tokens processed (prompt + solution, no padding)
+            if world > 1:  # the mean gradient over the processes, and their stats, in one message
+                stats[2] = float(bool(stop))
+                grads = [p.grad for p in params if p.grad is not None]
+                sent = all_reduce_sum_(grads + [stats])
+                torch._foreach_div_(grads, world)
+                stats[0] /= world
             # clip the global gradient norm (0 = off); one host sync per step: a NaN loss or gradient stops
             # the run before the optimizer takes the step (never trains on)
             norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
-            step_loss, norm = torch.stack([step_loss, norm.float()]).tolist()
+            step_loss, n_tokens, stopping, norm = torch.cat([stats, norm.float().view(1)]).tolist()
             check_finite(step_loss, "loss", step, ckpt_path)
             check_finite(norm, "gradient norm", step, ckpt_path)
             losses.append(step_loss)
+            tokens += int(n_tokens)
+            if stopping and not stop:  # another process was asked to stop: all stop at this step
+                stop.append(signal.SIGTERM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -636,19 +663,20 @@ def train(model, tok, args, s, problems, log_path=None):
                 log_step(log, done, total, start, losses, lr, tokens, t0)
                 losses = []
             if args.save_every and done % args.save_every == 0 and done < total:
-                save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args, s)
+                save(ckpt_path, model, optimizer, base_keys, done, args, s)
             if args.eval_every and done % args.eval_every == 0 and done < total:  # the learn/forget curve
                 log.write(json.dumps({"step": done, "accuracy": run_eval(model, tok, args, f"step {done}")}) + "\n")
             # Ctrl-C / SIGTERM: this step is complete; checkpoint it and stop
             if stop:
-                save_checkpoint(ckpt_path, model, optimizer, base_keys, done, args, s)
+                save(ckpt_path, model, optimizer, base_keys, done, args, s)
                 print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume")
                 raise KeyboardInterrupt if stop[0] == signal.SIGINT else SystemExit(128 + stop[0])
-    save_checkpoint(ckpt_path, model, optimizer, base_keys, total, args, s)
+    save(ckpt_path, model, optimizer, base_keys, total, args, s)
     info = {"steps": total, "trainable": n_trainable, "model_params": base_total, "train_s": time.time() - t0,
-            "truncated": truncated}
+            "truncated": truncated, "processes": world, "allreduce_bytes_per_step": sent}
     module = METHODS[args.method][0]
-    save_adapter(module, model, optimizer, out)
+    if rank == 0:
+        save_adapter(module, model, optimizer, out)
     module.merge(model)
     model.eval()
     return model, optimizer, info
@@ -665,7 +693,7 @@ def eval_problems(eval_data: str, limit, seed) -> tuple:
 
 def run_eval(model, tok, args, label):
     """Accuracy on every --eval-data spec (test split); prints the table, returns {dataset: accuracy}."""
-    if not args.eval_data:
+    if not args.eval_data or rank_world()[0] != 0:  # data parallel: process 0 evaluates
         return {}
     problems = list(eval_problems(args.eval_data, args.eval_limit, args.seed))
     result = eval_math.evaluate(model, tok, problems, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
@@ -702,16 +730,23 @@ def pretrain_base(args) -> Path:
                                    "max_steps": args.pretrain_steps, "out": str(folder) + ".run"})
     pre.resume = (Path(pre.out) / "ckpt.pt").exists()  # an interrupted pretraining continues where it stopped
     model.to(args.device)
-    train(model, tok, pre, Full(**PRETRAIN["settings"]), eval_math.load_problems("synth-source", "train", seed=0))
+    train(model, tok, pre, Full(**PRETRAIN["settings"]), eval_math.load_problems("synth-source", "train", seed=0),
+          parallel=False)
     model.save_pretrained(folder)
     tok.save(folder)
     return folder
 
 
 def builtin_base(args) -> str:
-    """The built-in base model's folder, pretrained first if it is not cached yet."""
+    """The built-in base model's folder, pretrained first if it is not cached yet (under torchrun by
+    process 0 alone, as in a single process, while the others wait)."""
     folder = base_dir(args)
-    return str(folder) if (folder / "model.safetensors").exists() else str(pretrain_base(args))
+    if not (folder / "model.safetensors").exists():
+        if rank_world()[0] == 0:
+            pretrain_base(args)
+        if rank_world()[1] > 1:
+            torch.distributed.barrier()
+    return str(folder)
 
 
 def base_cache(args, model_path) -> Path:
@@ -766,12 +801,48 @@ def claim_out(args, s):
         check_resumable(out / "ckpt.pt", args, s)
 
 
+def start_distributed(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group (nccl on CUDA, each
+    process on its own GPU; gloo on CPU) and return this process's rank; 0 without torchrun. A group
+    that does not form within --dist-timeout is a one-line error, not a hang."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if "cuda" in args.device:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        try:
+            dist.init_process_group("nccl" if "cuda" in args.device else "gloo",
+                                    timeout=timedelta(seconds=args.dist_timeout))
+        except (RuntimeError, TimeoutError, ValueError) as e:  # dist's errors are RuntimeErrors
+            raise ConnectionError(f"data parallel: process {os.environ.get('RANK')} of {world} could not meet the "
+                                  f"others at {where} within --dist-timeout {args.dist_timeout:g} s "
+                                  f"({str(e).splitlines()[0][:200]}); start all of them (torchrun --nproc-per-node, "
+                                  "--nnodes)") from None
+    return dist.get_rank()
+
+
 def main(argv=None):
+    """One run. Under torchrun every process runs it: process 0 prints, evaluates and writes files and
+    returns the metrics; the others train their shard quietly and return None."""
     args, s, origin = parse_args(argv)
+    rank = start_distributed(args)
+    with redirect_stdout(open(os.devnull, "w")) if rank else nullcontext():
+        return run(args, s, origin, rank)
+
+
+def run(args, s, origin, rank=0):
     print("run: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     print_settings(args.method, s, origin)
     # every input checked before the model loads: the output folder, the training and eval data
-    claim_out(args, s)
+    if rank == 0:
+        claim_out(args, s)
+    elif args.resume:
+        check_resumable(Path(args.out) / "ckpt.pt", args, s)
     problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
     if args.eval_data:
         eval_problems(args.eval_data, args.eval_limit, args.seed)
@@ -791,10 +862,10 @@ def main(argv=None):
         raise ValueError(f"--seq-len {args.seq_len} is more than the model's {model.config.max_seq_len} positions "
                          "(its max_position_embeddings); lower it")
     real = not args.builtin and args.model not in PRESETS  # pretrained weights, not a random preset
-    measure_forgetting = real and args.forget_prompts and args.eval_data  # --eval-data none: no evaluation
+    measure_forgetting = rank == 0 and real and args.forget_prompts and args.eval_data  # none: no evaluation
     cache = base_cache(args, model_path) if args.builtin or real else None
     before, forget = None, None
-    if cache is not None and args.eval_data:  # the base's accuracy, computed once per base and cached
+    if rank == 0 and cache is not None and args.eval_data:  # the base's accuracy, once per base, cached
         f = cache / (f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}"
                      f"-{args.max_new_tokens}-{args.protocol}-{args.num_beams}.json")
         if f.exists():
@@ -806,6 +877,8 @@ def main(argv=None):
     if measure_forgetting:
         texts, reference = forgetting_set(model, tok, args, cache)
     model, optimizer, info = train(model, tok, args, s, problems)
+    if rank != 0:
+        return None
     model.save_pretrained(args.out)
     tok.save(args.out)
     label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
@@ -842,6 +915,15 @@ def cli(argv=None) -> int:
     except (ValueError, OSError, FloatingPointError, ImportError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.distributed's errors: a process died, or hung past --dist-timeout
+        if rank_world()[1] == 1:
+            raise
+        print(f"error: data parallel, process {rank_world()[0]}: {str(e).splitlines()[0][:300]} (another process "
+              "stopped, or did not answer within --dist-timeout)", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
