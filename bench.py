@@ -7,6 +7,7 @@ Speed and memory, side by side, in one run (ratios, not timed tests).
     python bench.py methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
     python bench.py eval --batch 32 --limit 64 --new-tokens 320   # evaluation on SmolLM2 vs transformers' generate
     python bench.py loss                    # the training loss from full logits vs target_loss, SmolLM2
+    python bench.py gpu --steps 10          # on a CUDA GPU: every method on Llama-3.2-1B shapes (a few minutes)
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
 same batches and a comparable budget, and prints ratios to LoRA and to full fine-tuning.
@@ -424,6 +425,112 @@ def bench_eval(args):
           f"~{t1 * n_batches / med['nanopeft'] * header / mean_len * 100:.0f}% of it")
 
 
+MICRO_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16)  # bench.py gpu --micro
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "4090": 165}  # dense, per GPU
+
+
+def bench_gpu(args):
+    """The GPU check, one prepared run of a few minutes: a random model with Llama-3.2-1B's shapes,
+    weights and autocast as train.py --dtype auto sets them (bf16 base weights; full fine-tuning fp32
+    weights under bf16 autocast), every method for --steps steps at batch x seq GSM8K-style tokens,
+    without and with activation checkpointing. Per method: step time, tokens/s, MFU (the step's
+    counted flops over the GPU's dense bf16 peak), torch.cuda.max_memory_allocated beside
+    memory.plan's prediction; then LIFT / LoRA step time (goal <= 1.15) and memory (<= 1.10).
+    --micro runs the same code on the CPU with a micro model (the tests do), without the memory and
+    MFU columns."""
+    import contextlib
+    import gc
+    import io
+    import itertools
+    from torch.utils.flop_counter import FlopCounterMode
+    import memory
+    import train
+    from model import bf16_fast
+    cuda = torch.cuda.is_available() and not args.micro
+    device = "cuda" if cuda else "cpu"
+    cfg = ModelConfig(**MICRO_CONFIG) if args.micro else ModelConfig.from_preset("llama-3.2-1b")
+    B, T = args.batch, args.seq
+    bf16 = bf16_fast(device)
+    peak = None
+    if cuda:
+        gpu = torch.cuda.get_device_name()
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    data = [(x.to(device), y.to(device)) for x, y in sft_batches(3, B, T, min(cfg.vocab_size, 32000))]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = []
+    for ckpt in (False, True):
+        for m in args.methods.split(","):
+            name, *mode = m.split("-")
+            module, cls = train.METHODS[name]
+            knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 2 * B}
+            s = cls(lr=1e-5, **{k: v for k, v in knobs.items() if v is not None and k in cls.__dataclass_fields__})
+            wdtype = torch.bfloat16 if bf16 and name != "full" else torch.float32
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Transformer(cfg)
+                for p in model.parameters():  # random weights, made on the device (a CPU init of 1B is slow)
+                    p.data.normal_(0, 0.02)
+            model.to(wdtype).train()
+            model.grad_checkpoint = ckpt
+            run = {"lift": dict(max_steps=10**6), "lorasb": dict(lr_first=1e-5, n_train=10**6)}.get(name, {})
+            with contextlib.redirect_stdout(io.StringIO()):
+                opt = module.prepare(model, s, itertools.cycle(data), seed=0, **run)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            autocast = torch.autocast(device, torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+            def step(x, y):
+                with autocast:
+                    loss = model(x, y)[1]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()  # the training step's peak, not prepare's
+            times = []
+            for i, (x, y) in enumerate(itertools.islice(itertools.cycle(data), 2 + args.steps)):
+                sync()
+                t = time.perf_counter()
+                step(x, y)
+                sync()
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            mem = torch.cuda.max_memory_allocated() if cuda else None
+            with FlopCounterMode(display=False) as counter:
+                step(*data[0])
+            plan = memory.plan(cfg, name, s, B, T, weight_dtype=wdtype, grad_checkpoint=ckpt,
+                               compute_dtype=torch.bfloat16 if bf16 else wdtype)
+            rows.append(dict(method=m, ckpt=ckpt, trainable=sum(p.numel() for p in params), step=_median(times),
+                             flops=counter.get_total_flops(), mem=mem, plan=plan["total"]))
+            print(f"  {m} (checkpointing {'on' if ckpt else 'off'}): {1e3 * rows[-1]['step']:.0f} ms/step",
+                  file=sys.stderr, flush=True)
+            del model, opt, params
+            gc.collect()
+    where = (f"{torch.cuda.get_device_name()}, bf16 peak {peak or '?'} TFLOP/s" if cuda
+             else f"CPU, {torch.get_num_threads()} thread(s) (--micro: the code path only)")
+    print(f"bench.py gpu: {'micro model' if args.micro else 'random Llama-3.2-1B shapes'} "
+          f"({memory.n_params(cfg):,} parameters), batch {B} x {T} tokens, {'bf16' if bf16 else 'fp32'}, rank "
+          f"{args.rank}, median of {args.steps} steps; {where}")
+    print(f"{'method':<15}{'ckpt':>5}{'trainable':>14}{'step ms':>9}{'tokens/s':>10}{'MFU %':>7}{'max alloc GB':>14}"
+          f"{'plan GB':>9}{'alloc/plan':>11}")
+    for r in rows:
+        mfu = f"{100 * r['flops'] / r['step'] / (peak * 1e12):>7.1f}" if peak else f"{'-':>7}"
+        mem = (f"{r['mem'] / 2**30:>14.2f}{r['plan'] / 2**30:>9.2f}{r['mem'] / r['plan']:>11.2f}" if r["mem"]
+               else f"{'-':>14}{r['plan'] / 2**30:>9.3f}{'-':>11}")
+        print(f"{r['method']:<15}{'on' if r['ckpt'] else 'off':>5}{r['trainable']:>14,}{1e3 * r['step']:>9.0f}"
+              f"{B * T / r['step']:>10,.0f}{mfu}{mem}")
+    for ckpt in (False, True):
+        by = {r["method"]: r for r in rows if r["ckpt"] == ckpt}
+        if "lift" in by and "lora" in by:
+            t = by["lift"]["step"] / by["lora"]["step"]
+            line = f"check (checkpointing {'on' if ckpt else 'off'}): LIFT / LoRA step time {t:.2f} (goal <= 1.15)"
+            if by["lift"]["mem"]:
+                line += f", memory {by['lift']['mem'] / by['lora']['mem']:.2f} (goal <= 1.10)"
+            print(line)
+    return rows
+
+
 def _time(fn):
     t = time.perf_counter()
     fn()
@@ -477,9 +584,9 @@ def bench_loss(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["generate", "train", "methods", "eval", "loss", "_one"])
+    ap.add_argument("what", choices=["generate", "train", "methods", "eval", "loss", "gpu", "_one"])
     ap.add_argument("--batch", type=int, default=None, help="default 32 (generate, train), 4 (methods)")
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=None, help="default 128; gpu: 512 (--micro: 32)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--methods", default="full,lora,lift,rocoft-row,rocoft-column,hyper,loraxs,lorasb")
     ap.add_argument("--method", default="lora")
@@ -496,10 +603,14 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="methods: our methods' precision (bfloat16 = bf16 autocast; fast only on CPUs with bf16)")
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--micro", action="store_true", help="gpu: a micro model on the CPU (the code path, for tests)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, if not in the table")
     ap.add_argument("--limit", type=int, default=16, help="eval: prompts")
     ap.add_argument("--repeat", type=int, default=3, help="eval: interleaved repetitions (the median is shown)")
     args = ap.parse_args()
-    args.batch = args.batch or (4 if args.what in ("methods", "_one", "loss") else 8 if args.what == "eval" else 32)
+    args.batch = args.batch or (4 if args.what in ("methods", "_one", "loss") else 8 if args.what in ("eval", "gpu")
+                                else 32)
+    args.seq = args.seq or (512 if args.what == "gpu" and not args.micro else 32 if args.micro else 128)
     torch.set_num_threads(args.threads)
     {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "eval": bench_eval,
-     "loss": bench_loss, "_one": bench_one}[args.what](args)
+     "loss": bench_loss, "gpu": bench_gpu, "_one": bench_one}[args.what](args)

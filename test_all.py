@@ -1843,6 +1843,21 @@ def test_data_parallel_failures_are_clear_and_bounded(small_dir, tmp_path):
     assert time.time() - t < 60
 
 
+def test_gpu_bench_runs_its_code_path_on_the_cpu():
+    """bench.py gpu --micro: the GPU script's code (every method, without and with checkpointing, the
+    memory plan beside each, the LIFT / LoRA checks) on a micro model on the CPU."""
+    import subprocess
+    done = subprocess.run([sys.executable, "bench.py", "gpu", "--micro", "--steps", "1", "--methods",
+                           "full,lora,lift,rocoft-row,lorasb"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in
+            (["full"], ["lora"], ["lift"], ["rocoft-row"], ["lorasb"])]
+    assert [(r[0], r[1]) for r in rows] == [(m, c) for c in ("off", "on") for m in
+                                           ("full", "lora", "lift", "rocoft-row", "lorasb")]
+    assert all(float(r[7]) > 0 for r in rows)  # the plan's GB beside every method
+    assert done.stdout.count("LIFT / LoRA step time") == 2
+
+
 # ==================================================================================================
 # lift.py: against brute-force / dense references (Eq. 1-3, Algorithm 1)
 
