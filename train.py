@@ -831,7 +831,9 @@ def main(argv=None):
     returns the metrics; the others train their shard quietly and return None."""
     args, s, origin = parse_args(argv)
     rank = start_distributed(args)
-    with redirect_stdout(open(os.devnull, "w")) if rank else nullcontext():
+    if rank == 0:
+        return run(args, s, origin)
+    with open(os.devnull, "w") as null, redirect_stdout(null):
         return run(args, s, origin, rank)
 
 
