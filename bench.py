@@ -505,7 +505,7 @@ def bench_gpu(args):
                              flops=counter.get_total_flops(), mem=mem, plan=plan["total"]))
             print(f"  {m} (checkpointing {'on' if ckpt else 'off'}): {1e3 * rows[-1]['step']:.0f} ms/step",
                   file=sys.stderr, flush=True)
-            del model, opt, params
+            model = opt = params = None  # free them before the next method is built
             gc.collect()
     where = (f"{torch.cuda.get_device_name()}, bf16 peak {peak or '?'} TFLOP/s" if cuda
              else f"CPU, {torch.get_num_threads()} thread(s) (--micro: the code path only)")
