@@ -45,8 +45,9 @@ def _bytes(dtype) -> int:
 def layer_linears(cfg: ModelConfig):
     """(name, n_out, n_in, input group) of one block's Linears; a group shares one input tensor."""
     d, q, kv, h = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
-    return [("q_proj", q, d, "xn1"), ("k_proj", kv, d, "xn1"), ("v_proj", kv, d, "xn1"), ("o_proj", d, q, "attn"),
-            ("gate_proj", h, d, "xn2"), ("up_proj", h, d, "xn2"), ("down_proj", d, h, "act")]
+    return [("q_proj", q, d, "xn1"), ("k_proj", kv, d, "xn1"), ("v_proj", kv, d, "xn1"),
+            ("o_proj", d, q, "attn"), ("gate_proj", h, d, "xn2"), ("up_proj", h, d, "xn2"),
+            ("down_proj", d, h, "act")]
 
 
 def n_params(cfg: ModelConfig) -> int:
@@ -129,7 +130,7 @@ def _block(cfg, method, s, N, w, a, first, grid=None) -> int:
 def shares(targets: torch.Tensor) -> dict:
     """plan's `targets` and `padding` for a [B, T] targets tensor (-100: none), as model.Transformer.forward
     sees it: positions after a row's last target do not run."""
-    t = torch.arange(targets.shape[1])
+    t = torch.arange(targets.shape[1], device=targets.device)
     last = torch.where(targets != -100, t, -1).max(1).values
     idle = int((t > last[:, None]).sum())
     return dict(targets=int((targets != -100).sum()) / targets.numel(), padding=idle / targets.numel())
@@ -238,8 +239,8 @@ def main(argv=None):
     room = (args.gpu_gb - 2) * GiB / 1.10
     print(f"Largest batch x {args.seq} tokens (every token a target) on one {args.gpu_gb:g} GiB GPU: planned "
           f"peak x 1.10 + 2 GiB must fit.\ntrain.py --dtype auto on CUDA: bf16 weights (full: fp32), bf16 "
-          f"autocast. GiB at the largest batch without checkpointing (with it where that is 0);\n'peak' is not "
-          f"the sum: loss buffers and backward transients come and go; * = LoRA-SB's initial gradient pass.")
+          f"autocast. GiB at the largest batch without checkpointing\n(with it where that is 0); 'peak' is not "
+          f"the sum: loss buffers and backward transients come and go;\n* = LoRA-SB's initial gradient pass.")
     for name in args.models.split(","):
         cfg = MODELS[name]
         print(f"\n{name} ({n_params(cfg) / 1e9:.2f}B parameters)")
@@ -250,11 +251,12 @@ def main(argv=None):
             b0, b1 = (largest_batch(cfg, method, s, args.seq, room, grad_checkpoint=c, **kw)
                       for c in (False, True))
             p = plan(cfg, method, s, b0 or max(b1, 1), args.seq, grad_checkpoint=not b0, **kw)
-            gb = {key: f"{p[key] / GiB:.1f}" for key in ("weights", "buffers", "master", "adam", "grads",
-                                                          "activations", "loss")}
-            peak = f"{max(p['total'], p['prepare']) / GiB:.1f}" + ("*" if p["prepare"] > p["total"] else "")
-            print(f"{label:<15}{p['trainable']:>14,}{b0:>7}{b1:>6}{gb['weights']:>9}{gb['buffers']:>9}"
-                  f"{gb['master']:>8}{gb['adam']:>6}{gb['grads']:>7}{gb['activations']:>7}{gb['loss']:>6}{peak:>7}")
+            cols = [f"{p[key] / GiB:.1f}" for key in ("weights", "buffers", "master", "adam", "grads",
+                                                       "activations", "loss")]
+            star = "*" if p["prepare"] > p["total"] else ""
+            cols.append(f"{max(p['total'], p['prepare']) / GiB:.1f}{star}")
+            print(f"{label:<15}{p['trainable']:>14,}{b0:>7}{b1:>6}"
+                  + "".join(f"{c:>{n}}" for c, n in zip(cols, (9, 9, 8, 6, 7, 7, 6, 7))))
             if p["host"]:
                 print(f"{'':<15}(LoRA-SB's gradient sums: {p['host'] / GiB:.1f} GiB of host memory)")
 
