@@ -327,10 +327,6 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # [B, 1, T, head_dim]
-        # tied and trained (full fine-tuning): the embedding's gradient is the few rows it looked up; made
-        # sparse, it is added into lm_head's dense gradient (the same tensor) row by row instead of as a
-        # dense vocab x dim tensor of zeros (a full extra pass over the largest matrix per backward)
-        w = self.embed_tokens.weight
         packed = None
         if targets is not None and start is None:
             # no work where it cannot change the loss: attention is causal, so the positions after a row's
@@ -342,6 +338,10 @@ class Transformer(nn.Module):
             if not bool(keep.all()):
                 packed = (keep.nonzero().squeeze(1), B, T)
                 tokens, targets = tokens.flatten()[packed[0]], targets.flatten()[packed[0]]
+        # tied and trained (full fine-tuning): the embedding's gradient is the few rows it looked up; made
+        # sparse, it is added into lm_head's dense gradient (the same tensor) row by row instead of as a
+        # dense vocab x dim tensor of zeros (a full extra pass over the largest matrix per backward)
+        w = self.embed_tokens.weight
         x = F.embedding(tokens, w, sparse=self.config.tie_embeddings and w.requires_grad and torch.is_grad_enabled())
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
