@@ -499,8 +499,9 @@ def bench_gpu(args):
             mem = torch.cuda.max_memory_allocated() if cuda else None
             with FlopCounterMode(display=False) as counter:
                 step(*data[0])
-            plan = memory.plan(cfg, name, s, B, T, weight_dtype=wdtype, grad_checkpoint=ckpt,
-                               compute_dtype=torch.bfloat16 if bf16 else wdtype)
+            plan = max((memory.plan(cfg, name, s, B, T, weight_dtype=wdtype, grad_checkpoint=ckpt,
+                                    compute_dtype=torch.bfloat16 if bf16 else wdtype, **memory.shares(y.cpu()))
+                        for _, y in data), key=lambda p: p["total"])  # the batches' prompts and padding
             rows.append(dict(method=m, ckpt=ckpt, trainable=sum(p.numel() for p in params), step=_median(times),
                              flops=counter.get_total_flops(), mem=mem, plan=plan["total"]))
             print(f"  {m} (checkpointing {'on' if ckpt else 'off'}): {1e3 * rows[-1]['step']:.0f} ms/step",

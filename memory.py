@@ -26,7 +26,7 @@ import argparse
 
 import torch
 
-from lift import budget
+import lift
 from model import LOSS_CHUNK, ModelConfig
 
 GiB = 2**30
@@ -72,7 +72,7 @@ def _adapted(cfg, method, s):
 
 def _trainable_per_matrix(method, s, n_out, n_in, r) -> int:
     return {"full": n_out * n_in, "lora": r * (n_in + n_out), "loraxs": r * r, "lorasb": r * r,
-            "lift": budget(n_out, n_in, getattr(s, "rank", 0), getattr(s, "block", 0)),
+            "lift": lift.budget(n_out, n_in, getattr(s, "rank", 0), getattr(s, "block", 0)),
             "rocoft-row": r * n_in, "rocoft-column": r * n_out, "hyper": n_in + n_out}[_kind(method, s)]
 
 
@@ -196,7 +196,6 @@ def plan(cfg: ModelConfig, method: str, settings, batch: int, seq: int, weight_d
     if kind == "lift":
         k["prepare"] = P * w + max(5 * 4 * max(o * i for o, i, _ in mats) + 8 * n, static - P * w)
     if kind == "lorasb" and s.init == "gradient":
-        import lift
         every = lift.Settings(targets=s.targets, rank=1)
         p = plan(cfg, "lift", every, batch, seq, weight_dtype, grad_checkpoint, compute_dtype, targets, padding)
         k["prepare"] = p["total"] - sum(p[c] for c in ("buffers", "master", "adam", "grads"))

@@ -338,11 +338,7 @@ class Transformer(nn.Module):
             if not bool(keep.all()):
                 packed = (keep.nonzero().squeeze(1), B, T)
                 tokens, targets = tokens.flatten()[packed[0]], targets.flatten()[packed[0]]
-        # tied and trained (full fine-tuning): the embedding's gradient is the few rows it looked up; made
-        # sparse, it is added into lm_head's dense gradient (the same tensor) row by row instead of as a
-        # dense vocab x dim tensor of zeros (a full extra pass over the largest matrix per backward)
-        w = self.embed_tokens.weight
-        x = F.embedding(tokens, w, sparse=self.config.tie_embeddings and w.requires_grad and torch.is_grad_enabled())
+        x = self.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
