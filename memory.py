@@ -27,7 +27,7 @@ import argparse
 import torch
 
 import lift
-from model import LOSS_CHUNK, ModelConfig
+from model import LOSS_CHUNK, ModelConfig, up_to_last_target
 
 GiB = 2**30
 # The README table's models (model.PRESETS: the shapes of their config.json), and SmolLM2-135M (its
@@ -130,9 +130,7 @@ def _block(cfg, method, s, N, w, a, first, grid=None) -> int:
 def shares(targets: torch.Tensor) -> dict:
     """plan's `targets` and `padding` for a [B, T] targets tensor (-100: none), as model.Transformer.forward
     sees it: positions after a row's last target do not run."""
-    t = torch.arange(targets.shape[1], device=targets.device)
-    last = torch.where(targets != -100, t, -1).max(1).values
-    idle = int((t > last[:, None]).sum())
+    idle = int((~up_to_last_target(targets)).sum())
     return dict(targets=int((targets != -100).sum()) / targets.numel(), padding=idle / targets.numel())
 
 

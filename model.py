@@ -239,6 +239,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def up_to_last_target(targets: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions up to each row's last target (-100 = none). With causal attention the
+    rest cannot reach the loss; in a batch collated by train.py they are its padding."""
+    t = torch.arange(targets.shape[1], device=targets.device)
+    return t <= torch.where(targets != -100, t, -1).max(1).values[:, None]
+
+
 LOSS_CHUNK = 512  # rows of lm_head + cross-entropy at a time in training (their logits: 512 x vocab fp32)
 
 
@@ -332,9 +339,7 @@ class Transformer(nn.Module):
             # no work where it cannot change the loss: attention is causal, so the positions after a row's
             # last target (its padding, mostly) reach no target. Only the others run, as one [N, dim] list
             # (every Linear, norm and MLP); attention scatters them back into the [B, T] grid.
-            t = torch.arange(T, device=tokens.device)
-            last = torch.where(targets != -100, t, -1).max(1).values
-            keep = (t <= last[:, None]).flatten()
+            keep = up_to_last_target(targets).flatten()
             if not bool(keep.all()):
                 packed = (keep.nonzero().squeeze(1), B, T)
                 tokens, targets = tokens.flatten()[packed[0]], targets.flatten()[packed[0]]

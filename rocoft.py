@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, adamw, all_reduce_sum_, find_linears, plain_linear, rank_world, replace_module
+from model import (LINEAR_NAMES, adamw, all_reduce_sum_, find_linears, plain_linear, rank_world, replace_module,
+                   up_to_last_target)
 
 MODES = ("row", "column")
 SELECTS = ("first", "random", "max", "min", "mixed")
@@ -123,10 +124,7 @@ def activation_norms(model, linears, batches, n_batches: int) -> dict:
         for i, (x, y) in enumerate(itertools.islice(batches, n_batches)):
             if i % world != rank:
                 continue
-            # padding is not data: a row's real tokens end at its last target (collate pads after it)
-            pos = torch.arange(x.shape[1], device=x.device)
-            last = torch.where(y != -100, pos, -1).max(1).values
-            real[0] = (pos[None, :] <= last[:, None])
+            real[0] = up_to_last_target(y)  # padding is not data: collate pads after a row's last target
             model(x)
             seen, tokens = seen + 1, tokens + int(real[0].sum())
     finally:
