@@ -579,7 +579,7 @@ def bench_loss(args):
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'targets':<14}{'full logits s':>15}{'target_loss s':>15}{'ratio':>8}")
     for yn in targets:
-        a, b = (sorted(times[(n, yn)])[len(times[(n, yn)]) // 2] for n in fns)
+        a, b = (_median(times[(n, yn)]) for n in fns)
         print(f"{yn:<14}{a:>15.2f}{b:>15.2f}{b / a:>8.2f}")
 
 

@@ -438,7 +438,8 @@ def run_defining(args, s) -> dict:
     run["model"] = str(base_dir(args)) if args.builtin else (
         args.model if args.model in PRESETS or not os.path.exists(os.path.expanduser(args.model))
         else os.path.realpath(os.path.expanduser(args.model)))
-    run["processes"] = rank_world()[1]  # the data order depends on it (each process its shard of a batch)
+    # the data order depends on it (each process its shard of a batch); the built-in pretraining runs alone
+    run["processes"] = vars(args).get("processes") or rank_world()[1]
     return {**run, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
 
 
@@ -727,7 +728,7 @@ def pretrain_base(args) -> Path:
           f"({args.pretrain_steps} steps; first run only)")
     model, tok = load("tiny", seed=0)
     pre = types.SimpleNamespace(**{**vars(args), **{k: v for k, v in PRETRAIN.items() if k != "settings"},
-                                   "max_steps": args.pretrain_steps, "out": str(folder) + ".run"})
+                                   "max_steps": args.pretrain_steps, "out": str(folder) + ".run", "processes": 1})
     pre.resume = (Path(pre.out) / "ckpt.pt").exists()  # an interrupted pretraining continues where it stopped
     model.to(args.device)
     train(model, tok, pre, Full(**PRETRAIN["settings"]), eval_math.load_problems("synth-source", "train", seed=0),
