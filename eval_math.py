@@ -621,6 +621,9 @@ def run(args):
         raise ValueError(f"--out {args.out} is a file, not a folder for predictions.jsonl and metrics.json")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if args.dtype == "float16" and not args.device.startswith("cuda"):
+        raise ValueError(f"--dtype float16 on {args.device}: CPUs have no fast fp16 matrix products; use float32 or "
+                         "bfloat16 there (float16 is for CUDA GPUs)")
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype or ("bfloat16" if bf16_fast(args.device) else "float32"))
     problems = [p for spec in args.data.split(",") if spec.strip()

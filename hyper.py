@@ -94,3 +94,12 @@ def adapter_state(model, optimizer=None) -> dict:
             out[f"{name}.a"] = m.a.detach()
             out[f"{name}.b"] = m.b.detach()
     return out
+
+
+def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
+    """{weight name: diag(a) W0 diag(b)} in fp32, for every adapted matrix; `base` holds the base
+    weights as stored (any dtype), `adapter` what adapter_state returned."""
+    return {f"{key.removesuffix('.a')}.weight": base[f"{key.removesuffix('.a')}.weight"].float()
+            * adapter[key][:, None] * adapter[f"{key.removesuffix('.a')}.b"][None, :]
+            for key in adapter if key.endswith(".a")}
+

@@ -185,6 +185,9 @@ class LIFTAdamW(torch.optim.Optimizer):
         # every entry ever selected, with its base value W0 (for resume and the sparse adapter)
         self.touched = list(self.index)  # shares the index tensors until a refresh replaces them
         self.touched_w0 = [w.detach().view(-1)[i].clone() for w, i in zip(self.weights, self.index)]
+        # fp32 values of every touched entry as last trained (those in the current mask: `values`), so an
+        # entry that leaves the mask keeps its exact value even where the weight is bf16
+        self.touched_fp32 = [v.detach().clone() for v in self.values]
         for j, w in enumerate(self.weights):
             w._lift_hook = w.register_post_accumulate_grad_hook(self._gather(j))
 
@@ -247,18 +250,30 @@ class LIFTAdamW(torch.optim.Optimizer):
             new, grads[j] = self._select(j, grads[j]), None
             broadcast_([new])
             old, v = self.index[j], self.values[j]
+            self._record_fp32(j)  # the leaving entries' exact values, before the mask moves on
+            fresh = new[~torch.isin(new, self.touched[j])]  # never touched before: their value is W0
+            if fresh.numel():
+                self.touched[j], order = torch.cat([self.touched[j], fresh]).sort()
+                self.touched_w0[j] = torch.cat([self.touched_w0[j], w.view(-1)[fresh]])[order]
+                self.touched_fp32[j] = torch.cat([self.touched_fp32[j], w.view(-1)[fresh].float()])[order]
             pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
             kept = old[pos] == new
             for key in ("exp_avg", "exp_avg_sq"):
                 mom = self.state[v][key]
                 mom.copy_(torch.where(kept, mom[pos], 0.0))
-            v.copy_(torch.where(kept, v[pos], w.view(-1)[new].float()))
+            # new entries start from their exact last value (fp32; W0 where never trained)
+            v.copy_(torch.where(kept, v[pos], self.touched_fp32[j][torch.searchsorted(self.touched[j], new)]))
             v.grad = None  # a gradient gathered under the old mask belongs to other entries
             self.index[j] = new
-            fresh = new[~torch.isin(new, self.touched[j])]  # never touched before: their value is W0
-            if fresh.numel():
-                self.touched[j], order = torch.cat([self.touched[j], fresh]).sort()
-                self.touched_w0[j] = torch.cat([self.touched_w0[j], w.view(-1)[fresh]])[order]
+
+    def _record_fp32(self, j):
+        """Copy matrix j's current fp32 values into touched_fp32 (at their positions in `touched`)."""
+        self.touched_fp32[j][torch.searchsorted(self.touched[j], self.index[j])] = self.values[j].detach()
+
+    def exact_values(self, j):
+        """fp32 values of matrix j's touched entries (sorted as `touched`): the trained weights, unrounded."""
+        self._record_fp32(j)
+        return self.touched_fp32[j]
 
     def _select(self, j, grad=None):
         """Sorted flat indices of the k entries matrix j trains next (Eq. 1-2 or an ablation)."""
@@ -303,6 +318,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             "touched": [i.clone() for i in self.touched],
             "touched_w0": [b.clone() for b in self.touched_w0],
             "touched_values": [w.detach().view(-1)[i].clone() for w, i in zip(self.weights, self.touched)],
+            "touched_fp32": [self.exact_values(j).clone() for j in range(len(self.weights))],
         }
         return sd
 
@@ -329,6 +345,8 @@ class LIFTAdamW(torch.optim.Optimizer):
             flat[self.touched[j]] = self.touched_w0[j]  # back to W0 wherever this optimizer wrote
             self.touched[j], self.touched_w0[j] = lift["touched"][j].to(w.device), lift["touched_w0"][j].to(w)
             flat[self.touched[j]] = lift["touched_values"][j].to(w)
+            # (a checkpoint from before touched_fp32 was kept: the weights' values are the best there is)
+            self.touched_fp32[j] = lift.get("touched_fp32", lift["touched_values"])[j].to(w.device, torch.float32).clone()
             self.index[j] = lift["index"][j].to(w.device)
             self.values[j].copy_(lift["master"][j])
             self.values[j].grad = None
@@ -398,10 +416,24 @@ def merge(model) -> None:
 def adapter_state(model, optimizer: LIFTAdamW) -> dict:
     """The sparse update W - W0 over every entry ever trained: per target `<name>.lift_index` (flat
     indices into the n_out x n_in weight; int32 unless the matrix has 2^31 entries or more) and
-    `<name>.lift_delta` (fp32). Apply with W.view(-1)[index] += delta."""
+    `<name>.lift_delta` (fp32, from the fp32 master values: exact on a bf16 base too). Apply with
+    W.view(-1)[index] += delta (merge_adapter)."""
     out = {}
-    for name, w, idx, w0 in zip(optimizer.param_groups[0]["param_names"], optimizer.weights,
-                                optimizer.touched, optimizer.touched_w0):
+    for j, (name, idx, w0) in enumerate(zip(optimizer.param_groups[0]["param_names"], optimizer.touched,
+                                            optimizer.touched_w0)):
         out[f"{name}.lift_index"] = idx.clone()
-        out[f"{name}.lift_delta"] = w.detach().view(-1)[idx].float() - w0.float()
+        out[f"{name}.lift_delta"] = optimizer.exact_values(j) - w0.float()
+    return out
+
+
+def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
+    """{weight name: W0 + the sparse update} in fp32, for every matrix the adapter changes; `base`
+    holds the base weights as stored (any dtype), `adapter` what adapter_state returned."""
+    out = {}
+    for key in adapter:
+        if key.endswith(".lift_index"):
+            name = key.removesuffix(".lift_index")
+            W = base[name].float().clone()
+            W.view(-1)[adapter[key].long()] += adapter[f"{name}.lift_delta"].to(W.device)
+            out[name] = W
     return out

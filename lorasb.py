@@ -331,3 +331,20 @@ def adapter_state(model, optimizer=None) -> dict:
     in model.state_dict()."""
     return {f"{n}.{k}": t.detach() for n, m in model.named_modules() if isinstance(m, LowRankLinear)
             for k, t in (("A", m.A), ("B", m.B), ("R", m.R)) if t is not None}
+
+
+def merge_adapter(base: dict, adapter: dict, s) -> dict:
+    """{weight name: W0 + scale * B R A} in fp32, for every adapted matrix; `base` holds the base
+    weights as stored (any dtype), `adapter` what adapter_state returned, `s` the run's settings
+    (LoRA's scale alpha / r, with r the matrix's own rank after clamping)."""
+    out = {}
+    for key in adapter:
+        if key.endswith(".A"):
+            name = key.removesuffix(".A")
+            A, B, R = adapter[key], adapter[f"{name}.B"], adapter.get(f"{name}.R")
+            r = A.shape[0]
+            scale = (2 * r if s.alpha is None else s.alpha) / r if R is None else 1.0
+            RA = A if R is None else R @ A
+            out[f"{name}.weight"] = base[f"{name}.weight"].float() + scale * (B @ RA).to(base[f"{name}.weight"].device)
+    return out
+

@@ -370,20 +370,7 @@ class Transformer(nn.Module):
         """Load a Hugging Face folder (config.json + model.safetensors or a sharded index), a Meta
         folder (params.json + consolidated.*.pth) or a llama.cpp `.gguf` file. Built on the meta
         device and filled with `assign=True`, so an 8B model never exists twice in memory."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-        if path.is_file() and path.suffix == ".gguf":
-            cfg, sd, _ = read_gguf(path)
-        elif (path / "config.json").exists():
-            cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
-            sd = _read_hf_weights(path)
-        elif (path / "params.json").exists():
-            cfg = ModelConfig.from_meta(_read_json(path / "params.json"))
-            sd = _read_meta_weights(path, cfg)
-        else:
-            raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
-                                    "(Hugging Face) nor params.json (Meta)")
+        cfg, sd = read_weights(path)
         return cls.from_state_dict(cfg, sd, str(path), dtype, device)
 
     @classmethod
@@ -400,19 +387,21 @@ class Transformer(nn.Module):
         model.inv_freq = rope_frequencies(cfg)
         return model.to(device) if device is not None else model
 
-    def save_pretrained(self, path):
-        """Write a Hugging Face folder (config.json + model.safetensors) that transformers loads.
-        Written to a temporary folder and renamed into place, so a crash never leaves half a model."""
+    def save_pretrained(self, path, state_dict=None):
+        """Write a Hugging Face folder (config.json + model.safetensors) that transformers loads: this
+        model's weights, or `state_dict` (same names) in their place; config.json's torch_dtype is the
+        embeddings' dtype. Written to a temporary folder and renamed into place, so a crash never
+        leaves half a model."""
         from safetensors.torch import save_file
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         sd = {"model." + k if k != "lm_head.weight" else k: v.detach().contiguous().cpu()
-              for k, v in self.state_dict().items()}
+              for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         if self.config.tie_embeddings:
             del sd["lm_head.weight"]  # transformers re-ties it from embed_tokens
-        dtype = next(iter(sd.values())).dtype
+        dtype = sd["model.embed_tokens.weight"].dtype
         config = {**self.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
         try:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -440,6 +429,27 @@ def usual_permissions(path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def read_weights(path) -> tuple[ModelConfig, dict]:
+    """(config, state dict in our names) of a model on disk, each tensor in the dtype it is stored in
+    (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads, and the base weights
+    a fine-tuned model is saved against (train.py re-reads them, so a bf16 run never rounds them)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        cfg, sd, _ = read_gguf(path)
+    elif (path / "config.json").exists():
+        cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
+        sd = _read_hf_weights(path)
+    elif (path / "params.json").exists():
+        cfg = ModelConfig.from_meta(_read_json(path / "params.json"))
+        sd = _read_meta_weights(path, cfg)
+    else:
+        raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
+                                "(Hugging Face) nor params.json (Meta)")
+    return cfg, sd
 
 
 def _read_json(f: Path) -> dict:

@@ -211,3 +211,20 @@ def adapter_state(model, optimizer=None) -> dict:
             out[f"{name}.D"] = m.D.detach()
             out[f"{name}.index"] = m.index
     return out
+
+
+def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
+    """{weight name: W0 with D added into its rows (or columns)} in fp32, for every adapted matrix;
+    `base` holds the base weights as stored (any dtype), `adapter` what adapter_state returned."""
+    out = {}
+    for key in adapter:
+        if key.endswith(".D"):
+            name = key.removesuffix(".D")
+            W, D, index = base[f"{name}.weight"].float().clone(), adapter[key], adapter[f"{name}.index"].long()
+            if s.mode == "row":
+                W[index] += D.to(W.device)
+            else:
+                W[:, index] += D.to(W.device)
+            out[f"{name}.weight"] = W
+    return out
+

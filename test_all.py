@@ -1679,6 +1679,126 @@ def test_train_bad_inputs(small_dir, tmp_path, capsys):
         "error: --targets qq is not allowed")
 
 
+def _changed_rank(delta):
+    return int(torch.linalg.matrix_rank(delta.double(), atol=1e-6 * max(1.0, float(delta.abs().max()))))
+
+
+def _check_saved_against_base(method, out, base, r):
+    """The saved model changes only what `method` may change, computed from the base as stored: LIFT
+    only its touched entries (base + the adapter's fp32 delta), LoRA / LoRA-XS / LoRA-SB rank(dW) <= r,
+    RoCoFT r rows, HyperAdapt diag(a) W0 diag(b); every other tensor bit-exact."""
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "model.safetensors"))
+    saved = {k.removeprefix("model."): v for k, v in saved.items()}
+    adapter = load_file(str(out / "adapter.safetensors")) if method != "full" else {}
+    assert set(saved) == set(base)
+    for k, b in base.items():
+        assert saved[k].dtype == b.dtype, k
+        target = k.endswith("_proj.weight")
+        if method == "full" or target:
+            continue
+        assert torch.equal(saved[k], b), k  # embeddings, norms: never touched, never rounded
+    n_changed = 0
+    for k, b in base.items():
+        if not k.endswith("_proj.weight") or method == "full":
+            continue
+        W, W0 = saved[k].double(), b.double()
+        moved = W != W0
+        n_changed += int(moved.sum())
+        name = k.removesuffix(".weight")
+        if method == "lift":
+            idx, delta = adapter[f"{k}.lift_index"].long(), adapter[f"{k}.lift_delta"]
+            allowed = torch.zeros(b.numel(), dtype=torch.bool)
+            allowed[idx] = True
+            assert not (moved.view(-1) & ~allowed).any()
+            expect = (b.float().view(-1)[idx] + delta).to(b.dtype)
+            assert torch.equal(saved[k].view(-1)[idx], expect)
+        elif method in ("lora", "loraxs", "lorasb"):
+            A, B, R = (adapter.get(f"{name}.{x}") for x in "ABR")
+            dW = (2.0 if R is None else 1.0) * B.double() @ (A.double() if R is None else R.double() @ A.double())
+            assert _changed_rank(dW) <= r, k  # LoRA's alpha = 2r: scale 2
+            if b.dtype == torch.float32:
+                assert _changed_rank(W - W0) <= r, k
+            # the saved value is W0 + dW (dW's fp32 product) rounded once to the checkpoint's dtype
+            torch.testing.assert_close(W, W0 + dW, rtol=torch.finfo(b.dtype).eps, atol=1e-5 * float(dW.abs().max()))
+        elif method == "rocoft":
+            assert int(moved.any(1).sum()) <= r, k
+        elif method == "hyper":
+            a, bb = adapter[f"{name}.a"].double(), adapter[f"{name}.b"].double()
+            eps = torch.finfo(b.dtype).eps  # the product in fp32 vs float64 here: within one rounding
+            torch.testing.assert_close(W, (a[:, None] * W0 * bb[None, :]).to(b.dtype).double(), rtol=2 * eps, atol=0)
+    if method != "full":
+        assert n_changed > 0  # training did change the targets
+    return saved
+
+
+SAVE_METHODS = ["full", "lora", "loraxs", "lorasb", "lift", "rocoft", "hyper"]
+
+
+@pytest.mark.parametrize("method", SAVE_METHODS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_bf16_run_saves_an_fp32_base_in_fp32_changing_only_what_the_method_trains(small_dir, tmp_path, monkeypatch,
+                                                                                     capsys, method, dtype):
+    """A run with bf16 base weights (--dtype bfloat16, or auto on a CPU with bf16 instructions, faked
+    here) saves an fp32 checkpoint in fp32: the merged model is the base as stored on disk plus the
+    exact fp32 update, so the method's properties hold on the saved file (not: every weight rounded)."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(train, "bf16_fast", lambda device: True)
+    r = 2
+    metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", method, "--rank", str(r), "--max-steps", "3",
+                               "--lr", "1e-2", "--lorasb-init-samples", "8", "--dtype", dtype))
+    out = capsys.readouterr().out
+    assert "weights bfloat16" in out or method == "full"
+    base = load_file(str(small_dir / "model.safetensors"))
+    base = {k.removeprefix("model."): v for k, v in base.items()}
+    _check_saved_against_base(method, tmp_path / "run", base, r)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert metrics["saved"]["dtype"] == "float32" and metrics["saved"]["changed"] > 0
+    assert "saved the merged model in float32, the base checkpoint's dtype" in out
+
+
+@pytest.fixture(scope="module")
+def small_bf16_dir(small_dir, tmp_path_factory):
+    """The small model stored in bf16 (a checkpoint released in bf16, as Llama's are)."""
+    d = tmp_path_factory.mktemp("small-bf16")
+    model = Transformer.from_pretrained(small_dir)
+    model.save_pretrained(d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    Tokenizer.bytes().save(d)
+    return d
+
+
+@pytest.mark.parametrize("method", SAVE_METHODS)
+def test_bf16_base_saves_bf16_and_says_what_rounding_lost(small_bf16_dir, tmp_path, capsys, method):
+    """A bf16 checkpoint in, a bf16 checkpoint out (config.json says so), changes only where the
+    method may change; the share of the update that bf16 rounds away is printed and recorded, and
+    adapter.safetensors keeps the exact update in fp32."""
+    from safetensors.torch import load_file
+    r = 2
+    lr = "3e-2" if method == "hyper" else "1e-4"  # HyperAdapt's scales move ~lr per step: 1e-4 is below bf16's 0.4%
+    metrics = train.main(_argv(small_bf16_dir, tmp_path / "run", "--method", method, "--rank", str(r), "--max-steps",
+                               "3", "--lr", lr, "--lorasb-init-samples", "8", "--dtype", "float32"))
+    out = capsys.readouterr().out
+    base = {k.removeprefix("model."): v for k, v in load_file(str(small_bf16_dir / "model.safetensors")).items()}
+    _check_saved_against_base(method, tmp_path / "run", base, r)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    saved = metrics["saved"]
+    assert saved["dtype"] == "bfloat16" and 0 < saved["rounded_away"] < saved["changed"]
+    assert f"{saved['rounded_away']:,} of the {saved['changed']:,} entries the update changes" in out
+    if method != "full":  # the exact update: fp32, and not rounded to the weights' precision
+        adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+        floats = [v for k, v in adapter.items() if v.is_floating_point()]
+        assert floats and all(v.dtype == torch.float32 for v in floats)
+
+
+def test_dtype_float16_is_refused_in_one_line(small_dir, tmp_path, capsys):
+    line = _cli_error(_argv(small_dir, tmp_path / "run", "--max-steps", "1", "--dtype", "float16"), capsys)
+    assert line.startswith("error: --dtype float16: not supported") and "auto, float32, bfloat16" in line
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="--dtype float16 on cpu"):
+        E.main(["--model", str(small_dir), "--data", "synth-target", "--limit", "1", "--dtype", "float16",
+                "--out", str(tmp_path / "eval")])
+
+
 @pytest.mark.parametrize("method", list(train.METHODS))
 def test_settings_unset_flag_takes_declared_default_and_set_flag_overrides(method, capsys):
     cls = train.METHODS[method][1]

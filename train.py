@@ -41,7 +41,7 @@ import lift
 import lorasb
 import rocoft
 from model import (GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, all_reduce_sum_, bf16_fast, gguf_path, load, rank_world,
-                   usual_permissions)
+                   read_weights, usual_permissions)
 
 # -----------------------------------------------------------------------------
 # full fine-tuning: the method with no method
@@ -83,6 +83,7 @@ METHODS = {
     "rocoft": (rocoft, rocoft.Settings),
     "hyper": (hyper, hyper.Settings),
 }
+DTYPES = ("auto", "float32", "bfloat16")  # --dtype
 TARGET_GROUPS = {"all": LINEAR_NAMES, "attn": LINEAR_NAMES[:4], "mlp": LINEAR_NAMES[4:]}
 # Settings every method has (flags without a prefix); the rest are a method's own knobs, as
 # --<method>-<name>. The help text is here, the default and its source in the method's file.
@@ -210,9 +211,10 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end / on Ctrl-C)")
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    g.add_argument("--dtype", default="auto",
                    help="auto = bf16 base weights and autocast where the device has native bf16 (CUDA, CPUs with "
-                        "AVX512-BF16/AMX; full FT keeps fp32 weights), fp32 elsewhere; trainables are always fp32")
+                        "AVX512-BF16/AMX; full FT keeps fp32 weights), fp32 elsewhere; or float32, bfloat16. "
+                        "Trainables are always fp32, and the saved model keeps the base checkpoint's own dtype")
     g.add_argument("--dist-timeout", type=float, default=1800,
                    help="torchrun data parallel: seconds to wait for the other processes (to join, or at a step) "
                         "before failing")
@@ -332,6 +334,9 @@ def check_run(args):
         raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
+    if args.dtype not in DTYPES:
+        why = " (fp16 training needs loss scaling, which nanopeft does not do; bf16 does not)" if args.dtype == "float16" else ""
+        raise ValueError(f"--dtype {args.dtype}: not supported{why}; choose from {', '.join(DTYPES)}")
 
 
 def print_settings(method, s, origin):
@@ -568,6 +573,49 @@ def attach_method(model, tok, args, s, examples, total, warmup):
         run.update(lr_first=s.lr * lr_mult(0, total, warmup, s.schedule), n_train=len(examples))
     torch.manual_seed(args.seed)
     return METHODS[args.method][0].prepare(model, s, side_batches(), **run)
+
+
+def base_weights(model_path, args) -> dict:
+    """The base model's weights as stored, in our names (read_weights: a GGUF dequantized to fp32;
+    a preset: its random init, recreated in fp32), with lm_head filled in where it is tied."""
+    if model_path in PRESETS:
+        return load(model_path, seed=args.seed)[0].state_dict()
+    cfg, sd = read_weights(gguf_path(model_path) if model_path in GGUF_MODELS else model_path)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+@torch.no_grad()
+def save_merged(model, args, s, model_path) -> dict:
+    """Save the fine-tuned model to args.out in the base checkpoint's own dtypes (fp32 in, fp32 out; bf16
+    in, bf16 out; a GGUF: fp32), computed in fp32 from the base weights as stored on disk plus the
+    method's exact fp32 update (adapter.safetensors; full fine-tuning: its trained weights). A run
+    whose base was loaded in bf16 thus never rounds the checkpoint: every tensor the method does not
+    train is saved bit-exact. Prints, and returns, how much of the update the saved dtype kept."""
+    from safetensors.torch import load_file
+    base = base_weights(model_path, args)
+    module = METHODS[args.method][0]
+    if hasattr(module, "merge_adapter"):
+        merged = module.merge_adapter(base, load_file(str(Path(args.out) / "adapter.safetensors")), s)
+    else:  # full fine-tuning: the trained weights themselves
+        merged = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    sd = {k: merged[k].to(base[k].dtype) if k in merged else base[k] for k in model.state_dict()}
+    # the update the saved dtype rounded away: changed entries (in fp32) saved as their base value
+    changed = rounded = 0
+    for k, W in merged.items():
+        moved = W != base[k].float()
+        changed += int(moved.sum())
+        rounded += int((moved & (sd[k] == base[k])).sum())
+    model.save_pretrained(args.out, state_dict=sd)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+    where = " (the GGUF's weights dequantized)" if str(model_path).endswith(".gguf") or model_path in GGUF_MODELS else ""
+    line = f"saved the merged model in {'/'.join(dtypes)}, the base checkpoint's dtype{where}"
+    if rounded:
+        line += (f"; {rounded:,} of the {changed:,} entries the update changes ({100 * rounded / changed:.2f}%) are "
+                 f"rounded back to their base value in {'/'.join(dtypes)}: adapter.safetensors keeps the exact fp32 update")
+    print(line)
+    return {"dtype": "/".join(dtypes), "changed": changed, "rounded_away": rounded}
 
 
 def save_adapter(module, model, optimizer, out: Path):
@@ -882,7 +930,7 @@ def run(args, s, origin, rank=0):
     model, optimizer, info = train(model, tok, args, s, problems)
     if rank != 0:
         return None
-    model.save_pretrained(args.out)
+    saved = save_merged(model, args, s, model_path)
     tok.save(args.out)
     label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
@@ -890,7 +938,7 @@ def run(args, s, origin, rank=0):
         forget = {"texts": len(texts), **eval_math.drift(model, tok, texts, reference)}
     metrics = {"method": args.method, "settings": asdict(s), **info, "accuracy": after, "accuracy_before": before,
                "protocol": args.protocol, "num_beams": eval_math.decoding(args.protocol, args.num_beams),
-               "forgetting": forget}
+               "forgetting": forget, "saved": saved}
     if hasattr(s, "rank"):
         metrics["rank"] = s.rank
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
