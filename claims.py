@@ -9,7 +9,9 @@ prints a table (mean ± std over seeds) and writes out/claims/<claim>.json.
                                   # Table 2, LoRA-SB Fig. 2, on one set of runs
     python claims.py lorasb-init  # LoRA-SB Table 4: first-step init vs truncated SVD of noise
     python claims.py rows         # RoCoFT Fig. 5: which rows matters less than the seed
-    python claims.py plots        # PNGs of compare's runs (needs matplotlib)
+    python claims.py table --data gsm8k/train.jsonl --eval-dir llm-adapters/   # the papers' Table 2
+                                  # on SmolLM2-135M: GSM8K train -> the seven arithmetic test sets
+    python claims.py plots        # PNGs of compare's (and table's) runs (needs matplotlib)
 
 --model tiny (the default) is the built-in base, pretrained on first use as train.py does;
 noise / spectral / overlap also take anything model.load reads (smollm2-135m, a folder, a .gguf).
@@ -19,6 +21,7 @@ whose command has not changed, so a second call only re-reads them.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -281,6 +284,7 @@ def run_train(args, name: str, flags: list[str], seed: int) -> dict:
             "--forget-prompts", str(args.forget_prompts)]
     argv += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
+    argv += getattr(args, "train_flags", [])
     key = folder / "claims-command.json"
     if (folder / "metrics.json").exists() and key.exists() and json.loads(key.read_text()) == argv:
         print(f"{name} seed {seed}: reusing {folder}", flush=True)
@@ -423,14 +427,17 @@ def dump(table: dict) -> dict:
                    | {k: r["metrics"].get(k) for k in keep} for r in runs] for name, runs in table.items()}
 
 
-def verdict(label: str, a: list, b: list, higher: bool = True) -> str:
-    """'label: a vs b -> holds / does not hold' with means ± std; holds when the means order as claimed."""
+def verdict(label: str, a: list, b: list, higher: bool = True, strict: bool = False, digits: int = 3) -> str:
+    """'label: a vs b -> holds / does not hold' with means ± std; holds when the means order as claimed
+    (`strict`: a claim of 'better', which equal means do not meet)."""
     a, b = [x for x in a if not math.isnan(x)], [x for x in b if not math.isnan(x)]
     if not a or not b:
         return f"  {label}: not measurable (a configuration never got there)"
     ma, mb = statistics.fmean(a), statistics.fmean(b)
+    if strict and ma == mb:
+        return f"  {label}: {pm(a, 1, digits)} vs {pm(b, 1, digits)} -> does not hold (equal)"
     ok = ma >= mb if higher else ma <= mb
-    return f"  {label}: {pm(a, 1, 3)} vs {pm(b, 1, 3)} -> {'holds' if ok else 'does not hold'}"
+    return f"  {label}: {pm(a, 1, digits)} vs {pm(b, 1, digits)} -> {'holds' if ok else 'does not hold'}"
 
 
 def claim_compare(args):
@@ -524,22 +531,25 @@ def claim_rows(args):
 
 
 def claim_plots(args):
-    """figures/loss_curves.png, learn_forget.png, spectra.png from out/claims/compare.json."""
+    """figures/loss_curves.png, learn_forget.png, spectra.png from out/claims/compare.json; table.png from
+    table.json."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plots need matplotlib (an optional dependency): pip install matplotlib") from None
+    written = [plot_table(args)] if (Path(args.out) / "table.json").exists() else []
     f = Path(args.out) / "compare.json"
     if not f.exists():
-        raise ValueError(f"{f} does not exist: run `python claims.py compare` first")
+        if written:
+            return written
+        raise ValueError(f"neither {f} nor table.json exists: run `python claims.py compare` (or table) first")
     data = json.loads(f.read_text())
     runs, specs = data["runs"], data["specs"]
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
-    written = []
 
     def save(fig, name):
         fig.tight_layout()
@@ -590,10 +600,164 @@ def claim_plots(args):
     return written
 
 # -----------------------------------------------------------------------------
+# the papers' Table 2 on real data: GSM8K train -> the seven LLM-Adapters arithmetic test sets
+
+# The columns of LIFT Table 2, RoCoFT Table 3 and HyperAdapt's arithmetic table (LLM-Adapters' test
+# sets, `dataset/<name>/test.json` in its repository), in the papers' order
+TABLE_SETS = ("MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP", "mawps")
+# Matched budgets, counted on SmolLM2-135M's 210 target matrices: LoRA r=8 trains 2,442,240 numbers and
+# LIFT r=8 the same by definition; RoCoFT 16 rows 2,396,160; LoRA-XS / LoRA-SB r=108 (r^2 per matrix)
+# 2,449,440; HyperAdapt has no rank (n_in + n_out per matrix: 305,280). Each at its paper's settings
+# (lr, schedule, warmup share, betas, clipping) but for the steps and batch the laptop budget sets.
+TABLE = (
+    ("full", ["--method", "full"]),
+    ("lora r8", ["--method", "lora", "--rank", "8"]),
+    ("lift r8", ["--method", "lift", "--rank", "8"]),
+    ("rocoft r16", ["--method", "rocoft", "--rank", "16"]),
+    ("loraxs r108", ["--method", "loraxs", "--rank", "108"]),
+    ("lorasb r108", ["--method", "lorasb", "--rank", "108"]),
+    ("hyper", ["--method", "hyper"]),
+)
+
+
+def table_sets(eval_dir) -> list[str]:
+    """The seven test files under --eval-dir (default $NANOPEFT_DATA or ./dataset): <name>.json or
+    <name>/test.json, names matched ignoring case, as eval_math finds a dataset by name."""
+    root = eval_dir or os.environ.get("NANOPEFT_DATA", "dataset")
+    return [str(eval_math._find_named(name, "test", root)) for name in TABLE_SETS]
+
+
+def close(a: list, b: list, points: float = 1.0) -> tuple[bool, float]:
+    """'a is about b': |mean(a) - mean(b)| within max(`points`, 2 x the larger std); (holds, gap)."""
+    gap = statistics.fmean(a) - statistics.fmean(b)
+    return abs(gap) <= max(points, 2 * max(mean_std(a)[1], mean_std(b)[1])), gap
+
+
+def claim_table(args):
+    """Every method fine-tunes --model on GSM8K train problems and is scored on the seven arithmetic
+    test sets (the same first --eval-limit problems of each, LLM-Adapters' answer rule); prints the
+    papers' Table 2 layout (a row per method, a column per set, their average, mean ± std over the
+    seeds, trainable %), the base model's row, the forgetting (drift on the base's own text) and
+    the verdict on each paper's claim. Writes out/claims/table.json (and figures/table.png)."""
+    args.eval_data = ",".join(table_sets(args.eval_dir))
+    args.train_flags = ["--protocol", "llm-adapters", "--num-beams", str(args.num_beams), "--seq-len", str(args.seq_len)]
+    args.base = base_path(args)
+    seeds = range(args.seeds) if args.only_seed is None else [args.only_seed]
+    configs = [c for c in TABLE if c[0] in args.configs]
+    n_runs, t0 = len(configs) * len(seeds), time.time()
+    table = {}
+    for i, (name, flags) in enumerate(configs):
+        for seed in seeds:
+            done = sum(len(v) for v in table.values())
+            if done:
+                print(f"[table] run {done + 1}/{n_runs}; {time.time() - t0:.0f}s so far", flush=True)
+            table.setdefault(name, []).append(run_train(args, name, flags, seed))
+    first = next(iter(table.values()))[0]["metrics"]
+    sets = [n.lower() for n in TABLE_SETS]
+    before = first.get("accuracy_before") or {}
+
+    def avg(acc):
+        return statistics.fmean(acc[s] for s in sets)
+    w = max(14, *(len(n) + 2 for n in table))
+    head = (f"{'method':<{w}}{'trainable':>13}{'%':>8}" + "".join(f"{n:>14}" for n in TABLE_SETS) + f"{'Avg':>14}"
+            + f"{'loss rise':>18}{'KL(base‖tuned)':>20}{'agreement':>16}{'wall s':>8}")
+    print(f"\nTable 2 at laptop scale: {args.model}, {args.steps} steps of batch {args.batch_size} on {args.data}, "
+          f"{len(seeds)} seed(s); accuracy % on the first {args.eval_limit} problems of each set, LLM-Adapters' "
+          f"scoring, {eval_math.decoding('llm-adapters', args.num_beams)}, {args.max_new_tokens} new tokens at most")
+    print(head)
+    if before:
+        print(f"{'base':<{w}}{'':>13}{'':>8}" + "".join(f"{100 * before[s]:>14.1f}" for s in sets)
+              + f"{100 * avg(before):>14.1f}")
+    for name, runs in table.items():
+        m = runs[0]["metrics"]
+        forget = [r["metrics"].get("forgetting") or {} for r in runs]
+        drift = "".join(f"{pm([f[k] for f in forget], 100 if k == 'agreement' else 1, d):>{wd}}" if all(k in f for f in forget)
+                        else f"{'-':>{wd}}" for k, d, wd in (("loss_rise", 4, 18), ("kl", 4, 20), ("agreement", 1, 16)))
+        print(f"{name:<{w}}{m['trainable']:>13,}{100 * m['trainable'] / m['model_params']:>7.2f}%"
+              + "".join(f"{pm([r['metrics']['accuracy'][s] for r in runs], 100, 1):>14}" for s in sets)
+              + f"{pm([avg(r['metrics']['accuracy']) for r in runs], 100, 1):>14}" + drift
+              + f"{statistics.fmean(r['wall_s'] for r in runs):>8.0f}")
+    floor = [n for n, s in zip(TABLE_SETS, sets) if max([before.get(s, 0)] + [r["metrics"]["accuracy"][s]
+                                                                               for rs in table.values() for r in rs]) < 0.05]
+    if floor:
+        print(f"at the floor (every row below 5%, the base included): {', '.join(floor)}")
+    # the papers' claims, on the average over the seven sets and on the drift from the base
+    A = {n: [100 * avg(r["metrics"]["accuracy"]) for r in rs] for n, rs in table.items()}
+    K = {n: [(r["metrics"].get("forgetting") or {}).get("kl", math.nan) for r in rs] for n, rs in table.items()}
+    checks = []
+
+    def order(label, a, b, of, higher=True, strict=False, digits=1):
+        if a in of and b in of:
+            checks.append(verdict(label, of[a], of[b], higher, strict, digits))
+
+    def about(label, a, b):
+        if a in A and b in A:
+            ok, gap = close(A[a], A[b])
+            checks.append(f"  {label}: {pm(A[a], 1, 1)} vs {pm(A[b], 1, 1)} (gap {gap:+.1f} points; 'about' = within "
+                          f"max(1 point, 2 std)) -> {'holds' if ok else 'does not hold'}")
+    order("LIFT Table 2: LIFT r8 >= LoRA r8 on the average", "lift r8", "lora r8", A)
+    order("LIFT Table 2: LIFT r8 >= full fine-tuning on the average", "lift r8", "full", A)
+    order("LIFT §7.1: LIFT r8 drifts less from the base than LoRA r8 (KL, lower)", "lift r8", "lora r8", K, False,
+          digits=4)
+    order("LIFT §7.1: LIFT r8 drifts less from the base than full fine-tuning (KL, lower)", "lift r8", "full", K, False,
+          digits=4)
+    about("RoCoFT Table 3: RoCoFT r16 about LoRA r8", "rocoft r16", "lora r8")
+    order("LoRA-SB: LoRA-SB r108 > LoRA-XS r108 on the average", "lorasb r108", "loraxs r108", A, strict=True)
+    about("HyperAdapt's table: HyperAdapt about LoRA r8", "hyper", "lora r8")
+    print("\nthe claims, as measured here (means ordered as the paper says -> holds):")
+    print("\n".join(checks))
+    runs_json = {n: [{"seed": r["seed"], "folder": r["folder"], "wall_s": r["wall_s"], "curve": r["curve"]}
+                     | {k: r["metrics"].get(k) for k in ("accuracy", "trainable", "model_params", "train_s",
+                                                          "forgetting", "saved")} for r in rs] for n, rs in table.items()}
+    write_json(args, "table", {"claim": "table", "model": args.model, "data": args.data, "steps": args.steps,
+                               "batch_size": args.batch_size, "seeds": list(seeds), "eval_limit": args.eval_limit,
+                               "sets": list(TABLE_SETS), "eval_files": args.eval_data.split(","),
+                               "decoding": eval_math.decoding("llm-adapters", args.num_beams),
+                               "max_new_tokens": args.max_new_tokens, "base": before, "floor": floor,
+                               "checks": checks, "runs": runs_json})
+    try:
+        plot_table(args)
+    except ImportError as e:
+        print(f"note: no figure ({e})")
+    return table
+
+
+def plot_table(args):
+    """figures/table.png: accuracy per test set (and the average) by method, mean over seeds, std as
+    error bars, the base model beside them; from out/claims/table.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = json.loads((Path(args.out) / "table.json").read_text())
+    sets = [s.lower() for s in data["sets"]]
+    rows = {"base": [[data["base"].get(s, math.nan) for s in sets]]} if data["base"] else {}
+    rows |= {n: [[r["accuracy"][s] for s in sets] for r in rs] for n, rs in data["runs"].items()}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(rows)
+    for i, (name, runs) in enumerate(rows.items()):
+        per = [row + [statistics.fmean(row)] for row in runs]  # each run's sets and its average
+        ms = [mean_std([100 * x for x in col]) for col in zip(*per)]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(sets) + 1)]
+        ax.bar(xs, [m for m, _ in ms], width, yerr=[s for _, s in ms] if len(per) > 1 else None, label=name,
+               color="black" if name == "base" else plt.cm.tab10(i % 10), capsize=2)
+    ax.set_xticks(range(len(sets) + 1), [*data["sets"], "Avg"])
+    ax.set(ylabel="accuracy, % (mean over seeds; bars: std)",
+           title=f"{data['model']}, {data['steps']} steps x batch {data['batch_size']} on GSM8K train; first "
+                 f"{data['eval_limit']} problems per set, {data['decoding']}")
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    figs = Path(args.figures)
+    figs.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figs / "table.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {figs / 'table.png'}")
+    return figs / "table.png"
+
+# -----------------------------------------------------------------------------
 # command line
 
 CLAIMS = {"noise": claim_noise, "spectral": claim_spectral, "overlap": claim_overlap, "compare": claim_compare,
-          "lorasb-init": claim_lorasb_init, "rows": claim_rows, "plots": claim_plots}
+          "lorasb-init": claim_lorasb_init, "rows": claim_rows, "plots": claim_plots, "table": claim_table}
 
 
 def ints(text: str) -> list[int]:
@@ -609,8 +773,9 @@ def ints(text: str) -> list[int]:
 def build_parser():
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("claim", choices=list(CLAIMS), help="which claim to measure")
-    p.add_argument("--model", default="tiny", help="tiny (the built-in base), smollm2-135m, a folder or a .gguf")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1; the tables show mean ± std")
+    p.add_argument("--model", default=None, help="tiny (the built-in base; table: smollm2-135m), smollm2-135m, a folder "
+                                                 "or a .gguf")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1; the tables show mean ± std (table: 2, else 3)")
     p.add_argument("--out", default="out/claims", help="where the JSON results and the runs go")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     p.add_argument("--pretrain-steps", type=int, default=train.BUILTIN_PRETRAIN_STEPS,
@@ -625,18 +790,27 @@ def build_parser():
     g.add_argument("--rank", type=int, default=8, help="spectral / overlap: the budget r on the model's matrices")
     g.add_argument("--lra-ranks", type=ints, default=[1, 4, 16, 64], help="overlap: LRA ranks")
     g = p.add_argument_group("compare / lorasb-init / rows (train.py runs)")
-    g.add_argument("--steps", type=int, default=train.BUILTIN["max_steps"], help="fine-tuning steps per run")
-    g.add_argument("--batch-size", type=int, default=train.BUILTIN["batch_size"], help="examples per step")
-    g.add_argument("--configs", default=",".join(c for c, _ in COMPARE),
-                   help="compare: which rows of the matched-budget set")
-    g.add_argument("--data", default="synth-target", help="training data (train.py --data)")
+    g.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (compare 150, table 60)")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per step (compare 32, table 4)")
+    g.add_argument("--configs", default=None,
+                   help="compare / table: which rows of the matched-budget set (default: all)")
+    g.add_argument("--data", default=None, help="training data (train.py --data; compare synth-target, table gsm8k)")
     g.add_argument("--eval-data", default="synth-target,synth-source,synth-source-facts",
-                   help="the target first, then the source (and more)")
-    g.add_argument("--eval-limit", type=int, default=100, help="test problems per eval set")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default eval_math's)")
+                   help="the target first, then the source (and more); table: --eval-dir instead")
+    g.add_argument("--eval-limit", type=int, default=None, help="test problems per eval set (compare 100, table 20)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default eval_math's; table 256)")
     g.add_argument("--forget-prompts", type=int, default=100, help="drift from the base on its own text (0 = off)")
-    g.add_argument("--eval-every", type=int, default=15,
-                   help="accuracy every N steps: each run's learn/forget path (0 = only at the end)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="accuracy every N steps: each run's learn/forget path (0 = only at the end; compare 15, table 0)")
+    g = p.add_argument_group("table (GSM8K train -> the seven arithmetic test sets)")
+    g.add_argument("--eval-dir", default=None,
+                   help="folder of the LLM-Adapters test sets (<name>.json or <name>/test.json; default $NANOPEFT_DATA "
+                        "or ./dataset)")
+    g.add_argument("--num-beams", type=int, default=1,
+                   help="beams in evaluation (the papers: 4; 1 = greedy, a quarter of the time on a CPU)")
+    g.add_argument("--seq-len", type=int, default=320, help="training examples truncated to this many tokens")
+    g.add_argument("--only-seed", type=int, default=None,
+                   help="run just this seed (to share the seeds among processes; a later call without it reads them all)")
     g.add_argument("--level", type=float, default=0.5,
                    help="compare: the target accuracy at which the source kept is read off each path")
     g.add_argument("--log-every", type=int, default=10, help="training-loss curve resolution")
@@ -644,10 +818,22 @@ def build_parser():
     return p
 
 
+# What a flag left unset means, per claim: the training claims on the built-in task, and the table
+CLAIM_DEFAULTS = {
+    "table": dict(model="smollm2-135m", seeds=2, steps=60, batch_size=4, data="gsm8k", eval_limit=20, eval_every=0,
+                  max_new_tokens=256, configs=",".join(c for c, _ in TABLE)),
+    None: dict(model="tiny", seeds=3, steps=train.BUILTIN["max_steps"], batch_size=train.BUILTIN["batch_size"],
+               data="synth-target", eval_limit=100, eval_every=15, configs=",".join(c for c, _ in COMPARE)),
+}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    for k, v in CLAIM_DEFAULTS["table" if args.claim == "table" else None].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     for flag in ("seeds", "threads", "texts", "steps", "log_every", "rank", "pretrain_steps", "batch_size",
-                 "eval_limit"):
+                 "eval_limit", "num_beams", "seq_len"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: it must be >= 1")
     if not (math.isfinite(args.sigma) and args.sigma > 0) or not (math.isfinite(args.scale) and args.scale > 0):
@@ -655,11 +841,17 @@ def main(argv=None):
     if not 0 < args.level <= 1 or args.eval_every < 0:
         raise ValueError(f"--level {args.level} must be in (0, 1] and --eval-every {args.eval_every} >= 0")
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in dict(COMPARE)]
+    known = dict(TABLE if args.claim == "table" else COMPARE)
+    unknown = [c for c in args.configs if c not in known]
     if unknown:
-        raise ValueError(f"unknown --configs {unknown[0]!r}; known: {', '.join(c for c, _ in COMPARE)}")
+        raise ValueError(f"unknown --configs {unknown[0]!r}; known: {', '.join(known)}")
+    if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
+        raise ValueError(f"--only-seed {args.only_seed} is not one of the seeds 0..{args.seeds - 1}")
     if args.claim in ("compare", "lorasb-init", "rows") and args.model != "tiny" and not train.is_tiny(args.model):
         print(f"note: training claims on {args.model} run {len(COMPARE)} x {args.seeds} fine-tunings of it")
+    if args.claim == "table":
+        print(f"table: {len(args.configs)} methods x {1 if args.only_seed is not None else args.seeds} seed(s) of "
+              f"{args.steps} steps on {args.model}, each evaluated on {len(TABLE_SETS)} sets x {args.eval_limit} problems")
     torch.set_num_threads(args.threads)
     return CLAIMS[args.claim](args)
 

@@ -917,14 +917,19 @@ def run(args, s, origin, rank=0):
     cache = base_cache(args, model_path) if args.builtin or real else None
     before, forget = None, None
     if rank == 0 and cache is not None and args.eval_data:  # the base's accuracy, once per base, cached
-        f = cache / (f"eval-{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}-seed{args.seed}"
-                     f"-{args.max_new_tokens}-{args.protocol}-{args.num_beams}.json")
+        # the seed picks synthetic problems only: a file's first --eval-limit problems are the same for every seed
+        seed = f"-seed{args.seed}" if "synth" in args.eval_data else ""
+        name = f"{args.eval_data.replace(',', '+').replace('/', '_')}-{args.eval_limit}{seed}"
+        if len(name) > 120:  # several paths: a file name has at most 255 bytes
+            name = hashlib.sha1(name.encode()).hexdigest()[:16]
+        f = cache / f"eval-{name}-{args.max_new_tokens}-{args.protocol}-{args.num_beams}.json"
         if f.exists():
             before = json.loads(f.read_text())
         else:
             before = run_eval(model, tok, args, "base model")
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps(before))
+            f.with_suffix(".tmp").write_text(json.dumps(before))
+            os.replace(f.with_suffix(".tmp"), f)
     if measure_forgetting:
         texts, reference = forgetting_set(model, tok, args, cache)
     model, optimizer, info = train(model, tok, args, s, problems)
