@@ -544,7 +544,7 @@ def claim_plots(args):
     if not f.exists():
         if written:
             return written
-        raise ValueError(f"neither {f} nor table.json exists: run `python claims.py compare` (or table) first")
+        raise ValueError(f"{f} does not exist: run `python claims.py compare` first (or `python claims.py table`)")
     data = json.loads(f.read_text())
     runs, specs = data["runs"], data["specs"]
     figs = Path(args.figures)
@@ -642,6 +642,8 @@ def claim_table(args):
     args.eval_data = ",".join(table_sets(args.eval_dir))
     args.train_flags = ["--protocol", "llm-adapters", "--num-beams", str(args.num_beams), "--seq-len", str(args.seq_len)]
     args.base = base_path(args)
+    beams = eval_math.decoding("llm-adapters", args.num_beams)
+    args.decoding = "greedy" if beams == 1 else f"beam search, {beams} beams"
     seeds = range(args.seeds) if args.only_seed is None else [args.only_seed]
     configs = [c for c in TABLE if c[0] in args.configs]
     n_runs, t0 = len(configs) * len(seeds), time.time()
@@ -663,7 +665,7 @@ def claim_table(args):
             + f"{'loss rise':>18}{'KL(base‖tuned)':>20}{'agreement':>16}{'wall s':>8}")
     print(f"\nTable 2 at laptop scale: {args.model}, {args.steps} steps of batch {args.batch_size} on {args.data}, "
           f"{len(seeds)} seed(s); accuracy % on the first {args.eval_limit} problems of each set, LLM-Adapters' "
-          f"scoring, {eval_math.decoding('llm-adapters', args.num_beams)}, {args.max_new_tokens} new tokens at most")
+          f"scoring, {args.decoding}, {args.max_new_tokens} new tokens at most")
     print(head)
     if before:
         print(f"{'base':<{w}}{'':>13}{'':>8}" + "".join(f"{100 * before[s]:>14.1f}" for s in sets)
@@ -712,7 +714,7 @@ def claim_table(args):
     write_json(args, "table", {"claim": "table", "model": args.model, "data": args.data, "steps": args.steps,
                                "batch_size": args.batch_size, "seeds": list(seeds), "eval_limit": args.eval_limit,
                                "sets": list(TABLE_SETS), "eval_files": args.eval_data.split(","),
-                               "decoding": eval_math.decoding("llm-adapters", args.num_beams),
+                               "decoding": args.decoding,
                                "max_new_tokens": args.max_new_tokens, "base": before, "floor": floor,
                                "checks": checks, "runs": runs_json})
     try:
