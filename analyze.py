@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from model import LINEAR_NAMES, find_linears, load
+from targets import LINEAR_NAMES, find_linears
+from weights import load
 
 
 def delta_metrics(W0: torch.Tensor, W: torch.Tensor, k: int = 128) -> dict:

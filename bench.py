@@ -23,7 +23,9 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer, generate, load
+from generate import generate
+from model import ModelConfig, Transformer
+from weights import load
 
 
 def _timed(fn, repeat=3):
@@ -357,7 +359,7 @@ def bench_eval(args):
     import os.path
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import eval_math as E
-    from model import gguf_path
+    from weights import gguf_path
     model, tok = load(args.model or "smollm2-135m")
     model.eval()
     folder, name = os.path.split(gguf_path("smollm2-135m") if not args.model else args.model)

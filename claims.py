@@ -33,7 +33,8 @@ import analyze
 import eval_math
 import lift
 import train
-from model import LINEAR_NAMES, find_linears, load
+from targets import LINEAR_NAMES, find_linears
+from weights import load
 
 SELECTS = ("principal", "magnitude", "random")  # LIFT's Principal Weights and the two baselines of Fig. 2
 

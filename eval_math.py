@@ -20,7 +20,9 @@ import time
 import zlib
 from pathlib import Path
 
-from model import bf16_fast, generate, load
+from generate import generate
+from model import bf16_fast
+from weights import load
 
 GSM8K_HUB = "openai/gsm8k"   # datasets.load_dataset(GSM8K_HUB, "main"): splits train / test
 SPLITS = ("train", "test")

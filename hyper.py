@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+from targets import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
 
 PAPER = "HyperAdapt (Gurung & Campbell), arithmetic reasoning hyperparameters"
 

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from model import LINEAR_NAMES, broadcast_, find_linears
+from distributed import broadcast_
+from targets import LINEAR_NAMES, find_linears
 
 SELECTS = ("principal", "magnitude", "gradient", "random")
 SVDS = ("exact", "lowrank")

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, adamw, all_reduce_sum_, find_linears, plain_linear, rank_world, replace_module
+from distributed import all_reduce_sum_, rank_world
+from targets import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
 
 LORAXS_R_STD = 1e-5  # LoRA-XS: R drawn from N(0, sigma^2), sigma = 1e-5 (the authors' code)
 LIFT = "LIFT (Liu et al., ICML 2025)'s LoRA baseline"

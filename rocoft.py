@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (LINEAR_NAMES, adamw, all_reduce_sum_, find_linears, plain_linear, rank_world, replace_module,
-                   up_to_last_target)
+from distributed import all_reduce_sum_, rank_world
+from model import up_to_last_target
+from targets import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
 
 MODES = ("row", "column")
 SELECTS = ("first", "random", "max", "min", "mixed")

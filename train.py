@@ -40,8 +40,10 @@ import hyper
 import lift
 import lorasb
 import rocoft
-from model import (GGUF_MODELS, LINEAR_NAMES, PRESETS, adamw, all_reduce_sum_, bf16_fast, gguf_path, load, rank_world,
-                   read_weights, usual_permissions)
+from distributed import all_reduce_sum_, rank_world
+from model import PRESETS, bf16_fast
+from targets import LINEAR_NAMES, adamw
+from weights import GGUF_MODELS, gguf_path, load, read_weights, usual_permissions
 
 # -----------------------------------------------------------------------------
 # full fine-tuning: the method with no method

@@ -1,0 +1,44 @@
+"""
+Data parallel under torchrun: this process's rank, and the two collectives the loop and the methods
+use (summing gradients and statistics; broadcasting a LIFT mask). Each is a no-op in one process.
+"""
+import torch
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) unless torchrun's process group is up
+    (train.py starts it). The methods ask it where they compute from data before training."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum_(tensors) -> int:
+    """Sum each tensor over every process, in place: one flat message per dtype (on the GPU for nccl,
+    wherever the tensors live). A no-op in a single process. Returns the bytes this process sent."""
+    if rank_world()[1] == 1:
+        return 0
+    dist, sent = torch.distributed, 0
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1).to(device) if device else t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        sent += flat.numel() * flat.element_size()
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
+    return sent
+
+
+def broadcast_(tensors, src: int = 0):
+    """Overwrite each tensor with process `src`'s copy (a LIFT mask: every process trains the same
+    entries). A no-op in a single process."""
+    if rank_world()[1] == 1:
+        return
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for t in tensors:
+        buf = t.to(device) if device else t
+        dist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf)

