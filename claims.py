@@ -684,6 +684,13 @@ def claim_table(args):
                                                                                for rs in table.values() for r in rs]) < 0.05]
     if floor:
         print(f"at the floor (every row below 5%, the base included): {', '.join(floor)}")
+    # what a difference of means can mean here: one problem's worth, and the binomial sampling std of
+    # an average accuracy over all the problems (the test subset is a sample of each set)
+    n = args.eval_limit * len(sets)
+    p = statistics.fmean(avg(r["metrics"]["accuracy"]) for rs in table.values() for r in rs)
+    noise = 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+    print(f"resolution: one problem is {100 / args.eval_limit:.1f} points on a set and {100 / n:.2f} on the average; "
+          f"at the mean accuracy {100 * p:.1f}% the sampling std of an average over {n} problems is {noise:.1f} points")
     # the papers' claims, on the average over the seven sets and on the drift from the base
     A = {n: [100 * avg(r["metrics"]["accuracy"]) for r in rs] for n, rs in table.items()}
     K = {n: [(r["metrics"].get("forgetting") or {}).get("kl", math.nan) for r in rs] for n, rs in table.items()}
@@ -691,7 +698,11 @@ def claim_table(args):
 
     def order(label, a, b, of, higher=True, strict=False, digits=1):
         if a in of and b in of:
-            checks.append(verdict(label, of[a], of[b], higher, strict, digits))
+            line = verdict(label, of[a], of[b], higher, strict, digits)
+            gap = statistics.fmean(of[a]) - statistics.fmean(of[b])
+            if of is A and abs(gap) < 2 * noise:
+                line += f" (gap {gap:+.1f} points, under 2 sampling stds: not a finding)"
+            checks.append(line)
 
     def about(label, a, b):
         if a in A and b in A:
@@ -717,6 +728,7 @@ def claim_table(args):
                                "sets": list(TABLE_SETS), "eval_files": args.eval_data.split(","),
                                "decoding": args.decoding,
                                "max_new_tokens": args.max_new_tokens, "base": before, "floor": floor,
+                               "sampling_std_points": noise,
                                "checks": checks, "runs": runs_json})
     try:
         plot_table(args)
