@@ -99,7 +99,9 @@ def adapter_state(model, optimizer=None) -> dict:
 def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
     """{weight name: diag(a) W0 diag(b)} in fp32, for every adapted matrix; `base` holds the base
     weights as stored (any dtype), `adapter` what adapter_state returned."""
-    return {f"{key.removesuffix('.a')}.weight": base[f"{key.removesuffix('.a')}.weight"].float()
-            * adapter[key][:, None] * adapter[f"{key.removesuffix('.a')}.b"][None, :]
-            for key in adapter if key.endswith(".a")}
-
+    out = {}
+    for key in adapter:
+        if key.endswith(".a"):
+            name = key.removesuffix(".a")
+            out[f"{name}.weight"] = base[f"{name}.weight"].float() * adapter[key][:, None] * adapter[f"{name}.b"][None, :]
+    return out

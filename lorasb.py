@@ -296,7 +296,7 @@ def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, seed: int = 0, lr_first: 
             clamped.setdefault((n_out, n_in, r), []).append(name.split(".")[-1])
         if method == "lora":
             A, B = lora_factors(W0, r, g)
-            R, scale = None, (2 * r if s.alpha is None else s.alpha) / r   # alpha defaults to 2r
+            R, scale = None, lora_scale(s, r)
         elif method == "loraxs":
             B, R, A = loraxs_factors(W0, r, g)
             scale = 1.0
@@ -316,6 +316,11 @@ def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, seed: int = 0, lr_first: 
         print(f"{method}: truncated SVD of {len(linears)} matrices in {time.time() - t0:.1f}s")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return adamw(params, s.lr, s.betas, s.eps, s.weight_decay)
+
+
+def lora_scale(s, r: int) -> float:
+    """LoRA's alpha / r, with r the matrix's own rank (after clamping); alpha defaults to 2r."""
+    return (2 * r if s.alpha is None else s.alpha) / r
 
 
 def merge(model) -> None:
@@ -343,9 +348,7 @@ def merge_adapter(base: dict, adapter: dict, s) -> dict:
         if key.endswith(".A"):
             name = key.removesuffix(".A")
             A, B, R = adapter[key], adapter[f"{name}.B"], adapter.get(f"{name}.R")
-            r = A.shape[0]
-            scale = (2 * r if s.alpha is None else s.alpha) / r if R is None else 1.0
+            scale = lora_scale(s, A.shape[0]) if R is None else 1.0  # LoRA-XS / LoRA-SB: no scale
             RA = A if R is None else R @ A
             out[f"{name}.weight"] = base[f"{name}.weight"].float() + scale * (B @ RA).to(base[f"{name}.weight"].device)
     return out
-

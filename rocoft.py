@@ -228,4 +228,3 @@ def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
                 W[:, index] += D.to(W.device)
             out[f"{name}.weight"] = W
     return out
-
