@@ -16,293 +16,30 @@ prints a table (mean ± std over seeds) and writes out/claims/<claim>.json.
 --model tiny (the default) is the built-in base, pretrained on first use as train.py does;
 noise / spectral / overlap also take anything model.load reads (smollm2-135m, a folder, a .gguf).
 The training claims run train.py once per method and seed into out/claims/runs/ and reuse a run
-whose command has not changed, so a second call only re-reads them.
+whose command has not changed, so a second call only re-reads them. This file: the training claims
+(compare, lorasb-init, rows), their plots and the command line; noise / spectral / overlap live in
+perturb.py, the real-data table in table.py, what they all share (runs, mean ± std, verdicts) in runs.py.
 """
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import analyze
-import eval_math
-import lift
-import train
-from targets import LINEAR_NAMES, find_linears
+from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
+from cli import Parser, is_tiny
+from perturb import claim_noise, claim_overlap, claim_spectral, held_out, target_weights, text_loss
+from runs import base_path, mean_std, pm, run_train, verdict, write_json
+from table import TABLE, TABLE_SETS, claim_table, plot_table
 from weights import load
 
-SELECTS = ("principal", "magnitude", "random")  # LIFT's Principal Weights and the two baselines of Fig. 2
-
-
-def mean_std(xs) -> tuple[float, float]:
-    xs = list(xs)
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def pm(xs, scale: float = 1.0, digits: int = 2) -> str:
-    """'mean ± std' of xs (times scale)."""
-    m, s = mean_std(xs)
-    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
-
-
-def write_json(args, name: str, result: dict) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    f = out / f"{name}.json"
-    f.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    f.with_suffix(".tmp").replace(f)
-    print(f"\nwrote {f}")
-    return f
-
-
-def base_path(args) -> str:
-    """--model: 'tiny' is the built-in base (pretrained once, cached under out/ by train.py)."""
-    if args.model != "tiny":
-        return args.model
-    run, _, _ = train.parse_args(["--method", "full", "--pretrain-steps", str(args.pretrain_steps)])
-    return train.builtin_base(run)
-
-# -----------------------------------------------------------------------------
-# held-out text, for the claims that perturb a model without training it
-
-# Encyclopaedic sentences, none the model was tuned on; the last word is the one Fig. 2b asks for.
-FACTS = (
-    ("Madrid is located in the country of", " Spain"), ("The capital of France is", " Paris"),
-    ("The Eiffel Tower is in the city of", " Paris"), ("Tokyo is the capital of", " Japan"),
-    ("The largest ocean on Earth is the", " Pacific"), ("Water is made of hydrogen and", " oxygen"),
-    ("The planet closest to the Sun is", " Mercury"), ("The Great Wall is in", " China"),
-    ("Berlin is the capital of", " Germany"), ("The opposite of hot is", " cold"),
-    ("A week has seven", " days"), ("The Statue of Liberty is in New", " York"),
-    ("Rome is the capital of", " Italy"), ("The chemical symbol for gold is", " Au"),
-    ("Bees make", " honey"), ("The first month of the year is", " January"),
-)
-
-
-def held_out(tok, real: bool, n: int) -> tuple[list[dict], list[dict]]:
-    """(texts for the loss, prompt/answer rows for the answer probability) as token rows
-    {prompt, text}. A real model reads the FACTS; the built-in one, test problems of its own
-    domain (synth-source), whose answer is the first digit of the step's result."""
-    if real:
-        ids = [tok.encode(p + a + ".", bos=True) for p, a in FACTS]
-        texts = [{"prompt": t[:1], "text": t[1:]} for t in ids]  # every token after the first
-        answers = [{"prompt": tok.encode(p, bos=True), "text": tok.encode(a)[:1]} for p, a in FACTS]
-        return texts, answers
-    problems = eval_math.synthetic_problems("source", "test", n)  # what the built-in base was trained on
-    # the built-in model never learned to write questions (their tokens are masked in training):
-    # its held-out text is the worked solutions, given the questions
-    texts = [{"prompt": tok.encode(eval_math.format_prompt(p), bos=True),
-              "text": tok.encode(eval_math.format_target(p))} for p in problems]
-    answers = []
-    for p in problems:  # P(the result's first digit | the question and the worked step up to "= ")
-        sol = eval_math.format_target(p)
-        cut = sol.index("= ") + 2
-        answers.append({"prompt": tok.encode(eval_math.format_prompt(p) + sol[:cut], bos=True),
-                        "text": tok.encode(sol[cut:])[:1]})
-    return texts, answers
-
-
-def text_loss(model, tok, texts) -> float:
-    """Mean next-token cross-entropy over every text token."""
-    nll = [-lp.gather(1, y[:, None]).squeeze(1) for lp, y in eval_math.text_logprobs(model, tok, texts)]
-    return float(torch.cat(nll).mean())
-
-
-def answer_prob(model, tok, rows) -> float:
-    """Mean probability of each row's first text token after its prompt (LIFT Fig. 2b's P("Spain"))."""
-    probs, i = [], 0
-    for lp, y in eval_math.text_logprobs(model, tok, rows, batch_size=16):
-        # text_logprobs yields every text token of a batch, row after row; take each row's first
-        for r in rows[i:i + 16]:
-            probs.append(float(lp[0, y[0]].exp()))
-            lp, y = lp[len(r["text"]):], y[len(r["text"]):]
-        i += 16
-    return statistics.fmean(probs)
-
-
-def target_weights(model) -> list[tuple[str, torch.Tensor]]:
-    return [(name, lin.weight) for name, lin in find_linears(model, LINEAR_NAMES)]
-
-
-def pick(W, select: str, k: int, rank: int, seed: int) -> torch.Tensor:
-    """The k entries of W a selection rule takes (LIFT's principal, |W|, or uniformly at random)."""
-    return lift.top_k_mask(lift.selection_scores(W, select, rank, seed=seed), k)
-
-# -----------------------------------------------------------------------------
-# LIFT §4, Fig. 2: Gaussian noise of a fixed scale on k selected entries of every target matrix
-
-
-def claim_noise(args):
-    """Loss on held-out text (and the answer's probability) after N(0, sigma^2) noise on the top-k
-    entries of each rule, k = the LoRA-r budget r (n_in + n_out) per matrix (LIFT's budget)."""
-    path = base_path(args)
-    model, tok = load(path)
-    real = not train.is_tiny(path)
-    texts, answers = held_out(tok, real, args.texts)
-    weights = target_weights(model)
-    originals = [w.detach().clone() for _, w in weights]
-    base = {"loss": text_loss(model, tok, texts), "answer_prob": answer_prob(model, tok, answers)}
-    w_std = statistics.fmean(float(w.detach().float().std()) for _, w in weights)
-    print(f"base model: loss {base['loss']:.4f}, answer probability {base['answer_prob']:.4f}; noise sigma "
-          f"{args.sigma} (the target weights' mean std is {w_std:.4f}); {len(weights)} matrices, {args.seeds} seeds")
-    rows = []
-    for rank in args.ranks:
-        masks = {sel: [pick(w, sel, lift.budget(*w.shape, rank), rank, 0) for _, w in weights]
-                 for sel in ("principal", "magnitude")}
-        share = sum(int(m.sum()) for m in masks["principal"]) / sum(w.numel() for _, w in weights)
-        for sel in SELECTS:
-            losses, probs = [], []
-            for seed in range(args.seeds):
-                g = torch.Generator().manual_seed(1000 * seed + rank)
-                with torch.no_grad():
-                    for i, (_, w) in enumerate(weights):
-                        m = masks[sel][i] if sel != "random" else pick(w, "random", lift.budget(*w.shape, rank),
-                                                                         rank, seed * 7919 + i)
-                        noise = torch.randn(int(m.sum()), generator=g) * args.sigma
-                        w[m] += noise.to(w.dtype)
-                losses.append(text_loss(model, tok, texts))
-                probs.append(answer_prob(model, tok, answers))
-                with torch.no_grad():
-                    for (_, w), w0 in zip(weights, originals):
-                        w.copy_(w0)
-            rows.append(dict(rank=rank, share=share, select=sel, loss=losses, answer_prob=probs))
-            print(f"  r={rank:<4} {sel:<10} loss {pm(losses, digits=4)}", flush=True)
-    print(f"\nLIFT §4 / Fig. 2 -- held-out loss after noise N(0, {args.sigma}^2) on the k = r(n_in + n_out) "
-          f"entries of each rule, {args.seeds} seeds (base loss {base['loss']:.4f}):")
-    print(f"{'r':>5}{'entries':>9}" + "".join(f"{s + ' loss':>22}" for s in SELECTS)
-          + "".join(f"{s[:4] + ' P(answer)':>20}" for s in SELECTS))
-    for rank in args.ranks:
-        rs = {r["select"]: r for r in rows if r["rank"] == rank}
-        print(f"{rank:>5}{100 * rs['principal']['share']:>8.2f}%" + "".join(f"{pm(rs[s]['loss'], digits=4):>22}"
-                                                                           for s in SELECTS)
-              + "".join(f"{pm(rs[s]['answer_prob'], digits=3):>20}" for s in SELECTS))
-    write_json(args, "noise", {"claim": "LIFT §4, Fig. 2", "model": args.model, "sigma": args.sigma,
-                               "weight_std": w_std, "seeds": args.seeds, "base": base, "rows": rows})
-    return rows
-
-# -----------------------------------------------------------------------------
-# LIFT App. C.1 (random matrices) and C.2 (the model's): noise of equal Frobenius norm, spectral norm
-
-
-def spectral_rise(W, mask, scale: float, seed: int) -> tuple[float, float]:
-    """(relative rise of ||W||_2, of ||W||_F) after noise of Frobenius norm scale * ||W||_F on the
-    entries of `mask`: the same noise energy whichever rule picked them."""
-    W = W.detach().float()
-    k = int(mask.sum())
-    noise = torch.randn(k, generator=torch.Generator().manual_seed(seed))
-    noise *= scale * float(torch.linalg.matrix_norm(W)) / float(noise.norm())
-    Wn = W.clone()
-    Wn[mask] += noise
-    s0, s1 = torch.linalg.matrix_norm(W, 2), torch.linalg.matrix_norm(Wn, 2)
-    f0, f1 = torch.linalg.matrix_norm(W), torch.linalg.matrix_norm(Wn)
-    return float(s1 / s0 - 1), float(f1 / f0 - 1)
-
-
-def claim_spectral(args):
-    """Random n x n Gaussian matrices (C.1, Fig. 8) and the model's target matrices (C.2, Fig. 9):
-    rise of the spectral and Frobenius norms after equal-energy noise on each rule's k entries."""
-    rows = []
-
-    def add(where, rank, matrices, seeds):
-        """Each rule's k = r(n_in + n_out) entries of each matrix, noised with each seed."""
-        rises = {sel: [] for sel in SELECTS}
-        for i, W in enumerate(matrices):
-            k = lift.budget(*W.shape, rank)
-            fixed = {sel: pick(W, sel, k, rank, 0) for sel in ("principal", "magnitude")}
-            for seed in seeds:
-                for sel in SELECTS:
-                    m = fixed[sel] if sel in fixed else pick(W, "random", k, rank, 1000 * seed + i)
-                    rises[sel].append(spectral_rise(W, m, args.scale, 1000 * seed + i))
-        for sel in SELECTS:
-            rows.append(dict(where=where, rank=rank, select=sel, spectral=[r[0] for r in rises[sel]],
-                             frobenius=[r[1] for r in rises[sel]]))
-    for n in args.sizes:  # a fresh random matrix per seed, N(0, 1/n) entries
-        matrices = [torch.randn(n, n, generator=torch.Generator().manual_seed(seed)) / n ** 0.5
-                    for seed in range(args.seeds)]
-        add(f"random {n}x{n}", max(1, n // 32), matrices, [0])
-    model, _ = load(base_path(args))
-    weights = target_weights(model)
-    for kind in LINEAR_NAMES:
-        ws = [w for name, w in weights if name.endswith(kind)]
-        if ws:
-            add(f"{args.model} {kind}", args.rank, ws, range(args.seeds))
-    print(f"\nLIFT App. C -- rise of ||W||_2 and ||W||_F (in % of the original) after noise of Frobenius norm "
-          f"{args.scale} ||W||_F on the k = r(n_in + n_out) entries each rule picks; {args.seeds} seeds"
-          f"{' x layers' if weights else ''}:")
-    print(f"{'matrix':<28}{'r':>4}" + "".join(f"{s + ' ||.||_2':>22}" for s in SELECTS)
-          + "".join(f"{s[:4] + ' ||.||_F':>18}" for s in SELECTS))
-    for where in dict.fromkeys(r["where"] for r in rows):
-        rs = {r["select"]: r for r in rows if r["where"] == where}
-        print(f"{where:<28}{rs['principal']['rank']:>4}" + "".join(f"{pm(rs[s]['spectral'], 100):>22}" for s in SELECTS)
-              + "".join(f"{pm(rs[s]['frobenius'], 100):>18}" for s in SELECTS))
-    write_json(args, "spectral", {"claim": "LIFT App. C.1-C.2", "model": args.model, "scale": args.scale,
-                                  "seeds": args.seeds, "rows": rows})
-    return rows
-
-# -----------------------------------------------------------------------------
-# LIFT App. G.9: how much of LIFT's mask is simply the largest weights
-
-
-def claim_overlap(args):
-    """|LIFT mask ∩ magnitude mask| / k per module type (mean ± std over layers), at the budget of
-    rank args.rank and LRA ranks args.lra_ranks. Deterministic: exact SVD, no seeds."""
-    model, _ = load(base_path(args))
-    weights = target_weights(model)
-    rows = []
-    for kind in LINEAR_NAMES:
-        ws = [w for name, w in weights if name.endswith(kind)]
-        for lra in args.lra_ranks:
-            overlaps = []
-            for w in ws:
-                k = lift.budget(*w.shape, args.rank)
-                p, m = pick(w, "principal", k, lra, 0), pick(w, "magnitude", k, lra, 0)
-                overlaps.append(int((p & m).sum()) / k)
-            if ws:
-                rows.append(dict(module=kind, lra_rank=lra, overlap=overlaps))
-    print(f"\nLIFT App. G.9 -- share of LIFT's k = {args.rank}(n_in + n_out) entries that are also the k largest "
-          f"|W| ({args.model}), mean ± std over layers, by LRA rank:")
-    print(f"{'module':<11}" + "".join(f"{'LRA r=' + str(r):>16}" for r in args.lra_ranks))
-    for kind in dict.fromkeys(r["module"] for r in rows):
-        print(f"{kind:<11}" + "".join(f"{pm(r['overlap'], 100, 1) + '%':>16}" for r in rows if r["module"] == kind))
-    write_json(args, "overlap", {"claim": "LIFT App. G.9", "model": args.model, "rank": args.rank, "rows": rows})
-    return rows
 
 # -----------------------------------------------------------------------------
 # the training claims: train.py runs, one per configuration and seed, reused while unchanged
-
-
-def run_train(args, name: str, flags: list[str], seed: int) -> dict:
-    """train.main on the base with `flags`, into out/claims/runs/<name>-seed<seed>; a folder whose
-    recorded command equals this one is read, not re-run. Returns its metrics and loss curve."""
-    folder = Path(args.out) / "runs" / f"{name}-seed{seed}"
-    argv = [*flags, "--model", args.base, "--data", args.data, "--eval-data", args.eval_data,
-            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
-            "--log-every", str(args.log_every), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
-            "--forget-prompts", str(args.forget_prompts)]
-    argv += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
-    argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
-    argv += getattr(args, "train_flags", [])
-    key = folder / "claims-command.json"
-    if (folder / "metrics.json").exists() and key.exists() and json.loads(key.read_text()) == argv:
-        print(f"{name} seed {seed}: reusing {folder}", flush=True)
-    else:
-        print(f"\n=== {name}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-        t0 = time.time()
-        train.main(argv + ["--out", str(folder), "--overwrite"])
-        (folder / "wall_s").write_text(f"{time.time() - t0:.1f}")
-        key.write_text(json.dumps(argv))
-    metrics = json.loads((folder / "metrics.json").read_text())
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
-    # the learn/forget curve: the base's accuracy at step 0, every --eval-every, the final one
-    evals = [(0, metrics["accuracy_before"])] if metrics.get("accuracy_before") else []
-    evals += [(c["step"], c["accuracy"]) for c in log if "accuracy" in c] + [(metrics["steps"], metrics["accuracy"])]
-    return dict(name=name, seed=seed, folder=str(folder), metrics=metrics, evals=evals,
-                curve=[(c["step"], c["loss"]) for c in log if "loss" in c],
-                wall_s=float((folder / "wall_s").read_text()))
 
 
 def analyse_run(base, held, folder: str, spectrum_of: str) -> dict:
@@ -409,7 +146,7 @@ def training_claim(args, name: str, configs) -> tuple[dict, list[str]]:
     args.base = base_path(args)  # resolved (and the built-in base pretrained) once, not per run
     runs = [run_train(args, cname, flags, seed) for cname, flags in configs for seed in range(args.seeds)]
     base, tok = load(args.base)
-    held = held_out(tok, not train.is_tiny(args.base), args.texts)[0]
+    held = held_out(tok, not is_tiny(args.base), args.texts)[0]
     args.base_source_loss = text_loss(base, tok, held)
     table = summarise(runs, base, held)
     specs = [s for s in args.eval_data.split(",") if s]
@@ -426,19 +163,6 @@ def dump(table: dict) -> dict:
     keep = ("accuracy", "accuracy_before", "trainable", "model_params", "train_s", "forgetting")
     return {name: [{k: r[k] for k in ("seed", "folder", "curve", "evals", "delta", "wall_s")}
                    | {k: r["metrics"].get(k) for k in keep} for r in runs] for name, runs in table.items()}
-
-
-def verdict(label: str, a: list, b: list, higher: bool = True, strict: bool = False, digits: int = 3) -> str:
-    """'label: a vs b -> holds / does not hold' with means ± std; holds when the means order as claimed
-    (`strict`: a claim of 'better', which equal means do not meet)."""
-    a, b = [x for x in a if not math.isnan(x)], [x for x in b if not math.isnan(x)]
-    if not a or not b:
-        return f"  {label}: not measurable (a configuration never got there)"
-    ma, mb = statistics.fmean(a), statistics.fmean(b)
-    if strict and ma == mb:
-        return f"  {label}: {pm(a, 1, digits)} vs {pm(b, 1, digits)} -> does not hold (equal)"
-    ok = ma >= mb if higher else ma <= mb
-    return f"  {label}: {pm(a, 1, digits)} vs {pm(b, 1, digits)} -> {'holds' if ok else 'does not hold'}"
 
 
 def claim_compare(args):
@@ -601,174 +325,6 @@ def claim_plots(args):
     return written
 
 # -----------------------------------------------------------------------------
-# the papers' Table 2 on real data: GSM8K train -> the seven LLM-Adapters arithmetic test sets
-
-# The columns of LIFT Table 2, RoCoFT Table 3 and HyperAdapt's arithmetic table (LLM-Adapters' test
-# sets, `dataset/<name>/test.json` in its repository), in the papers' order
-TABLE_SETS = ("MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP", "mawps")
-# Matched budgets, counted on SmolLM2-135M's 210 target matrices: LoRA r=8 trains 2,442,240 numbers and
-# LIFT r=8 the same by definition; RoCoFT 16 rows 2,396,160; LoRA-XS / LoRA-SB r=108 (r^2 per matrix)
-# 2,449,440; HyperAdapt has no rank (n_in + n_out per matrix: 305,280). Each at its paper's settings
-# (lr, schedule, warmup share, betas, clipping) but for the steps and batch the laptop budget sets.
-TABLE = (
-    ("full", ["--method", "full"]),
-    ("lora r8", ["--method", "lora", "--rank", "8"]),
-    ("lift r8", ["--method", "lift", "--rank", "8"]),
-    ("rocoft r16", ["--method", "rocoft", "--rank", "16"]),
-    ("loraxs r108", ["--method", "loraxs", "--rank", "108"]),
-    ("lorasb r108", ["--method", "lorasb", "--rank", "108"]),
-    ("hyper", ["--method", "hyper"]),
-)
-
-
-def table_sets(eval_dir) -> list[str]:
-    """The seven test files under --eval-dir (default $NANOPEFT_DATA or ./dataset): <name>.json or
-    <name>/test.json, names matched ignoring case, as eval_math finds a dataset by name."""
-    root = eval_dir or os.environ.get("NANOPEFT_DATA", "dataset")
-    return [str(eval_math._find_named(name, "test", root)) for name in TABLE_SETS]
-
-
-def close(a: list, b: list, points: float = 1.0) -> tuple[bool, float]:
-    """'a is about b': |mean(a) - mean(b)| within max(`points`, 2 x the larger std); (holds, gap)."""
-    gap = statistics.fmean(a) - statistics.fmean(b)
-    return abs(gap) <= max(points, 2 * max(mean_std(a)[1], mean_std(b)[1])), gap
-
-
-def claim_table(args):
-    """Every method fine-tunes --model on GSM8K train problems and is scored on the seven arithmetic
-    test sets (the same first --eval-limit problems of each, LLM-Adapters' answer rule); prints the
-    papers' Table 2 layout (a row per method, a column per set, their average, mean ± std over the
-    seeds, trainable %), the base model's row, the forgetting (drift on the base's own text) and
-    the verdict on each paper's claim. Writes out/claims/table.json (and figures/table.png)."""
-    args.eval_data = ",".join(table_sets(args.eval_dir))
-    args.train_flags = ["--protocol", "llm-adapters", "--num-beams", str(args.num_beams), "--seq-len", str(args.seq_len)]
-    args.base = base_path(args)
-    beams = eval_math.decoding("llm-adapters", args.num_beams)
-    args.decoding = "greedy" if beams == 1 else f"beam search, {beams} beams"
-    seeds = range(args.seeds) if args.only_seed is None else [args.only_seed]
-    configs = [c for c in TABLE if c[0] in args.configs]
-    n_runs, t0 = len(configs) * len(seeds), time.time()
-    table = {}
-    for i, (name, flags) in enumerate(configs):
-        for seed in seeds:
-            done = sum(len(v) for v in table.values())
-            if done:
-                print(f"[table] run {done + 1}/{n_runs}; {time.time() - t0:.0f}s so far", flush=True)
-            table.setdefault(name, []).append(run_train(args, name, flags, seed))
-    first = next(iter(table.values()))[0]["metrics"]
-    sets = [n.lower() for n in TABLE_SETS]
-    before = first.get("accuracy_before") or {}
-
-    def avg(acc):
-        return statistics.fmean(acc[s] for s in sets)
-    w = max(14, *(len(n) + 2 for n in table))
-    head = (f"{'method':<{w}}{'trainable':>13}{'%':>8}" + "".join(f"{n:>14}" for n in TABLE_SETS) + f"{'Avg':>14}"
-            + f"{'loss rise':>18}{'KL(base‖tuned)':>20}{'agreement':>16}{'wall s':>8}")
-    print(f"\nTable 2 at laptop scale: {args.model}, {args.steps} steps of batch {args.batch_size} on {args.data}, "
-          f"{len(seeds)} seed(s); accuracy % on the first {args.eval_limit} problems of each set, LLM-Adapters' "
-          f"scoring, {args.decoding}, {args.max_new_tokens} new tokens at most")
-    print(head)
-    if before:
-        print(f"{'base':<{w}}{'':>13}{'':>8}" + "".join(f"{100 * before[s]:>14.1f}" for s in sets)
-              + f"{100 * avg(before):>14.1f}")
-    for name, runs in table.items():
-        m = runs[0]["metrics"]
-        forget = [r["metrics"].get("forgetting") or {} for r in runs]
-        drift = "".join(f"{pm([f[k] for f in forget], 100 if k == 'agreement' else 1, d):>{wd}}" if all(k in f for f in forget)
-                        else f"{'-':>{wd}}" for k, d, wd in (("loss_rise", 4, 18), ("kl", 4, 20), ("agreement", 1, 16)))
-        print(f"{name:<{w}}{m['trainable']:>13,}{100 * m['trainable'] / m['model_params']:>7.2f}%"
-              + "".join(f"{pm([r['metrics']['accuracy'][s] for r in runs], 100, 1):>14}" for s in sets)
-              + f"{pm([avg(r['metrics']['accuracy']) for r in runs], 100, 1):>14}" + drift
-              + f"{statistics.fmean(r['wall_s'] for r in runs):>8.0f}")
-    floor = [n for n, s in zip(TABLE_SETS, sets) if max([before.get(s, 0)] + [r["metrics"]["accuracy"][s]
-                                                                               for rs in table.values() for r in rs]) < 0.05]
-    if floor:
-        print(f"at the floor (every row below 5%, the base included): {', '.join(floor)}")
-    # what a difference of means can mean here: one problem's worth, and the binomial sampling std of
-    # an average accuracy over all the problems (the test subset is a sample of each set)
-    n = args.eval_limit * len(sets)
-    p = statistics.fmean(avg(r["metrics"]["accuracy"]) for rs in table.values() for r in rs)
-    noise = 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
-    print(f"resolution: one problem is {100 / args.eval_limit:.1f} points on a set and {100 / n:.2f} on the average; "
-          f"at the mean accuracy {100 * p:.1f}% the sampling std of an average over {n} problems is {noise:.1f} points")
-    # the papers' claims, on the average over the seven sets and on the drift from the base
-    A = {n: [100 * avg(r["metrics"]["accuracy"]) for r in rs] for n, rs in table.items()}
-    K = {n: [(r["metrics"].get("forgetting") or {}).get("kl", math.nan) for r in rs] for n, rs in table.items()}
-    checks = []
-
-    def order(label, a, b, of, higher=True, strict=False, digits=1):
-        if a in of and b in of:
-            line = verdict(label, of[a], of[b], higher, strict, digits)
-            gap = statistics.fmean(of[a]) - statistics.fmean(of[b])
-            if of is A and abs(gap) < 2 * noise:
-                line += f" (gap {gap:+.1f} points, under 2 sampling stds: not a finding)"
-            checks.append(line)
-
-    def about(label, a, b):
-        if a in A and b in A:
-            ok, gap = close(A[a], A[b])
-            checks.append(f"  {label}: {pm(A[a], 1, 1)} vs {pm(A[b], 1, 1)} (gap {gap:+.1f} points; 'about' = within "
-                          f"max(1 point, 2 std)) -> {'holds' if ok else 'does not hold'}")
-    order("LIFT Table 2: LIFT r8 >= LoRA r8 on the average", "lift r8", "lora r8", A)
-    order("LIFT Table 2: LIFT r8 >= full fine-tuning on the average", "lift r8", "full", A)
-    order("LIFT §7.1: LIFT r8 drifts less from the base than LoRA r8 (KL, lower)", "lift r8", "lora r8", K, False,
-          digits=4)
-    order("LIFT §7.1: LIFT r8 drifts less from the base than full fine-tuning (KL, lower)", "lift r8", "full", K, False,
-          digits=4)
-    about("RoCoFT Table 3: RoCoFT r16 about LoRA r8", "rocoft r16", "lora r8")
-    order("LoRA-SB: LoRA-SB r108 > LoRA-XS r108 on the average", "lorasb r108", "loraxs r108", A, strict=True)
-    about("HyperAdapt's table: HyperAdapt about LoRA r8", "hyper", "lora r8")
-    print("\nthe claims, as measured here (means ordered as the paper says -> holds):")
-    print("\n".join(checks))
-    runs_json = {n: [{"seed": r["seed"], "folder": r["folder"], "wall_s": r["wall_s"], "curve": r["curve"]}
-                     | {k: r["metrics"].get(k) for k in ("accuracy", "trainable", "model_params", "train_s",
-                                                          "forgetting", "saved")} for r in rs] for n, rs in table.items()}
-    write_json(args, "table", {"claim": "table", "model": args.model, "data": args.data, "steps": args.steps,
-                               "batch_size": args.batch_size, "seeds": list(seeds), "eval_limit": args.eval_limit,
-                               "sets": list(TABLE_SETS), "eval_files": args.eval_data.split(","),
-                               "decoding": args.decoding,
-                               "max_new_tokens": args.max_new_tokens, "base": before, "floor": floor,
-                               "sampling_std_points": noise,
-                               "checks": checks, "runs": runs_json})
-    try:
-        plot_table(args)
-    except ImportError as e:
-        print(f"note: no figure ({e})")
-    return table
-
-
-def plot_table(args):
-    """figures/table.png: accuracy per test set (and the average) by method, mean over seeds, std as
-    error bars, the base model beside them; from out/claims/table.json."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    data = json.loads((Path(args.out) / "table.json").read_text())
-    sets = [s.lower() for s in data["sets"]]
-    rows = {"base": [[data["base"].get(s, math.nan) for s in sets]]} if data["base"] else {}
-    rows |= {n: [[r["accuracy"][s] for s in sets] for r in rs] for n, rs in data["runs"].items()}
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(rows)
-    for i, (name, runs) in enumerate(rows.items()):
-        per = [row + [statistics.fmean(row)] for row in runs]  # each run's sets and its average
-        ms = [mean_std([100 * x for x in col]) for col in zip(*per)]
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(sets) + 1)]
-        ax.bar(xs, [m for m, _ in ms], width, yerr=[s for _, s in ms] if len(per) > 1 else None, label=name,
-               color="black" if name == "base" else plt.cm.tab10(i % 10), capsize=2)
-    ax.set_xticks(range(len(sets) + 1), [*data["sets"], "Avg"])
-    ax.set(ylabel="accuracy, % (mean over seeds; bars: std)",
-           title=f"{data['model']}, {data['steps']} steps x batch {data['batch_size']} on GSM8K train; first "
-                 f"{data['eval_limit']} problems per set, {data['decoding']}")
-    ax.legend(fontsize=8, ncol=4)
-    fig.tight_layout()
-    figs = Path(args.figures)
-    figs.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figs / "table.png", dpi=110)
-    plt.close(fig)
-    print(f"wrote {figs / 'table.png'}")
-    return figs / "table.png"
-
-# -----------------------------------------------------------------------------
 # command line
 
 CLAIMS = {"noise": claim_noise, "spectral": claim_spectral, "overlap": claim_overlap, "compare": claim_compare,
@@ -786,14 +342,14 @@ def ints(text: str) -> list[int]:
 
 
 def build_parser():
-    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("claim", choices=list(CLAIMS), help="which claim to measure")
     p.add_argument("--model", default=None, help="tiny (the built-in base; table: smollm2-135m), smollm2-135m, a folder "
                                                  "or a .gguf")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1; the tables show mean ± std (table: 2, else 3)")
     p.add_argument("--out", default="out/claims", help="where the JSON results and the runs go")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    p.add_argument("--pretrain-steps", type=int, default=train.BUILTIN_PRETRAIN_STEPS,
+    p.add_argument("--pretrain-steps", type=int, default=BUILTIN_PRETRAIN_STEPS,
                    help="the built-in base's pretraining length (as train.py)")
     g = p.add_argument_group("noise / spectral / overlap")
     g.add_argument("--ranks", type=ints, default=[1, 4, 16], help="noise: budgets r (k = r(n_in + n_out) per matrix)")
@@ -837,7 +393,7 @@ def build_parser():
 CLAIM_DEFAULTS = {
     "table": dict(model="smollm2-135m", seeds=2, steps=60, batch_size=4, data="gsm8k", eval_limit=20, eval_every=0,
                   max_new_tokens=256, configs=",".join(c for c, _ in TABLE)),
-    None: dict(model="tiny", seeds=3, steps=train.BUILTIN["max_steps"], batch_size=train.BUILTIN["batch_size"],
+    None: dict(model="tiny", seeds=3, steps=BUILTIN["max_steps"], batch_size=BUILTIN["batch_size"],
                data="synth-target", eval_limit=100, eval_every=15, configs=",".join(c for c, _ in COMPARE)),
 }
 
@@ -862,7 +418,7 @@ def main(argv=None):
         raise ValueError(f"unknown --configs {unknown[0]!r}; known: {', '.join(known)}")
     if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
         raise ValueError(f"--only-seed {args.only_seed} is not one of the seeds 0..{args.seeds - 1}")
-    if args.claim in ("compare", "lorasb-init", "rows") and args.model != "tiny" and not train.is_tiny(args.model):
+    if args.claim in ("compare", "lorasb-init", "rows") and args.model != "tiny" and not is_tiny(args.model):
         print(f"note: training claims on {args.model} run {len(COMPARE)} x {args.seeds} fine-tunings of it")
     if args.claim == "table":
         print(f"table: {len(args.configs)} methods x {1 if args.only_seed is not None else args.seeds} seed(s) of "
@@ -878,6 +434,18 @@ def cli(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# the claims that moved to perturb.py, table.py and runs.py: their names stay importable from here
+_MOVED = {**dict.fromkeys(("SELECTS", "FACTS", "answer_prob", "pick", "spectral_rise"), "perturb"),
+          **dict.fromkeys(("table_sets", "close"), "table")}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'claims' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """
-Data parallel under torchrun: this process's rank, and the two collectives the loop and the methods
-use (summing gradients and statistics; broadcasting a LIFT mask). Each is a no-op in one process.
+Data parallel under torchrun: joining the process group, this process's rank, and the two
+collectives the loop and the methods use (summing gradients and statistics; broadcasting a LIFT
+mask). Each is a no-op in one process.
 """
+import os
+from datetime import timedelta
+
 import torch
+
 
 def rank_world() -> tuple[int, int]:
     """(this process's rank, the number of processes): (0, 1) unless torchrun's process group is up
-    (train.py starts it). The methods ask it where they compute from data before training."""
+    (start_distributed). The methods ask it where they compute from data before training."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -42,3 +47,28 @@ def broadcast_(tensors, src: int = 0):
         dist.broadcast(buf, src)
         if buf is not t:
             t.copy_(buf)
+
+
+def start_distributed(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group (nccl on CUDA, each
+    process on its own GPU; gloo on CPU) and return this process's rank; 0 without torchrun. A group
+    that does not form within --dist-timeout is a one-line error, not a hang."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if "cuda" in args.device:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        try:
+            dist.init_process_group("nccl" if "cuda" in args.device else "gloo",
+                                    timeout=timedelta(seconds=args.dist_timeout))
+        except (RuntimeError, TimeoutError, ValueError) as e:  # dist's errors are RuntimeErrors
+            raise ConnectionError(f"data parallel: process {os.environ.get('RANK')} of {world} could not meet the "
+                                  f"others at {where} within --dist-timeout {args.dist_timeout:g} s "
+                                  f"({str(e).splitlines()[0][:200]}); start all of them (torchrun --nproc-per-node, "
+                                  "--nnodes)") from None
+    return dist.get_rank()

@@ -2,11 +2,14 @@
 Generation: batched greedy / sampled decoding with the KV cache (`generate`, stop strings checked
 inside the loop, finished rows leave the batch) and beam search (`beam_search`, equal to
 transformers' on the same weights).
+
+Run `python generate.py` for a tiny demo: build the built-in model, generate a few tokens.
 """
 import torch
 import torch.nn.functional as F
 
 from model import Transformer
+
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
@@ -146,3 +149,17 @@ def _sample(logits, temperature, top_k):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float("inf")
     return torch.multinomial(F.softmax(logits, -1), 1)[:, 0]
+
+
+if __name__ == "__main__":
+    from dataclasses import asdict
+
+    from weights import load
+    torch.manual_seed(0)
+    model, tok = load("tiny")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny LLaMA: {n/1e6:.2f}M parameters, config {asdict(model.config)}")
+    prompts = ["Question: What is 2 + 3?\nAnswer:", "Hi"]
+    outs = generate(model, [tok.encode(p, bos=True) for p in prompts], max_new_tokens=16, stop_ids=tok.stop_ids)
+    for p, o in zip(prompts, outs):
+        print(repr(p), "->", repr(tok.decode(o)), "(random weights: noise is expected)")

@@ -5,11 +5,9 @@ training loss fused with lm_head. Module names follow Hugging Face (`layers[i].s
 `mlp.gate_proj`, ...) so checkpoints load by plain copy and the PEFT methods can target layers by the
 names the papers use. Loading and saving live in weights.py, generation in generate.py, tokenizers
 in tokenizer.py.
-
-Run `python model.py` for a tiny demo: build the built-in model, generate a few tokens.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -59,56 +57,20 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)} (or a folder path)")
         return cls(**PRESETS[name])
 
+    # the checkpoint formats' configs (Hugging Face config.json, Meta params.json) are read in weights.py
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
-        """From a Hugging Face `config.json`, as real Llama-3.x downloads have it (`rope_theta` +
-        `rope_scaling`, older transformers) or as new transformers writes it (`rope_parameters`)."""
-        if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"config.json has model_type={d.get('model_type')!r}; only 'llama' is supported")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope_type {kind!r} in config.json; supported: default, llama3")
-        scaling = None
-        if kind == "llama3":
-            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")}
-        return cls(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-                   n_kv_heads=d.get("num_key_value_heads"), vocab_size=d["vocab_size"],
-                   hidden_dim=d["intermediate_size"], head_dim=d.get("head_dim"),
-                   norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                   max_seq_len=d.get("max_position_embeddings", 8192),
-                   tie_embeddings=d.get("tie_word_embeddings", False))
+        from weights import config_from_hf
+        return config_from_hf(d)
 
     @classmethod
     def from_meta(cls, d: dict) -> "ModelConfig":
-        """From a Meta `params.json`. `use_scaled_rope` means Llama-3 scaling (low 1, high 4, original
-        8192); later params.json files carry `rope_scaling_factor`. Without it the factor is 8 for
-        Llama-3.1 and 32 for the Llama-3.2 1B/3B shapes: their Hugging Face config.json says 32, and
-        Meta's reference, which hard-codes 8, is known to be wrong there (llama-models issues #166, #241)."""
-        scaling = None
-        if d.get("use_scaled_rope"):
-            llama32_small = (d["dim"], d["n_layers"]) in ((2048, 16), (3072, 28))
-            scaling = {"factor": d.get("rope_scaling_factor", 32.0 if llama32_small else 8.0), "low_freq_factor": 1.0,
-                       "high_freq_factor": d.get("rope_high_freq_factor", 4.0),
-                       "original_max_position_embeddings": 8192}
-        return cls(dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads"),
-                   vocab_size=d["vocab_size"], multiple_of=d.get("multiple_of", 256),
-                   ffn_dim_multiplier=d.get("ffn_dim_multiplier"), norm_eps=d.get("norm_eps", 1e-5),
-                   rope_theta=d.get("rope_theta", 500000.0), rope_scaling=scaling,
-                   max_seq_len=d.get("max_seq_len", 8192))
+        from weights import config_from_meta
+        return config_from_meta(d)
 
     def to_hf(self) -> dict:
-        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
-             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab_size,
-             "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-             "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
-             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-        if self.rope_scaling:
-            d["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
-        return d
+        from weights import config_to_hf
+        return config_to_hf(self)
 
 
 _LLAMA32 = dict(vocab_size=128256, multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
@@ -413,15 +375,3 @@ def __getattr__(name):
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")
 
-
-if __name__ == "__main__":
-    from generate import generate
-    from weights import load
-    torch.manual_seed(0)
-    model, tok = load("tiny")
-    n = sum(p.numel() for p in model.parameters())
-    print(f"tiny LLaMA: {n/1e6:.2f}M parameters, config {asdict(model.config)}")
-    prompts = ["Question: What is 2 + 3?\nAnswer:", "Hi"]
-    outs = generate(model, [tok.encode(p, bos=True) for p in prompts], max_new_tokens=16, stop_ids=tok.stop_ids)
-    for p, o in zip(prompts, outs):
-        print(repr(p), "->", repr(tok.decode(o)), "(random weights: noise is expected)")

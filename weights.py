@@ -14,6 +14,60 @@ import torch
 from model import PRESETS, ModelConfig, Transformer, rope_frequencies
 from tokenizer import Tokenizer
 
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """From a Hugging Face `config.json`, as real Llama-3.x downloads have it (`rope_theta` +
+    `rope_scaling`, older transformers) or as new transformers writes it (`rope_parameters`)."""
+    if d.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json has model_type={d.get('model_type')!r}; only 'llama' is supported")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"unsupported rope_type {kind!r} in config.json; supported: default, llama3")
+    scaling = None
+    if kind == "llama3":
+        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
+    return ModelConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+                       n_kv_heads=d.get("num_key_value_heads"), vocab_size=d["vocab_size"],
+                       hidden_dim=d["intermediate_size"], head_dim=d.get("head_dim"),
+                       norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                       max_seq_len=d.get("max_position_embeddings", 8192),
+                       tie_embeddings=d.get("tie_word_embeddings", False))
+
+
+def config_from_meta(d: dict) -> ModelConfig:
+    """From a Meta `params.json`. `use_scaled_rope` means Llama-3 scaling (low 1, high 4, original
+    8192); later params.json files carry `rope_scaling_factor`. Without it the factor is 8 for
+    Llama-3.1 and 32 for the Llama-3.2 1B/3B shapes: their Hugging Face config.json says 32, and
+    Meta's reference, which hard-codes 8, is known to be wrong there (llama-models issues #166, #241)."""
+    scaling = None
+    if d.get("use_scaled_rope"):
+        llama32_small = (d["dim"], d["n_layers"]) in ((2048, 16), (3072, 28))
+        scaling = {"factor": d.get("rope_scaling_factor", 32.0 if llama32_small else 8.0), "low_freq_factor": 1.0,
+                   "high_freq_factor": d.get("rope_high_freq_factor", 4.0),
+                   "original_max_position_embeddings": 8192}
+    return ModelConfig(dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads"),
+                       vocab_size=d["vocab_size"], multiple_of=d.get("multiple_of", 256),
+                       ffn_dim_multiplier=d.get("ffn_dim_multiplier"), norm_eps=d.get("norm_eps", 1e-5),
+                       rope_theta=d.get("rope_theta", 500000.0), rope_scaling=scaling,
+                       max_seq_len=d.get("max_seq_len", 8192))
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """A Hugging Face config.json of `cfg`."""
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+         "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    if cfg.rope_scaling:
+        d["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+    return d
+
+
 def usual_permissions(path):
     """safetensors writes its files rw------- whatever the umask; give them what every other file gets
     (rw-r--r-- under umask 022)."""
@@ -25,17 +79,17 @@ def usual_permissions(path):
 def read_weights(path) -> tuple[ModelConfig, dict]:
     """(config, state dict in our names) of a model on disk, each tensor in the dtype it is stored in
     (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads, and the base weights
-    a fine-tuned model is saved against (train.py re-reads them, so a bf16 run never rounds them)."""
+    a fine-tuned model is saved against (checkpoint.save_merged re-reads them, so a bf16 run never rounds them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
     if path.is_file() and path.suffix == ".gguf":
         cfg, sd, _ = read_gguf(path)
     elif (path / "config.json").exists():
-        cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
+        cfg = config_from_hf(_read_json(path / "config.json"))
         sd = _read_hf_weights(path)
     elif (path / "params.json").exists():
-        cfg = ModelConfig.from_meta(_read_json(path / "params.json"))
+        cfg = config_from_meta(_read_json(path / "params.json"))
         sd = _read_meta_weights(path, cfg)
     else:
         raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
@@ -243,7 +297,7 @@ def save_pretrained(model: Transformer, path, state_dict=None):
     if model.config.tie_embeddings:
         del sd["lm_head.weight"]  # transformers re-ties it from embed_tokens
     dtype = sd["model.embed_tokens.weight"].dtype
-    config = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    config = {**config_to_hf(model.config), "torch_dtype": str(dtype).removeprefix("torch.")}
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
