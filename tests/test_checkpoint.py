@@ -1,0 +1,250 @@
+"""checkpoint.py: resume is bit-identical to a straight run (Ctrl-C, SIGTERM), no checkpoint is overwritten
+or lost (disk full, nan loss), the merged model is saved in the base's dtype changing only what the method trains."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import train
+from conftest import _argv, _one_line_error, _weights
+from model import Transformer
+from tokenizer import Tokenizer
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_is_bit_identical(small_dir, tmp_path, method):
+    common = ["--method", method, "--rank", "4", "--lr", "3e-3", "--weight-decay", "0.01"]
+    train.main(_argv(small_dir, tmp_path / "straight", *common, "--max-steps", "10"))
+    # interrupted after step 5 (a Ctrl-C during step 5 finishes the step and checkpoints), then resumed
+    calls = []
+
+    def ctrl_c_on_step_5(optimizer, a, k):  # a global post-step hook: every method's optimizer fires it
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(ctrl_c_on_step_5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(_argv(small_dir, tmp_path / "split", *common, "--max-steps", "10"))
+    finally:
+        handle.remove()
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["method"] == method
+    train.main(_argv(small_dir, tmp_path / "split", *common, "--max-steps", "10", "--resume"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # with a constant schedule, 5 steps then resumed to 10 equals 10 straight
+    const = [*common, "--schedule", "constant", "--warmup-ratio", "0"]
+    train.main(_argv(small_dir, tmp_path / "c10", *const, "--max-steps", "10"))
+    train.main(_argv(small_dir, tmp_path / "c5", *const, "--max-steps", "5"))
+    train.main(_argv(small_dir, tmp_path / "c5", *const, "--max-steps", "10", "--resume"))
+    a, b = _weights(tmp_path / "c10"), _weights(tmp_path / "c5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_checkpoint_is_never_overwritten_and_resume_refuses_other_settings(small_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(_argv(small_dir, run, "--method", "lora", "--rank", "2", "--max-steps", "2"))
+    ckpt = (run / "ckpt.pt").read_bytes()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    refused = [(["--max-steps", "2"], "holds the checkpoint of an earlier run: continue it with --resume"),
+               (["--max-steps", "2", "--resume", "--lr", "1e-3"], "made with --lr 0.0002, this run has 0.001"),
+               (["--max-steps", "2", "--resume", "--rank", "3"], "made with --rank 2, this run has 3"),
+               (["--max-steps", "2", "--resume", "--schedule", "cosine"], "--schedule linear, this run has cosine"),
+               (["--max-steps", "2", "--resume", "--targets", "q_proj"], "--targets q_proj,k_proj"),
+               (["--max-steps", "4", "--resume"], "--max-steps 2, this run has 4"),
+               (["--max-steps", "2", "--resume", "--data", "synth-source"], "--data synth-target, this run has synth-source")]
+    for flags, says in refused:
+        code, err = _one_line_error(_argv(small_dir, run, "--method", "lora", "--rank", "2", *flags), capsys)
+        assert code == 2 and len(err) == 1 and says in err[0], (flags, err)
+        assert (run / "ckpt.pt").read_bytes() == ckpt  # byte-identical: nothing lost
+    code, err = _one_line_error(_argv(tmp_path / "nope", run, "--method", "full", "--max-steps", "1", "--overwrite"),
+                                capsys)  # --overwrite with a bad input: the old run is still all there
+    assert code == 2 and (run / "ckpt.pt").read_bytes() == ckpt and (run / "adapter.safetensors").exists()
+    train.main(_argv(small_dir, run, "--method", "full", "--max-steps", "1", "--overwrite"))
+    assert not (run / "adapter.safetensors").exists()  # the LoRA run's adapter is gone with it
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # a fresh run starts a fresh log
+    modes = {f.name: f.stat().st_mode & 0o777 for f in run.iterdir() if f.is_file()}
+    assert len(set(modes.values())) == 1, modes  # every file written with the same permissions
+
+
+def test_sigterm_checkpoints_and_resume_is_bit_identical(small_dir, tmp_path):
+    common = ["--method", "lora", "--rank", "2", "--max-steps", "6"]
+    train.main(_argv(small_dir, tmp_path / "straight", *common))
+    calls = []
+
+    def term_on_step_3(optimizer, a, k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(term_on_step_3)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(_argv(small_dir, tmp_path / "split", *common))
+    finally:
+        handle.remove()
+    assert e.value.code == 143 and torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 3
+    train.main(_argv(small_dir, tmp_path / "split", *common, "--resume"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tmp_path, monkeypatch, capsys):
+    import errno
+    import safetensors.torch
+    run = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def full_on_second(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 2:
+            open(f, "wb").write(b"partial")  # what a full disk leaves: a cut temporary
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_on_second)
+    code, err = _one_line_error(_argv(small_dir, run, "--method", "lora", "--rank", "2", "--max-steps", "3",
+                                      "--save-every", "1"), capsys)
+    assert code == 2 and len(err) == 1 and "could not write the checkpoint of step 2" in err[0]
+    assert "No space left on device" in err[0] and "from before is kept" in err[0]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1 and not (run / "ckpt.pt.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    code, err = _one_line_error(_argv(small_dir, tmp_path / "m", "--method", "full", "--max-steps", "1"), capsys)
+    assert code == 2 and len(err) == 1 and "could not write the model" in err[0]
+    assert not (tmp_path / "m.tmp").exists() and (tmp_path / "m" / "ckpt.pt").exists()
+
+
+def test_resume_with_other_data_order_is_refused(small_dir, tmp_path):
+    train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="--grad-accum 1, this run has 2; resume needs the same"):
+        train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "2", "--grad-accum", "2",
+                         "--resume"))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(small_dir, tmp_path, capsys):
+    with pytest.raises(FloatingPointError, match=r"(loss|gradient norm) is (nan|inf) at step \d+"):
+        train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "20", "--lr", "1e6",
+                         "--save-every", "1", "--max-grad-norm", "0", "--warmup-ratio", "0"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _changed_rank(delta):
+    return int(torch.linalg.matrix_rank(delta.double(), atol=1e-6 * max(1.0, float(delta.abs().max()))))
+
+
+def _check_saved_against_base(method, out, base, r):
+    """The saved model changes only what `method` may change, computed from the base as stored: LIFT
+    only its touched entries (base + the adapter's fp32 delta), LoRA / LoRA-XS / LoRA-SB rank(dW) <= r,
+    RoCoFT r rows, HyperAdapt diag(a) W0 diag(b); every other tensor bit-exact."""
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "model.safetensors"))
+    saved = {k.removeprefix("model."): v for k, v in saved.items()}
+    adapter = load_file(str(out / "adapter.safetensors")) if method != "full" else {}
+    assert set(saved) == set(base)
+    for k, b in base.items():
+        assert saved[k].dtype == b.dtype, k
+        target = k.endswith("_proj.weight")
+        if method == "full" or target:
+            continue
+        assert torch.equal(saved[k], b), k  # embeddings, norms: never touched, never rounded
+    n_changed = 0
+    for k, b in base.items():
+        if not k.endswith("_proj.weight") or method == "full":
+            continue
+        W, W0 = saved[k].double(), b.double()
+        moved = W != W0
+        n_changed += int(moved.sum())
+        name = k.removesuffix(".weight")
+        if method == "lift":
+            idx, delta = adapter[f"{k}.lift_index"].long(), adapter[f"{k}.lift_delta"]
+            allowed = torch.zeros(b.numel(), dtype=torch.bool)
+            allowed[idx] = True
+            assert not (moved.view(-1) & ~allowed).any()
+            expect = (b.float().view(-1)[idx] + delta).to(b.dtype)
+            assert torch.equal(saved[k].view(-1)[idx], expect)
+        elif method in ("lora", "loraxs", "lorasb"):
+            A, B, R = (adapter.get(f"{name}.{x}") for x in "ABR")
+            dW = (2.0 if R is None else 1.0) * B.double() @ (A.double() if R is None else R.double() @ A.double())
+            assert _changed_rank(dW) <= r, k  # LoRA's alpha = 2r: scale 2
+            if b.dtype == torch.float32:
+                assert _changed_rank(W - W0) <= r, k
+            # the saved value is W0 + dW (dW's fp32 product) rounded once to the checkpoint's dtype
+            torch.testing.assert_close(W, W0 + dW, rtol=torch.finfo(b.dtype).eps, atol=1e-5 * float(dW.abs().max()))
+        elif method == "rocoft":
+            assert int(moved.any(1).sum()) <= r, k
+        elif method == "hyper":
+            a, bb = adapter[f"{name}.a"].double(), adapter[f"{name}.b"].double()
+            eps = torch.finfo(b.dtype).eps  # the product in fp32 vs float64 here: within one rounding
+            torch.testing.assert_close(W, (a[:, None] * W0 * bb[None, :]).to(b.dtype).double(), rtol=2 * eps, atol=0)
+    if method != "full":
+        assert n_changed > 0  # training did change the targets
+    return saved
+
+
+SAVE_METHODS = ["full", "lora", "loraxs", "lorasb", "lift", "rocoft", "hyper"]
+
+
+@pytest.mark.parametrize("method", SAVE_METHODS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_bf16_run_saves_an_fp32_base_in_fp32_changing_only_what_the_method_trains(small_dir, tmp_path, monkeypatch,
+                                                                                     capsys, method, dtype):
+    """A run with bf16 base weights (--dtype bfloat16, or auto on a CPU with bf16 instructions, faked
+    here) saves an fp32 checkpoint in fp32: the merged model is the base as stored on disk plus the
+    exact fp32 update, so the method's properties hold on the saved file (not: every weight rounded)."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(train, "bf16_fast", lambda device: True)
+    r = 2
+    metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", method, "--rank", str(r), "--max-steps", "3",
+                               "--lr", "1e-2", "--lorasb-init-samples", "8", "--dtype", dtype))
+    out = capsys.readouterr().out
+    assert "weights bfloat16" in out or method == "full"
+    base = load_file(str(small_dir / "model.safetensors"))
+    base = {k.removeprefix("model."): v for k, v in base.items()}
+    _check_saved_against_base(method, tmp_path / "run", base, r)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert metrics["saved"]["dtype"] == "float32" and metrics["saved"]["changed"] > 0
+    assert "saved the merged model in float32, the base checkpoint's dtype" in out
+
+
+@pytest.fixture(scope="module")
+def small_bf16_dir(small_dir, tmp_path_factory):
+    """The small model stored in bf16 (a checkpoint released in bf16, as Llama's are)."""
+    d = tmp_path_factory.mktemp("small-bf16")
+    model = Transformer.from_pretrained(small_dir)
+    model.save_pretrained(d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    Tokenizer.bytes().save(d)
+    return d
+
+
+@pytest.mark.parametrize("method", SAVE_METHODS)
+def test_bf16_base_saves_bf16_and_says_what_rounding_lost(small_bf16_dir, tmp_path, capsys, method):
+    """A bf16 checkpoint in, a bf16 checkpoint out (config.json says so), changes only where the
+    method may change; the share of the update that bf16 rounds away is printed and recorded, and
+    adapter.safetensors keeps the exact update in fp32."""
+    from safetensors.torch import load_file
+    r = 2
+    lr = "3e-2" if method == "hyper" else "1e-4"  # HyperAdapt's scales move ~lr per step: 1e-4 is below bf16's 0.4%
+    metrics = train.main(_argv(small_bf16_dir, tmp_path / "run", "--method", method, "--rank", str(r), "--max-steps",
+                               "3", "--lr", lr, "--lorasb-init-samples", "8", "--dtype", "float32"))
+    out = capsys.readouterr().out
+    base = {k.removeprefix("model."): v for k, v in load_file(str(small_bf16_dir / "model.safetensors")).items()}
+    _check_saved_against_base(method, tmp_path / "run", base, r)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    saved = metrics["saved"]
+    assert saved["dtype"] == "bfloat16" and 0 < saved["rounded_away"] < saved["changed"]
+    assert f"{saved['rounded_away']:,} of the {saved['changed']:,} entries the update changes" in out
+    if method != "full":  # the exact update: fp32, and not rounded to the weights' precision
+        adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+        floats = [v for k, v in adapter.items() if v.is_floating_point()]
+        assert floats and all(v.dtype == torch.float32 for v in floats)

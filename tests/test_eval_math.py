@@ -1,0 +1,375 @@
+"""eval_math.py: answer extraction and scoring, every loader on files written here, the synthetic data,
+batched evaluation and stop strings against plain generate, its command line."""
+import json
+import re
+import time
+
+import pytest
+import torch
+
+import eval_math as E
+from conftest import tiny_model
+from model import generate
+from tokenizer import LLAMA3_PAT, Tokenizer
+
+
+ANSWER_CASES = [
+    ("3 * 4 = 12. 12 + 5 = 17.\n#### 17", 17.0),           # hashes
+    ("#### 1,234", 1234.0),                                  # comma in the hashed answer
+    ("She pays $1,250.50 in total.", 1250.5),                # dollars + commas + decimals
+    ("The temperature drops to -5 degrees.", -5.0),          # negative
+    ("x = 3.75", 3.75),                                      # decimal
+    ("So 18 apples.", 18.0),                                 # number before a full stop
+    ("The answer is 42. Next, Tom buys 7 pens.", 42.0),      # "The answer is" beats the last number
+    ("the answer is: $18.", 18.0),
+    ("The answer is -3", -3.0),
+    ("#### 17\nQuestion: Tom has 3 bags", 17.0),             # trailing text after the answer
+    ("5 + 7 = 12 and then 12 - 2 = 10 cookies remain", 10.0),  # last number
+    ("I do not know.", None),                                # no number at all
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", ANSWER_CASES)
+def test_extract_answer(text, expected):
+    assert E.extract_answer(text) == expected
+
+
+CHOICE_CASES = [
+    ("Answer: the correct option is (C).", "C"),
+    ("A train covers 60 km in an hour, so the answer is D.", "D"),
+    ("The answer is (B). Not (A).", "B"),
+    ("Among the options, B) 12 fits best.", "B"),
+    ("All options are close; option E is right.", "E"),
+    ("#### C", "C"),
+    ("E", "E"),
+    ("B.", "B"),
+    ("All of them look wrong.", None),
+    ("Since E = m c^2, energy grows.", None),
+    ("Answer: 12 apples", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", CHOICE_CASES)
+def test_extract_choice(text, expected):
+    assert E.extract_choice(text) == expected
+
+
+def test_protocols_score_as_their_rules_say(memorized):
+    """nanopeft takes the first '#### N' / 'answer is N'; llm-adapters (the papers' tables) the last
+    number and the first capital A-E; evaluate() records which one scored, and the decoding."""
+    s = "The answer is 12 - 4 = 8."
+    assert E.extract_answer(s) == 12 and E.extract_answer(s, "llm-adapters") == 8
+    assert E.extract_answer("#### 5\nthen 7 more", "llm-adapters") == 7
+    assert E.extract_answer("She pays $1,250.50 in total.", "llm-adapters") == 1250.5
+    assert E.extract_answer("no number", "llm-adapters") is None
+    assert E.extract_choice("All options fit; (C)", "llm-adapters") == "A"
+    assert E.extract_choice("All options fit; (C)") == "C"
+    assert E.extract_choice("the answer is (d)", "llm-adapters") is None
+    model, tok, seen = memorized
+    problems = seen + E.load_problems("synth-source", limit=3)
+    ours = E.evaluate(model, tok, problems, batch_size=4, progress=False)
+    theirs = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters", num_beams=1)
+    assert (ours["protocol"], theirs["protocol"], theirs["decoding"]) == ("nanopeft", "llm-adapters", "greedy")
+    beams = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters")  # the papers' 4 beams
+    assert beams["decoding"] == "beam search, 4 beams" and ours["decoding"] == "greedy"
+    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
+    ref = [E._cut_at_stop(tok.decode(o))[0] for o in generate(model, prompts, beams["max_new_tokens"], tok.stop_ids,
+                                                               tok.pad_id, num_beams=4)]
+    assert [p["completion"] for p in beams["predictions"]] == ref
+    with pytest.raises(ValueError, match="--num-beams 0 is not allowed"):
+        E.evaluate(model, tok, problems, num_beams=0)
+    for a, b in zip(ours["predictions"], theirs["predictions"]):
+        assert a["completion"] == b["completion"]                    # the same text, scored two ways
+        last = re.findall(r"-?\d+\.?\d*", b["completion"].replace(",", ""))
+        assert b["extracted"] == (float(last[-1]) if last else None)
+        assert b["correct"] == (b["extracted"] is not None and abs(b["extracted"] - float(b["gold"])) <= 1e-3)
+    with pytest.raises(ValueError, match="unknown protocol 'beam'; known: nanopeft, llm-adapters"):
+        E.evaluate(model, tok, problems, protocol="beam")
+
+
+def test_extract_choice_beats_first_capital_rule():
+    """LLM-Adapters' rule (first A-E anywhere) on the same sentences is wrong where ours is right."""
+    def first_capital(s):
+        m = re.findall(r"A|B|C|D|E", s.strip())
+        return m[0] if m else None
+    wrong = [t for t, want in CHOICE_CASES if want and first_capital(t) != want]
+    assert len(wrong) >= 3 and all(E.extract_choice(t) == w for t, w in CHOICE_CASES if t in wrong)
+
+
+def test_is_correct():
+    assert E.is_correct(17.0, "17") and E.is_correct(17.0009, "17") and not E.is_correct(17.002, "17")
+    assert E.is_correct(-5.0, "-5") and E.is_correct(1250.5, "1,250.50")
+    assert E.is_correct("C", "C") and not E.is_correct("A", "C") and not E.is_correct(3.0, "C")
+    assert not E.is_correct(None, "3") and not E.is_correct(None, "A")
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GSM_ROWS = [
+    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+    {"question": "A house costs $1,200 more than a car that costs $3,000. What do both cost?",
+     "answer": "The house costs 3,000 + 1,200 = 4,200.\nBoth cost 3,000 + 4,200 = 7,200.\n#### 7,200"},
+]
+
+
+ADAPTER_ROWS = [
+    {"instruction": "Tom has 3 apples and buys 2. How many apples?", "input": "", "output": "", "answer": "5"},
+    {"instruction": "What is 2 + 2?", "input": "Answer Choices: (A) 3 (B) 4", "output": "2 + 2 = 4. The answer is B.",
+     "answer": "B"},
+    {"instruction": "Half of 7?", "input": "", "output": "", "answer": 3.5},
+]
+
+
+def test_gsm8k_jsonl_through_datasets(tmp_path, monkeypatch):
+    import datasets
+    calls, real = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    ps = E.load_problems(str(write_jsonl(tmp_path / "mygsm.jsonl", GSM_ROWS)))
+    assert calls and calls[0][0][0] == "json"
+    assert [p["answer"] for p in ps] == ["72", "7200"] and {p["dataset"] for p in ps} == {"mygsm"}
+    assert ps[0]["question"] == GSM_ROWS[0]["question"]
+    assert ps[0]["solution"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
+    assert E.format_target(ps[0]).endswith("#### 72")
+    assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=GSM_ROWS[0]["question"])
+    assert E.load_problems(str(tmp_path / "mygsm.jsonl"), limit=1) == ps[:1]
+
+
+def test_gsm8k_hub_path_with_local_file(tmp_path, monkeypatch):
+    """The hub code path (`gsm8k`) with datasets.load_dataset answering from a local file of
+    the same shape: same hub id, config and split asked for, same problems as the jsonl."""
+    import datasets
+    local, real, calls = write_jsonl(tmp_path / "test.jsonl", GSM_ROWS), datasets.load_dataset, []
+
+    def fake(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        return real("json", data_files=str(local), split="train")
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    ps = E.load_problems("gsm8k", "test")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert [{**p, "dataset": "x"} for p in ps] == [{**p, "dataset": "x"} for p in E.load_problems(str(local))]
+    assert {p["dataset"] for p in ps} == {"gsm8k"}
+
+
+def test_gsm8k_hub_offline_is_a_clear_error(monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    t = time.time()
+    with pytest.raises(ConnectionError, match=r"openai/gsm8k.*local GSM8K-format \.jsonl") as e:
+        E.load_problems("gsm8k", "test")
+    assert "\n" not in str(e.value) and time.time() - t < 10
+
+
+def test_llm_adapters_json(tmp_path):
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps(ADAPTER_ROWS))
+    ps = E.load_problems(str(f))
+    assert [p["answer"] for p in ps] == ["5", "B", "3.5"] and ps[0]["solution"] is None
+    assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=ADAPTER_ROWS[0]["instruction"])
+    assert "### Input:\nAnswer Choices: (A) 3 (B) 4\n\n### Response:\n" in E.format_prompt(ps[1])
+    assert E.format_target(ps[0]) == "The answer is 5" and E.format_target(ps[1]) == ADAPTER_ROWS[1]["output"]
+    assert E.is_choice(ps[1]) and not E.is_choice(ps[0])
+
+
+def test_folder_of_datasets_and_names(tmp_path):
+    root = tmp_path / "dataset"
+    for name, rows in (("AQuA", ADAPTER_ROWS[1:2]), ("SVAMP", ADAPTER_ROWS[:1] * 3), ("gsm8k", ADAPTER_ROWS[2:])):
+        (root / name).mkdir(parents=True)
+        (root / name / "test.json").write_text(json.dumps(rows))
+    (root / "math_10k.json").write_text(json.dumps(ADAPTER_ROWS))
+    ps = E.load_problems(str(root), "test")
+    assert [p["dataset"] for p in ps] == ["aqua", "gsm8k", "svamp", "svamp", "svamp"]
+    assert len(E.load_problems(str(root), limit=2)) == 4       # limit is per dataset
+    assert [p["dataset"] for p in E.load_problems("svamp", data_dir=str(root))] == ["svamp"] * 3
+    assert len(E.load_problems("MATH-10K", data_dir=str(root))) == 3
+    with pytest.raises(ValueError, match=r"split 'train' does not exist .* it has: test"):
+        E.load_problems(str(root), "train")
+    with pytest.raises(ValueError, match=r"split 'train' does not exist for 'svamp'.*splits: test"):
+        E.load_problems("svamp", "train", data_dir=str(root))
+
+
+def test_bad_rows_name_row_and_file(tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", [GSM_ROWS[0], {"question": "no answer here"}])
+    with pytest.raises(ValueError, match=r"^row 1 of .*bad\.jsonl has no answer ending in '#### N'"):
+        E.load_problems(str(f))
+    g = tmp_path / "bad.json"
+    g.write_text(json.dumps([ADAPTER_ROWS[0], ADAPTER_ROWS[1], {"text": "hello"}]))
+    with pytest.raises(ValueError, match=r"^row 2 of .*bad\.json has neither 'question' \(GSM8K\) nor 'instruction'"):
+        E.load_problems(str(g))
+    g.write_text(json.dumps([{"instruction": "Q?", "input": "", "output": "x"}]))
+    with pytest.raises(ValueError, match=r"^row 0 of .*bad\.json has no 'answer'"):
+        E.load_problems(str(g))
+
+
+def test_eval_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown dataset 'nosuch'; known: gsm8k, synth-source, synth-target"):
+        E.load_problems("nosuch", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"data path '.*missing\.jsonl' does not exist"):
+        E.load_problems(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.json").write_text("[]")
+    for f in ("empty.jsonl", "empty.json"):
+        with pytest.raises(ValueError, match="'empty'.* (is empty|has no problems)"):
+            E.load_problems(str(tmp_path / f))
+    for spec in ("gsm8k", "synth-source"):
+        with pytest.raises(ValueError, match=r"split 'validation' does not exist .*splits: train, test"):
+            E.load_problems(spec, "validation")
+    with pytest.raises(ValueError, match="limit=0"):
+        E.load_problems("synth-target", limit=0)
+    with pytest.raises(ValueError, match="no problems"):
+        E.evaluate(None, None, [])
+
+
+def test_synthetic_deterministic_disjoint_correct():
+    for domain in ("source", "target"):
+        train, test = E.load_problems(f"synth-{domain}", "train"), E.load_problems(f"synth-{domain}", "test")
+        assert (len(train), len(test)) == (12000, 200)
+        assert train == E.load_problems(f"synth-{domain}", "train") and test[:50] == E.load_problems(f"synth-{domain}", limit=50)
+        other = E.load_problems(f"synth-{domain}", "test", seed=1)
+        assert other != test
+        train_q = {p["question"] for p in train}
+        assert len(train_q) == len(train) and len({p["question"] for p in test}) == len(test)
+        assert not train_q & {p["question"] for p in test + other}  # disjoint, for any seed
+        for p in train[:500] + test:
+            # one arithmetic step, checked independently, on the question's two numbers; the two
+            # domains share the answer format and differ in the operation (+/- vs *)
+            steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", p["solution"])
+            assert len(steps) == 1
+            (a, op, b, r), = steps
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(r) >= 0
+            assert (op == "*") == (domain == "target")
+            assert int(b) <= 9 and (int(a) <= 9 or op == "-") and int(r) >= (1 if op != "*" else 4)
+            assert p["solution"] == f"{a} {op} {b} = {r}.\n#### {r}" and p["answer"] == r
+            assert [int(x) for x in re.findall(r"\d+", p["question"])] == [int(a), int(b)]
+            assert len((E.format_prompt(p) + E.format_target(p)).encode()) < 110
+    # the target's questions never read like the source's: the words say which operation to do
+    assert all(any(w in p["question"] for w in ("bags of", "rows of", "packs of")) for p in E.load_problems("synth-target"))
+    assert not any("of" in p["question"].split() for p in E.load_problems("synth-source"))
+
+
+def test_source_facts_give_the_equation_and_keep_the_text():
+    """synth-source-facts: the same problems and full text as synth-source, with the equation moved
+    into the prompt, so only the arithmetic is asked; unknown specs name it among the known."""
+    src, facts = E.load_problems("synth-source", limit=20), E.load_problems("synth-source-facts", limit=20)
+    for s, f in zip(src, facts):
+        assert E.format_prompt(s) + E.format_target(s) == E.format_prompt(f) + E.format_target(f)
+        assert E.format_prompt(f).endswith(f"Answer: {f['given']}") and re.fullmatch(r"\d+ [-+] \d+ =", f["given"])
+        assert E.format_target(f) == f" {f['answer']}.\n#### {f['answer']}" and f["dataset"] == "synth-source-facts"
+    with pytest.raises(ValueError, match="synth-source-facts"):
+        E.load_problems("nosuch")
+
+
+def test_prompt_target_boundary_tokenizes_cleanly():
+    """encode(prompt) + encode(target) == encode(prompt + target): checked for the byte tokenizer,
+    and for Llama-3's pre-tokenizer regex (BPE never merges across its pieces)."""
+    regex = pytest.importorskip("regex")
+    tok = Tokenizer.bytes()
+    probs = E.load_problems("synth-target", limit=5) + E.load_problems("synth-source", limit=5)
+    probs += [dict(question=r["question"], answer="1", solution=r["answer"], template="alpaca") for r in GSM_ROWS]
+    probs += [dict(question="Q?", input="(A) 1 (B) 2", answer="B", solution=None, template="alpaca")]
+    for p in probs:
+        a, b = E.format_prompt(p), E.format_target(p)
+        assert tok.encode(a, bos=True) + tok.encode(b, eos=True) == tok.encode(a + b, bos=True, eos=True)
+        assert regex.findall(LLAMA3_PAT, a) + regex.findall(LLAMA3_PAT, b) == regex.findall(LLAMA3_PAT, a + b)
+
+
+@pytest.fixture(scope="module")
+def memorized():
+    """A tiny model trained (as train.py builds sequences) until it reproduces 4 problems."""
+    torch.manual_seed(0)
+    tok, model = Tokenizer.bytes(), tiny_model(vocab=264)
+    seen = E.load_problems("synth-target", "train", limit=4)
+    seqs = [(tok.encode(E.format_prompt(p), bos=True), tok.encode(E.format_target(p), eos=True)) for p in seen]
+    T = max(len(a) + len(b) for a, b in seqs) - 1
+    x, y = torch.full((4, T), tok.pad_id), torch.full((4, T), -100)
+    for i, (a, b) in enumerate(seqs):
+        s = torch.tensor(a + b)
+        x[i, :len(s) - 1], y[i, len(a) - 1:len(s) - 1] = s[:-1], s[len(a):]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, tok, seen
+
+
+def test_evaluate_tiny_model(memorized):
+    model, tok, seen = memorized
+    problems = seen + E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=3)
+    m1 = E.evaluate(model, tok, problems, batch_size=1, progress=False)
+    m4 = E.evaluate(model, tok, problems, batch_size=4, progress=False)
+    assert m1["predictions"] == m4["predictions"]                 # batch size changes no prediction
+    preds = m4["predictions"]
+    assert [p["question"] for p in preds] == [p["question"] for p in problems]  # original order
+    for p, pr in zip(seen, preds):                               # memorized: the exact target, stopped at eos
+        assert pr["completion"] == E.format_target(p) and pr["correct"]
+    for name, r in m4["datasets"].items():
+        kept = [pr for pr in preds if pr["dataset"] == name]
+        assert r["n"] == len(kept) and r["correct"] == sum(pr["correct"] for pr in kept)
+        assert r["accuracy"] == sum(pr["correct"] for pr in kept) / len(kept)
+    for pr in preds:  # each flag agrees with an independent check of the completion's "#### N"
+        m = re.search(r"#### (-?\d+)", pr["completion"])
+        assert pr["correct"] == (m is not None and m.group(1) == pr["gold"])
+    assert m4["datasets"]["synth-source"]["correct"] < 3         # never trained on: not all correct
+    assert m4["average"] == sum(r["accuracy"] for r in m4["datasets"].values()) / 2
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_stop_strings_in_generate_equal_generate_then_cut(monkeypatch, check_every):
+    """complete(): generate with the stop-string test inside (rows leave the batch when they stop)
+    gives exactly the texts of one plain generate call cut at the first stop string, for any
+    check interval; a stop callback ends a row where it says, and only that row."""
+    tok, model = Tokenizer.bytes(), tiny_model(1, vocab=264)
+    problems = E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=2)
+    prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
+    plain = generate(model, prompts, 40, tok.stop_ids, tok.pad_id)
+    texts = [tok.decode(o) for o in plain]
+    common = max(sorted(set("".join(t[4:20] for t in texts))), key=lambda c: sum(c in t[4:20] for t in texts))
+    monkeypatch.setattr(E, "STOP_STRINGS", (common, "\nQuestion:"))  # a character this random model writes early
+    monkeypatch.setattr(E, "STOP_CHECK", check_every)
+    cut = [E._cut_at_stop(tok.decode(o))[0] for o in plain]
+    assert E.complete(model, tok, prompts, 40) == cut
+    assert sum(E._cut_at_stop(tok.decode(o))[1] for o in plain) >= 2   # the test exercises stopping
+    asked = []
+
+    def stop_row_1_at_5(i, ids):
+        asked.append(i)
+        return i == 1 and len(ids) >= 5
+    out = generate(model, prompts, 40, tok.stop_ids, tok.pad_id, stop=stop_row_1_at_5, check_every=check_every)
+    n1 = -(-5 // check_every) * check_every  # the first check at or after 5 tokens
+    assert out[1] == plain[1][:n1] and [o for i, o in enumerate(out) if i != 1] == [o for i, o in enumerate(plain) if i != 1]
+    assert asked.count(1) == n1 // check_every
+    got = E.evaluate(model, tok, problems, batch_size=2, max_new_tokens=40, progress=False)
+    assert [p["completion"] for p in got["predictions"]] == cut
+
+
+def test_stop_strings_and_default_length():
+    assert E._cut_at_stop(" 3 + 4 = 7.\n#### 7\nQuestion: Tom has") == (" 3 + 4 = 7.\n#### 7", True)
+    assert E._cut_at_stop("12\n\n### Instruction:\nNext") == ("12\n\n", True)
+    assert E._cut_at_stop("#### 72 apples") == ("#### 72 apples", False)
+    synth = E.load_problems("synth-target")
+    longest = max(len(E.format_target(p)) for p in synth)
+    assert longest < E.default_max_new_tokens(synth) <= 2 * longest + 16 < 100
+    assert E.default_max_new_tokens([dict(question="q", answer="1", solution=None)]) == 512
+    # Alpaca-template data (GSM8K, LLM-Adapters) keeps the papers' 512 whatever its solutions' length
+    gsm = [dict(question="q", answer="1", solution="1 + 0 = 1.\n#### 1", template="alpaca")]
+    assert E.default_max_new_tokens(gsm) == E.default_max_new_tokens(gsm * 50) == 512
+
+
+def test_cli(tmp_path, capsys):
+    E.main(["--model", "tiny", "--data", "synth-source,synth-target", "--limit", "3", "--batch-size", "2",
+            "--max-new-tokens", "4", "--out", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.search(r"synth-source\s+3\s+\d+\s+[\d.]+%", out) and "average" in out
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(preds) == 6 and metrics["datasets"]["synth-target"]["n"] == 3 and metrics["max_new_tokens"] == 4
+    with pytest.raises(SystemExit, match="error: unknown dataset 'nosuch'"):
+        E.main(["--data", "nosuch", "--out", str(tmp_path)])
