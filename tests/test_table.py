@@ -56,7 +56,6 @@ def test_claims_table_on_real_slices(small_dir, tmp_path, capsys):
     layout (the seven sets in the papers' order, Avg, the base row, trainable %), the forgetting
     columns, the verdict lines, table.json and figures/table.png; runs are cached (a second call
     re-reads them) and --only-seed splits the seeds among processes."""
-    import claims
     d = _real_slice(tmp_path)
     argv = ["table", "--model", str(small_dir), "--data", str(d / "gsm8k" / "train.jsonl"), "--eval-dir",
             str(d / "llm-adapters"), "--steps", "2", "--batch-size", "2", "--eval-limit", "2", "--max-new-tokens", "4",
