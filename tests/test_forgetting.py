@@ -12,8 +12,9 @@ from tokenizer import Tokenizer
 
 
 def test_drift_measures_against_dense_kl():
-    """eval_math.drift on a tiny model: zero for the base itself; for a perturbed model, the top-k KL
-    is a lower bound of the dense KL(base || tuned) computed here, and equals it when k = vocab."""
+    """forgetting.drift (reached as eval_math.drift) on a tiny model: zero for the base itself; for a
+    perturbed model, the top-k KL is a lower bound of the dense KL(base || tuned) computed here, and
+    equals it when k = vocab."""
     tok = Tokenizer.bytes()
     base = tiny_model(vocab=264).eval()
     texts = E.self_text(base, tok, n=6, max_new_tokens=12)
