@@ -16,8 +16,8 @@ import torch
 from builtin import base_dir
 from cli import METHODS
 from distributed import rank_world
-from model import PRESETS
-from weights import GGUF_MODELS, gguf_path, load, read_weights, usual_permissions
+from model import PRESETS, Transformer
+from weights import GGUF_MODELS, check_state_dict, gguf_path, load, read_weights, usual_permissions
 
 
 def trainable_state(model, optimizer, base_keys):
@@ -165,13 +165,15 @@ def save_adapter(module, model, optimizer, out: Path):
 
 def base_weights(model_path, args) -> dict:
     """The base model's weights as stored, in our names (read_weights: a GGUF dequantized to fp32;
-    a preset: its random init, recreated in fp32), with lm_head filled in where it is tied."""
+    a preset: its random init, recreated in fp32), checked against its config as loading checks
+    them, with lm_head filled in where it is tied."""
     if model_path in PRESETS:
         return load(model_path, seed=args.seed)[0].state_dict()
-    cfg, sd = read_weights(gguf_path(model_path) if model_path in GGUF_MODELS else model_path)
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["embed_tokens.weight"]
-    return {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    path = gguf_path(model_path) if model_path in GGUF_MODELS else model_path
+    cfg, sd = read_weights(path)
+    with torch.device("meta"):
+        shapes = Transformer(cfg)  # the names and shapes the weights must have, no memory
+    return check_state_dict(shapes, sd, str(path))
 
 
 @torch.no_grad()

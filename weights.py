@@ -154,7 +154,7 @@ def _read_meta_weights(path: Path, cfg: ModelConfig) -> dict:
         else:
             parts = key.split(".")  # layers.{i}.attention.wq.weight / layers.{i}.attention_norm.weight
             if parts[0] != "layers" or ".".join(parts[2:-1]) not in _META_LAYER:
-                sd[key] = shards[0][key]  # reported as unexpected by _check_state_dict
+                sd[key] = shards[0][key]  # reported as unexpected by check_state_dict
                 continue
             ours, cat_dim = _META_LAYER[".".join(parts[2:-1])]
             name = f"layers.{parts[1]}.{ours}.{parts[-1]}"
@@ -248,7 +248,7 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
         elif stem == "rope_freqs":
             continue  # recomputed from the config
         else:
-            name = t.name  # reported as unexpected by _check_state_dict
+            name = t.name  # reported as unexpected by check_state_dict
         try:
             w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[t.name])  # a copy
         except NotImplementedError:
@@ -272,7 +272,7 @@ def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=N
     model never exists twice in memory."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    sd = _check_state_dict(model, sd, where)
+    sd = check_state_dict(model, sd, where)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
@@ -318,7 +318,7 @@ def save_pretrained(model: Transformer, path, state_dict=None):
         os.replace(tmp, path)
 
 
-def _check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
+def check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
     """Every tensor present and of the right shape, each problem named; a missing lm_head with
     tied embeddings is filled from the embeddings."""
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
