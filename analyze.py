@@ -78,7 +78,7 @@ def print_table(per_matrix: dict, file=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("base", help="the model before fine-tuning: a folder, a .gguf file or a name model.load knows")
+    ap.add_argument("base", help="the model before fine-tuning: a folder, a .gguf file or a name weights.load knows")
     ap.add_argument("tuned", help="the model after fine-tuning (a merged output folder of train.py)")
     ap.add_argument("--json", default=None, help="write every matrix's measures here")
     ap.add_argument("--top-k", type=int, default=128, help="singular vectors in the alignment score")

@@ -145,7 +145,7 @@ def bench_one(args):
     import io
     import itertools
     from torch.utils.flop_counter import FlopCounterMode
-    import train
+    import cli
     torch.manual_seed(0)
     if args.method in PEERS:
         model, opt, loss_fn = _peer(args)
@@ -168,7 +168,7 @@ def bench_one(args):
     if args.method not in PEERS:
         model.grad_checkpoint = args.grad_checkpoint
         name, *mode = args.method.split("-")
-        module, settings = train.METHODS[name]
+        module, settings = cli.METHODS[name]
         knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 16}
         s = settings(lr=1e-4, **{k: v for k, v in knobs.items() if v is not None and k in settings.__dataclass_fields__})
         run = {"lift": dict(max_steps=1000), "lorasb": dict(lr_first=1e-4, n_train=1000)}.get(name, {})
@@ -446,7 +446,7 @@ def bench_gpu(args):
     import itertools
     from torch.utils.flop_counter import FlopCounterMode
     import memory
-    import train
+    import cli
     from model import bf16_fast
     cuda = torch.cuda.is_available() and not args.micro
     device = "cuda" if cuda else "cpu"
@@ -463,7 +463,7 @@ def bench_gpu(args):
     for ckpt in (False, True):
         for m in args.methods.split(","):
             name, *mode = m.split("-")
-            module, cls = train.METHODS[name]
+            module, cls = cli.METHODS[name]
             knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 2 * B}
             s = cls(lr=1e-5, **{k: v for k, v in knobs.items() if v is not None and k in cls.__dataclass_fields__})
             wdtype = torch.bfloat16 if bf16 and name != "full" else torch.float32

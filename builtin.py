@@ -29,10 +29,12 @@ def base_dir(args) -> Path:
     return Path("out") / f"base-tiny-{args.pretrain_steps}"
 
 
-def pretrain_base(args, train) -> Path:
+def pretrain_base(args, train=None) -> Path:
     """The built-in base: the tiny preset trained from random init (seed 0) on synth-source with full
-    training (the PRETRAIN preset) by `train` (train.py's loop, passed in: train.py imports this
-    file), saved once under out/ and reused by every later run."""
+    training (the PRETRAIN preset) by `train` (train.py's loop: train.py passes it in, as it imports
+    this file; other callers get it imported), saved once under out/ and reused by every later run."""
+    if train is None:
+        from train import train
     folder = base_dir(args)
     print(f"no cached base model in {folder}: pretraining the tiny model on synth-source "
           f"({args.pretrain_steps} steps; first run only)")
@@ -54,8 +56,6 @@ def builtin_base(args, train=None) -> str:
     folder = base_dir(args)
     if not (folder / "model.safetensors").exists():
         if rank_world()[0] == 0:
-            if train is None:
-                from train import train
             pretrain_base(args, train)
         if rank_world()[1] > 1:
             torch.distributed.barrier()

@@ -14,7 +14,7 @@ prints a table (mean ± std over seeds) and writes out/claims/<claim>.json.
     python claims.py plots        # PNGs of compare's (and table's) runs (needs matplotlib)
 
 --model tiny (the default) is the built-in base, pretrained on first use as train.py does;
-noise / spectral / overlap also take anything model.load reads (smollm2-135m, a folder, a .gguf).
+noise / spectral / overlap also take anything weights.load reads (smollm2-135m, a folder, a .gguf).
 The training claims run train.py once per method and seed into out/claims/runs/ and reuse a run
 whose command has not changed, so a second call only re-reads them. This file: the training claims
 (compare, lorasb-init, rows), their plots and the command line; noise / spectral / overlap live in
@@ -438,7 +438,7 @@ def cli(argv=None) -> int:
 
 # the claims that moved to perturb.py, table.py and runs.py: their names stay importable from here
 _MOVED = {**dict.fromkeys(("SELECTS", "FACTS", "answer_prob", "pick", "spectral_rise"), "perturb"),
-          **dict.fromkeys(("table_sets", "close"), "table")}
+          **dict.fromkeys(("table_sets", "close"), "table"), **dict.fromkeys(("LINEAR_NAMES", "find_linears"), "targets")}
 
 
 def __getattr__(name):

@@ -1,21 +1,7 @@
 """
 The command line of train.py: its run flags, plus each method's settings derived from the method's
-settings dataclass (its paper's defaults, each with its source).
-
-    python train.py --method lift --rank 128        # built-in default: tiny LLaMA, synthetic problems, no downloads
-    python train.py --method rocoft                 # RoCoFT with its paper's settings (see --help)
-    python train.py --method lora --rank 16 --model ~/Llama-3.2-1B --data gsm8k --eval-data gsm8k
-    python train.py --method lift --model smollm2-135m --max-steps 60 --batch-size 8   # a real model on a laptop
-
-Each method lives in its own file and meets the loop through a settings dataclass and two functions:
-    Settings (its paper's defaults, each with its source)
-    prepare(model, settings, batches, seed=...) -> optimizer      merge(model) -> None
-`python train.py --method M --help` lists M's settings with their defaults and sources; a flag
-overrides only what it names, and the resolved settings are printed before training. The built-in
-default pretrains a tiny base model on addition and subtraction word problems (synth-source, cached
-under out/), fine-tunes it on multiplication problems written in the same answer format
-(synth-target) and prints accuracy before and after: learning (target) and forgetting (source, and
-its arithmetic with the equation given).
+settings dataclass (its paper's defaults, each with its source; a flag overrides only what it names).
+Every flag and setting is checked here, before anything is loaded: a bad value is one line naming it.
 """
 import argparse
 import json
@@ -35,6 +21,25 @@ import rocoft
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
 from model import PRESETS
 from targets import LINEAR_NAMES
+
+HELP = """
+The one plain training loop every method shares.
+
+    python train.py --method lift --rank 128        # built-in default: tiny LLaMA, synthetic problems, no downloads
+    python train.py --method rocoft                 # RoCoFT with its paper's settings (see --help)
+    python train.py --method lora --rank 16 --model ~/Llama-3.2-1B --data gsm8k --eval-data gsm8k
+    python train.py --method lift --model smollm2-135m --max-steps 60 --batch-size 8   # a real model on a laptop
+
+Each method lives in its own file and meets this loop through a settings dataclass and two functions:
+    Settings (its paper's defaults, each with its source)
+    prepare(model, settings, batches, seed=...) -> optimizer      merge(model) -> None
+(`full` fine-tuning too: full.py). `python train.py --method M --help` lists M's
+settings with their defaults and sources; a flag overrides only what it names, and the resolved
+settings are printed before training. The built-in default pretrains a tiny base model on addition
+and subtraction word problems (synth-source, cached under out/), fine-tunes it on multiplication
+problems written in the same answer format (synth-target) and prints accuracy before and after:
+learning (target) and forgetting (source, and its arithmetic with the equation given).
+"""  # `python train.py --help`
 
 # --method -> (the file that implements it, its settings: the paper's defaults and their sources)
 METHODS = {
@@ -63,7 +68,6 @@ COMMON = {
     "epochs": "passes over the training data (--max-steps overrides)",
     "batch_size": "examples per micro-batch; a step is batch-size x grad-accum examples",
 }
-
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,7 +109,7 @@ def _tiny_source(f):
 
 
 def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
-    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lift", help=f"one of: {', '.join(METHODS)}")
     cls = METHODS[method][1]

@@ -306,7 +306,7 @@ NUMBER = r"-?\d+\.?\d*"  # LLM-Adapters' number rule, applied after removing ','
 # (LIFT, RoCoFT, LoRA-SB, HyperAdapt all cite it): the LAST number of the response (',' removed,
 # 1e-3 tolerance), the FIRST capital A-E anywhere for AQuA, decoded with 4-beam search. They differ:
 # "The answer is 12 - 4 = 8." scores 12 under nanopeft and 8 under llm-adapters. evaluate() records
-# the protocol and the decoding (greedy, or beam search: model.beam_search, equal to transformers').
+# the protocol and the decoding (greedy, or beam search: generate.beam_search, equal to transformers').
 PROTOCOLS = ("nanopeft", "llm-adapters")
 
 
@@ -542,14 +542,14 @@ def run(args):
 
 
 # the forgetting measure moved to forgetting.py; its names stay importable from here (forks, older scripts)
-_MOVED = ("NEUTRAL_TOPICS", "NEUTRAL_STEMS", "KL_TOP_K", "neutral_prompts", "self_text", "text_logprobs",
-          "drift_reference", "drift")
+_MOVED = dict.fromkeys(("NEUTRAL_TOPICS", "NEUTRAL_STEMS", "KL_TOP_K", "neutral_prompts", "self_text",
+                        "text_logprobs", "drift_reference", "drift"), "forgetting")
 
 
 def __getattr__(name):
     if name in _MOVED:
-        import forgetting
-        return getattr(forgetting, name)
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'eval_math' has no attribute {name!r}")
 
 

@@ -11,7 +11,7 @@ from targets import adamw
 
 @dataclass
 class Settings:
-    """Full fine-tuning: every parameter trains, plain AdamW."""
+    """Full fine-tuning's loop settings (AdamW, no settings of its own)."""
     lr: float = field(default=1e-5, metadata={
         "source": "LIFT (Liu et al., ICML 2025), App. E: full-FT lr grid 1e-5..1e-4, its low end", "tiny": 1e-3})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"source": "not given; PyTorch's AdamW default"})
@@ -22,6 +22,9 @@ class Settings:
     warmup_ratio: float = field(default=0.03, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
     epochs: float = field(default=3.0, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
     batch_size: int = field(default=16, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
+
+
+Full = Settings  # its name when it lived in train.py (train.Full)
 
 
 def prepare(model, s: Settings, batches, seed: int = 0):

@@ -329,13 +329,13 @@ class Transformer(nn.Module):
         """Load a Hugging Face folder, a Meta folder or a llama.cpp `.gguf` file (weights.py)."""
         from weights import from_state_dict, read_weights
         cfg, sd = read_weights(path)
-        return from_state_dict(cfg, sd, str(path), dtype, device)
+        return from_state_dict(cfg, sd, str(path), dtype, device, cls=cls)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> "Transformer":
         """Build on the meta device and take the tensors of `sd` as the parameters (weights.py)."""
         from weights import from_state_dict
-        return from_state_dict(cfg, sd, where, dtype, device)
+        return from_state_dict(cfg, sd, where, dtype, device, cls=cls)
 
     def save_pretrained(self, path, state_dict=None):
         """Write a Hugging Face folder of this model, or of `state_dict` in its weights' place (weights.py)."""
@@ -366,7 +366,11 @@ def bf16_fast(device="cpu") -> bool:
 # names that live in their own files now stay importable from here (forks, older scripts):
 # loading and saving weights.py, generation generate.py, data parallel distributed.py, the PEFT
 # methods' shared plumbing targets.py
-_MOVED = {"usual_permissions": "weights", "read_weights": "weights", "read_gguf": "weights", "gguf_path": "weights", "GGUF_MODELS": "weights", "load": "weights", "check_vocab": "weights", "from_state_dict": "weights", "save_pretrained": "weights", "generate": "generate", "beam_search": "generate", "rank_world": "distributed", "all_reduce_sum_": "distributed", "broadcast_": "distributed", "LINEAR_NAMES": "targets", "find_linears": "targets", "replace_module": "targets", "plain_linear": "targets", "adamw": "targets"}
+_MOVED = {**dict.fromkeys(("usual_permissions", "read_weights", "read_gguf", "gguf_path", "GGUF_MODELS", "load",
+                           "check_vocab", "from_state_dict", "save_pretrained", "check_state_dict"), "weights"),
+          **dict.fromkeys(("generate", "beam_search"), "generate"),
+          **dict.fromkeys(("rank_world", "all_reduce_sum_", "broadcast_"), "distributed"),
+          **dict.fromkeys(("LINEAR_NAMES", "find_linears", "replace_module", "plain_linear", "adamw"), "targets")}
 
 
 def __getattr__(name):
@@ -374,4 +378,9 @@ def __getattr__(name):
         import importlib
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")
+
+
+if __name__ == "__main__":  # the demo lives beside generation now
+    import runpy
+    runpy.run_module("generate", run_name="__main__")
 

@@ -35,7 +35,7 @@ def write_json(args, name: str, result: dict) -> Path:
 
 
 def base_path(args) -> str:
-    """--model: 'tiny' is the built-in base (pretrained once, cached under out/ by train.py)."""
+    """--model: 'tiny' is the built-in base (pretrained once, cached under out/: builtin.py)."""
     if args.model != "tiny":
         return args.model
     run, _, _ = parse_args(["--method", "full", "--pretrain-steps", str(args.pretrain_steps)])

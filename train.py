@@ -133,8 +133,27 @@ def check_finite(value: float, what, step, ckpt_path):
         kept = f"the last good checkpoint in {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
         raise FloatingPointError(f"{what} is {value} at step {step}; stopping: {kept}. Try a lower --lr")
 
+
+def print_accuracy(before: dict, after: dict, label: str):
+    """The base model's accuracy and the tuned model's, a column per eval dataset."""
+    w = {d: max(14, len(d) + 2) for d in after}
+    print("\n" + f"{'accuracy':<22}" + "".join(f"{d:>{w[d]}}" for d in w))
+    print(f"{'base':<22}" + "".join(f"{100 * before[d]:>{w[d] - 1}.1f}%" for d in w))
+    print(f"{label:<22}" + "".join(f"{100 * after[d]:>{w[d] - 1}.1f}%" for d in w))
+
 # -----------------------------------------------------------------------------
 # the loop
+
+
+def precision(args) -> tuple[torch.dtype, bool]:
+    """(dtype of the loaded weights, whether steps run under bf16 autocast), from --dtype. float32: fp32
+    throughout. bfloat16: weights stored in bf16. auto: bf16 where the device multiplies it natively
+    (model.bf16_fast: CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32; with bf16 the frozen base
+    weights are stored in bf16 (full fine-tuning keeps fp32 weights: they are its trained state) and
+    the matrix products run under autocast. Trainable values and optimizer state are fp32 always."""
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_fast(args.device))
+    stored = bf16 and not (args.dtype == "auto" and args.method == "full")
+    return (torch.bfloat16 if stored else torch.float32), bf16
 
 
 def attach_method(model, tok, args, s, examples, total, warmup):
@@ -258,7 +277,7 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     return model, optimizer, info
 
 # -----------------------------------------------------------------------------
-# evaluation, what is measured once per base model, main
+# evaluation, what is measured once per base model, a run
 
 
 @functools.lru_cache(maxsize=4)
@@ -277,17 +296,6 @@ def run_eval(model, tok, args, label):
     print(f"\naccuracy ({label}; {result['protocol']} scoring, {result['decoding']}):")
     eval_math.print_table(result)
     return {name: r["accuracy"] for name, r in result["datasets"].items()}
-
-
-def precision(args) -> tuple[torch.dtype, bool]:
-    """(dtype of the loaded weights, whether steps run under bf16 autocast), from --dtype. float32: fp32
-    throughout. bfloat16: weights stored in bf16. auto: bf16 where the device multiplies it natively
-    (model.bf16_fast: CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32; with bf16 the frozen base
-    weights are stored in bf16 (full fine-tuning keeps fp32 weights: they are its trained state) and
-    the matrix products run under autocast. Trainable values and optimizer state are fp32 always."""
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_fast(args.device))
-    stored = bf16 and not (args.dtype == "auto" and args.method == "full")
-    return (torch.bfloat16 if stored else torch.float32), bf16
 
 
 def base_cache(args, model_path) -> Path:
@@ -379,10 +387,7 @@ def run(args, s, origin, rank=0):
         metrics["rank"] = s.rank
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
     if before:
-        w = {d: max(14, len(d) + 2) for d in after}
-        print("\n" + f"{'accuracy':<22}" + "".join(f"{d:>{w[d]}}" for d in w))
-        print(f"{'base':<22}" + "".join(f"{100 * before[d]:>{w[d] - 1}.1f}%" for d in w))
-        print(f"{label:<22}" + "".join(f"{100 * after[d]:>{w[d] - 1}.1f}%" for d in w))
+        print_accuracy(before, after, label)
     if forget:
         forgetting.print_forgetting(forget, label)
     print(f"\nsaved to {args.out} (merged model, tokenizer, checkpoint, log.jsonl, metrics.json)")
@@ -415,15 +420,17 @@ def cli(argv=None) -> int:
 _MOVED = {**dict.fromkeys(("COMMON", "DTYPES", "TARGET_GROUPS", "Parser", "build_parser", "is_tiny",
                            "check_settings", "check_run"), "cli"),
           **dict.fromkeys(("trainable_state", "run_defining", "load_checkpoint", "base_weights"), "checkpoint"),
-          **dict.fromkeys(("BUILTIN", "BUILTIN_PRETRAIN_STEPS", "PRETRAIN", "base_dir", "pretrain_base"), "builtin"),
-          "forgetting_set": "forgetting", "Full": "full"}
+          **dict.fromkeys(("BUILTIN", "BUILTIN_PRETRAIN_STEPS", "PRETRAIN", "pretrain_base"), "builtin"),
+          **dict.fromkeys(("Full", "prepare", "merge"), "full"),  # train.py was the full method's file
+          **dict.fromkeys(("LINEAR_NAMES", "adamw"), "targets"),
+          **dict.fromkeys(("read_weights", "usual_permissions"), "weights"),
+          "forgetting_set": "forgetting"}
 
 
 def __getattr__(name):
     if name in _MOVED:
         import importlib
-        module = importlib.import_module(_MOVED[name])
-        return module.Settings if name == "Full" else getattr(module, name)
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'train' has no attribute {name!r}")
 
 

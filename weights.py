@@ -267,11 +267,11 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
     return cfg, sd, fields
 
 
-def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> Transformer:
-    """Build on the meta device and take the tensors of `sd` as the parameters (no copy): an 8B
-    model never exists twice in memory."""
+def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None, cls=Transformer) -> Transformer:
+    """Build `cls` (Transformer or a subclass) on the meta device and take the tensors of `sd` as the
+    parameters (no copy): an 8B model never exists twice in memory."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = cls(cfg)
     sd = check_state_dict(model, sd, where)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
@@ -358,10 +358,11 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
                                 f"({', '.join(GGUF_MODELS)}), a .gguf file nor an existing folder")
     if path.endswith(".gguf") and os.path.isfile(path):
         cfg, sd, fields = read_gguf(path)
-        model = Transformer.from_state_dict(cfg, sd, path, dtype, device)
+        model = from_state_dict(cfg, sd, path, dtype, device)
         tok = Tokenizer.from_gguf(fields, path)
     else:
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        cfg, sd = read_weights(path)
+        model = from_state_dict(cfg, sd, str(path), dtype, device)
         tok = Tokenizer.for_model(path)
     check_vocab(tok, model)
     return model, tok
