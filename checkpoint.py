@@ -17,7 +17,7 @@ from builtin import base_dir
 from cli import METHODS
 from distributed import rank_world
 from model import PRESETS, Transformer
-from weights import GGUF_MODELS, check_state_dict, gguf_path, load, read_weights, usual_permissions
+from weights import check_state_dict, load, model_file, read_weights, usual_permissions
 
 
 def trainable_state(model, optimizer, base_keys):
@@ -169,7 +169,7 @@ def base_weights(model_path, args) -> dict:
     them, with lm_head filled in where it is tied."""
     if model_path in PRESETS:
         return load(model_path, seed=args.seed)[0].state_dict()
-    path = gguf_path(model_path) if model_path in GGUF_MODELS else model_path
+    path = model_file(model_path)
     cfg, sd = read_weights(path)
     with torch.device("meta"):
         shapes = Transformer(cfg)  # the names and shapes the weights must have, no memory
@@ -199,7 +199,7 @@ def save_merged(model, args, s, model_path) -> dict:
         rounded += int((moved & (sd[k] == base[k])).sum())
     model.save_pretrained(args.out, state_dict=sd)
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
-    where = " (the GGUF's weights dequantized)" if str(model_path).endswith(".gguf") or model_path in GGUF_MODELS else ""
+    where = " (the GGUF's weights dequantized)" if model_file(model_path).endswith(".gguf") else ""
     line = f"saved the merged model in {'/'.join(dtypes)}, the base checkpoint's dtype{where}"
     if rounded:
         line += (f"; {rounded:,} of the {changed:,} entries the update changes ({100 * rounded / changed:.2f}%) are "

@@ -32,7 +32,7 @@ from checkpoint import check_resumable, claim_out, resume, save_adapter, save_ch
 from cli import METHODS, parse_args, print_settings
 from distributed import all_reduce_sum_, rank_world, start_distributed
 from model import PRESETS, bf16_fast
-from weights import GGUF_MODELS, gguf_path, load
+from weights import load, model_file
 
 # -----------------------------------------------------------------------------
 # data: prompt + solution, loss on the solution
@@ -303,7 +303,7 @@ def base_cache(args, model_path) -> Path:
     the text it writes itself (the forgetting measure)."""
     if args.builtin:
         return base_dir(args)
-    p = Path(gguf_path(model_path) if model_path in GGUF_MODELS else model_path).resolve()  # smollm2-135m: its file
+    p = Path(model_file(model_path)).resolve()  # smollm2-135m: its file
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
     key = "|".join([str(p), str(precision(args)), *(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
     return Path(args.out).parent / "base-cache" / f"{p.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -423,7 +423,7 @@ _MOVED = {**dict.fromkeys(("COMMON", "DTYPES", "TARGET_GROUPS", "Parser", "build
           **dict.fromkeys(("BUILTIN", "BUILTIN_PRETRAIN_STEPS", "PRETRAIN", "pretrain_base"), "builtin"),
           **dict.fromkeys(("Full", "prepare", "merge"), "full"),  # train.py was the full method's file
           **dict.fromkeys(("LINEAR_NAMES", "adamw"), "targets"),
-          **dict.fromkeys(("read_weights", "usual_permissions"), "weights"),
+          **dict.fromkeys(("read_weights", "usual_permissions", "GGUF_MODELS", "gguf_path"), "weights"),
           "forgetting_set": "forgetting"}
 
 

