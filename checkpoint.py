@@ -47,8 +47,8 @@ def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
 def run_defining(args, s) -> dict:
     """What a resumed run must share with its checkpoint: the method's settings, the model, the data
     and its order, the length."""
-    run = {k: vars(args)[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "grad_accum",
-                                      "seed", "max_steps")}
+    run = {k: vars(args)[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "train_format",
+                                      "grad_accum", "seed", "max_steps")}
     run["model"] = str(base_dir(args)) if args.builtin else (
         args.model if args.model in PRESETS or not os.path.exists(os.path.expanduser(args.model))
         else os.path.realpath(os.path.expanduser(args.model)))
@@ -71,6 +71,9 @@ def load_checkpoint(path, method, mmap=False):
     return ckpt
 
 
+OLD_DEFAULTS = {"processes": 1, "train_format": "nanopeft"}  # run-defining settings older checkpoints lack
+
+
 def check_resumable(path, args, s):
     """--resume continues only the run its checkpoint belongs to: every run-defining setting equal."""
     then, now = load_checkpoint(path, args.method, mmap=True).get("run", {}), run_defining(args, s)
@@ -79,7 +82,7 @@ def check_resumable(path, args, s):
                 and not (args.method == "lift" and (then[key] + 1) % s.interval == 0):
             continue  # a constant lr does not depend on the length: extending such a run is exact (unless
             # LIFT skipped the mask refresh due before the old run's would-be next step)
-        if then.get(key, 1 if key == "processes" else None) != value:  # (checkpoints from before: 1)
+        if then.get(key, OLD_DEFAULTS.get(key)) != value:  # (checkpoints from before the setting existed)
             show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v
             raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} {show(then.get(key))}, "
                              f"this run has {show(value)}; resume needs the same run-defining settings "

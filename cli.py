@@ -139,6 +139,8 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=int, default=None, help="train on at most this many problems")
     g.add_argument("--seq-len", type=int, default=512, help="truncate prompt+solution to this many tokens")
     g.add_argument("--train-on-prompt", action="store_true", help="also put loss on the prompt tokens")
+    g.add_argument("--train-format", default="nanopeft", choices=eval_math.TRAIN_FORMATS,
+                   help="how a training example is written (eval_math.training_pair)")
     g = p.add_argument_group("training loop")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); 0 = evaluate the start")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")

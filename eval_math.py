@@ -295,6 +295,16 @@ def format_target(problem: dict) -> str:
         return text[len(problem["given"]):]  # " 13.\n#### 13" after "8 + 5 ="
     return (" " + text) if problem.get("template", "alpaca") == "qa" else text
 
+TRAIN_FORMATS = ("nanopeft",)  # --train-format: how a training example is written
+
+
+def training_pair(problem: dict, fmt: str = "nanopeft") -> tuple[str, str]:
+    """(prompt, target) of one training example in format `fmt` (TRAIN_FORMATS); the loss is on the
+    target. "nanopeft": the evaluation's own prompt and format_target."""
+    if fmt not in TRAIN_FORMATS:
+        raise ValueError(f"unknown training format {fmt!r}; known: {', '.join(TRAIN_FORMATS)}")
+    return format_prompt(problem), format_target(problem)
+
 # -----------------------------------------------------------------------------
 # answer extraction and scoring
 

@@ -38,12 +38,14 @@ from weights import load, model_file
 # data: prompt + solution, loss on the solution
 
 
-def tokenize(problems, tok, seq_len, train_on_prompt=False):
-    """Each problem -> (input ids, target ids) with -100 on the prompt; counts truncations."""
+def tokenize(problems, tok, seq_len, train_on_prompt=False, fmt="nanopeft"):
+    """Each problem -> (input ids, target ids) with -100 on the prompt; counts truncations. `fmt`:
+    how an example is written (eval_math.training_pair)."""
     examples, truncated = [], 0
     for p in problems:
-        prompt = tok.encode(eval_math.format_prompt(p), bos=True)
-        seq = prompt + tok.encode(eval_math.format_target(p), eos=True)
+        prompt_text, target_text = eval_math.training_pair(p, fmt)
+        prompt = tok.encode(prompt_text, bos=True)
+        seq = prompt + tok.encode(target_text, eos=True)
         if len(seq) > seq_len + 1:
             seq, truncated = seq[:seq_len + 1], truncated + 1
         x, y = seq[:-1], seq[1:]
@@ -54,9 +56,9 @@ def tokenize(problems, tok, seq_len, train_on_prompt=False):
     return examples, truncated
 
 
-def training_examples(problems, tok, seq_len, train_on_prompt):
+def training_examples(problems, tok, seq_len, train_on_prompt, fmt="nanopeft"):
     """tokenize, then drop examples with no solution token left, saying how many were cut or dropped."""
-    examples, truncated = tokenize(problems, tok, seq_len, train_on_prompt)
+    examples, truncated = tokenize(problems, tok, seq_len, train_on_prompt, fmt)
     kept = [(x, y) for x, y in examples if any(t != -100 for t in y)]
     if len(kept) < len(examples):
         print(f"note: {len(examples) - len(kept)} examples have no solution tokens within --seq-len {seq_len}; skipped")
@@ -187,7 +189,7 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
         out.mkdir(parents=True, exist_ok=True)
     save = save_checkpoint if rank == 0 else (lambda *a: None)
     # the data, and the run's length in optimizer steps (--max-steps, else --epochs passes)
-    examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt)
+    examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt, args.train_format)
     steps_per_epoch = max(1, len(examples) // (s.batch_size * args.grad_accum * world))
     total = args.max_steps if args.max_steps is not None else max(1, round(s.epochs * steps_per_epoch))
     warmup = math.ceil(s.warmup_ratio * total)
