@@ -197,6 +197,8 @@ def save_merged(model, args, s, model_path) -> dict:
     # the update the saved dtype rounded away: changed entries (in fp32) saved as their base value
     changed = rounded = 0
     for k, W in merged.items():
+        if k == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # the same tensor as embed_tokens.weight: counted once
         moved = W != base[k].float()
         changed += int(moved.sum())
         rounded += int((moved & (sd[k] == base[k])).sum())

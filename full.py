@@ -24,7 +24,9 @@ class Settings:
     batch_size: int = field(default=16, metadata={"source": "LIFT, Table 6 (its loop, all methods)"})
 
 
-Full = Settings  # its name when it lived in train.py (train.Full)
+# Its trained state is the base weights themselves: train.precision keeps them in fp32 (master weights)
+# under bf16 autocast, where the other methods' frozen base weights are stored in bf16.
+TRAINS_BASE = True
 
 
 def prepare(model, s: Settings, batches, seed: int = 0):

@@ -415,26 +415,26 @@ def merge(model) -> None:
 
 
 def adapter_state(model, optimizer: LIFTAdamW) -> dict:
-    """The sparse update W - W0 over every entry ever trained: per target `<name>.lift_index` (flat
-    indices into the n_out x n_in weight; int32 unless the matrix has 2^31 entries or more) and
-    `<name>.lift_delta` (fp32, from the fp32 master values: exact on a bf16 base too). Apply with
-    W.view(-1)[index] += delta (merge_adapter)."""
+    """The sparse update over every entry ever trained: per target `<name>.lift_index` (flat indices into
+    the n_out x n_in weight; int32 unless the matrix has 2^31 entries or more) and `<name>.lift_value`
+    (their trained values in fp32, from the fp32 master copies: exact on a bf16 base too). Values, not
+    differences W - W0: in floating point W0 + (v - W0) is not always v, and the saved model must be
+    the trained one bit for bit. Apply with W.view(-1)[index] = value (merge_adapter)."""
     out = {}
-    for j, (name, idx, w0) in enumerate(zip(optimizer.param_groups[0]["param_names"], optimizer.touched,
-                                            optimizer.touched_w0)):
+    for j, (name, idx) in enumerate(zip(optimizer.param_groups[0]["param_names"], optimizer.touched)):
         out[f"{name}.lift_index"] = idx.clone()
-        out[f"{name}.lift_delta"] = optimizer.exact_values(j) - w0.float()
+        out[f"{name}.lift_value"] = optimizer.exact_values(j).clone()
     return out
 
 
 def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
-    """{weight name: W0 + the sparse update} in fp32, for every matrix the adapter changes; `base`
-    holds the base weights as stored (any dtype), `adapter` what adapter_state returned."""
+    """{weight name: W0 with its trained entries set} in fp32, for every matrix the adapter changes;
+    `base` holds the base weights as stored (any dtype), `adapter` what adapter_state returned."""
     out = {}
     for key in adapter:
         if key.endswith(".lift_index"):
             name = key.removesuffix(".lift_index")
             W = base[name].float().clone()
-            W.view(-1)[adapter[key].long()] += adapter[f"{name}.lift_delta"].to(W.device)
+            W.view(-1)[adapter[key].long()] = adapter[f"{name}.lift_value"].to(W.device)
             out[name] = W
     return out

@@ -7,6 +7,7 @@ names the papers use. Loading and saving live in weights.py, generation in gener
 in tokenizer.py.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -344,17 +345,25 @@ class Transformer(nn.Module):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, aarch64 BF16 (/proc/cpuinfo)
+BF16_ENV = "NANOPEFT_BF16"  # CPU: 1 answers as a bf16-capable CPU, 0 as one without; unset: /proc/cpuinfo
 
 
 def bf16_fast(device="cpu") -> bool:
     """Does `device` multiply bf16 matrices natively, faster than fp32? What --dtype auto asks. CUDA:
     bf16 support (Ampere and newer). CPU: the instructions in /proc/cpuinfo's flags (Linux); without
-    them bf16 GEMMs are emulated, and many times slower than fp32 (1.3 vs 84 GFLOP/s on an AVX2 CPU)."""
+    them bf16 GEMMs are emulated, and many times slower than fp32 (1.3 vs 84 GFLOP/s on an AVX2 CPU).
+    On a CPU $NANOPEFT_BF16=1 / 0 overrides the answer: every machine can run (and test) the path a
+    bf16-capable CPU or a GPU takes by default, and a bf16-capable CPU the fp32 path."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
+    forced = os.environ.get(BF16_ENV, "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"${BF16_ENV}={forced!r}: use 1 (bf16 as on a bf16-capable CPU), 0 (fp32), or unset it")
+        return forced == "1"
     try:
         flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
                       if line.startswith(("flags", "Features"))), [])

@@ -87,6 +87,11 @@ def micro_batch(examples, i, batch_size, seed):
     return [examples[k] for k in order[j * batch_size:(j + 1) * batch_size].tolist()]
 
 
+def n_targets(examples) -> int:
+    """Target tokens (the ones with a loss) in a list of examples."""
+    return sum(len(y) - y.count(-100) for _, y in examples)
+
+
 def lr_mult(step, total, warmup, schedule):
     """Linear warmup to 1 over `warmup` steps (step 0 already gets 1/warmup), then linear/cosine decay
     or constant. The lr is a pure function of the step: no scheduler state to checkpoint."""
@@ -149,12 +154,13 @@ def print_accuracy(before: dict, after: dict, label: str):
 
 def precision(args) -> tuple[torch.dtype, bool]:
     """(dtype of the loaded weights, whether steps run under bf16 autocast), from --dtype. float32: fp32
-    throughout. bfloat16: weights stored in bf16. auto: bf16 where the device multiplies it natively
-    (model.bf16_fast: CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32; with bf16 the frozen base
-    weights are stored in bf16 (full fine-tuning keeps fp32 weights: they are its trained state) and
-    the matrix products run under autocast. Trainable values and optimizer state are fp32 always."""
+    throughout. bfloat16, or auto where the device multiplies bf16 natively (model.bf16_fast: CUDA GPUs,
+    CPUs with AVX512-BF16/AMX): the matrix products run under bf16 autocast and the frozen base weights
+    are stored in bf16. A method whose trained state is the base weights themselves (TRAINS_BASE: full
+    fine-tuning) keeps them in fp32, as master weights, so no update rounds away in a bf16 weight.
+    Trainable values and optimizer state are fp32 always."""
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_fast(args.device))
-    stored = bf16 and not (args.dtype == "auto" and args.method == "full")
+    stored = bf16 and not getattr(METHODS[args.method][0], "TRAINS_BASE", False)
     return (torch.bfloat16 if stored else torch.float32), bf16
 
 
@@ -223,23 +229,27 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
             lr = s.lr * lr_mult(step, total, warmup, s.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            # forward and backward over grad_accum micro-batches: the step's gradient is their mean
+            # the step's micro-batches: grad_accum of this process's, and the other processes' (only counted)
+            batches = [micro_batch(examples, (step * args.grad_accum + j) * world + r, s.batch_size, args.seed)
+                       for j in range(args.grad_accum) for r in range(world)]
+            step_targets = n_targets([e for b in batches for e in b])
+            # forward and backward over grad_accum micro-batches. The step's loss is the mean over all its
+            # target tokens, in every micro-batch of every process: each micro-batch's mean loss weighs
+            # its share of the step's targets, so batch 4 = batch 2 x accum 2 = 2 processes x batch 2.
             # (step loss, tokens, stop requested): kept on the device, no host sync per micro-batch
             stats = torch.zeros(3, device=args.device)
-            for j in range(args.grad_accum):
-                x, y = collate(micro_batch(examples, (step * args.grad_accum + j) * world + rank, s.batch_size,
-                                           args.seed), tok.pad_id, args.device)
+            for batch in batches[rank::world]:
+                x, y = collate(batch, tok.pad_id, args.device)
                 with autocast:
                     _, loss = model(x, y)
-                (loss / args.grad_accum).backward()
-                stats[0] += loss.detach() / args.grad_accum
+                share = n_targets(batch) / step_targets  # exactly 1.0 for one micro-batch in one process
+                (loss * share).backward()
+                stats[0] += loss.detach() * share
                 stats[1] += (x != tok.pad_id).sum()  # tokens processed (prompt + solution, no padding)
-            if world > 1:  # the mean gradient over the processes, and their stats, in one message
+            if world > 1:  # the step's gradient is the sum of the processes' shares: one message with the stats
                 stats[2] = float(bool(stop))
                 grads = [p.grad for p in params if p.grad is not None]
                 sent = all_reduce_sum_(grads + [stats])
-                torch._foreach_div_(grads, world)
-                stats[0] /= world
             # clip the global gradient norm (0 = off); one host sync per step: a NaN loss or gradient stops
             # the run before the optimizer takes the step (never trains on)
             norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)

@@ -167,11 +167,11 @@ def _check_saved_against_base(method, out, base, r):
         n_changed += int(moved.sum())
         name = k.removesuffix(".weight")
         if method == "lift":
-            idx, delta = adapter[f"{k}.lift_index"].long(), adapter[f"{k}.lift_delta"]
+            idx, value = adapter[f"{k}.lift_index"].long(), adapter[f"{k}.lift_value"]
             allowed = torch.zeros(b.numel(), dtype=torch.bool)
             allowed[idx] = True
             assert not (moved.view(-1) & ~allowed).any()
-            expect = (b.float().view(-1)[idx] + delta).to(b.dtype)
+            expect = value.to(b.dtype)
             assert torch.equal(saved[k].view(-1)[idx], expect)
         elif method in ("lora", "loraxs", "lorasb"):
             A, B, R = (adapter.get(f"{name}.{x}") for x in "ABR")
@@ -215,6 +215,28 @@ def test_bf16_run_saves_an_fp32_base_in_fp32_changing_only_what_the_method_train
     assert json.loads((tmp_path / "run" / "config.json").read_text())["torch_dtype"] == "float32"
     assert metrics["saved"]["dtype"] == "float32" and metrics["saved"]["changed"] > 0
     assert "saved the merged model in float32, the base checkpoint's dtype" in out
+
+
+@pytest.mark.parametrize("method", SAVE_METHODS)
+def test_saved_fp32_model_is_the_trained_model_bit_for_bit(small_dir, tmp_path, monkeypatch, method):
+    """An fp32 base trained with --dtype float32: model.safetensors holds exactly the weights the run
+    trained in memory (merged), bit for bit, for every method; LIFT through a mask refresh. The changed
+    count is at most the model's parameter count (the tied lm_head is embed_tokens: counted once)."""
+    from safetensors.torch import load_file
+    trained = {}
+    real = train.save_merged
+
+    def spy(model, *a, **k):
+        trained.update({n: v.detach().clone() for n, v in model.state_dict().items()})
+        return real(model, *a, **k)
+    monkeypatch.setattr(train, "save_merged", spy)
+    metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", method, "--rank", "2", "--max-steps", "6",
+                               "--lr", "1e-2", "--lift-interval", "3", "--lorasb-init-samples", "8", "--dtype", "float32"))
+    saved = {k.removeprefix("model."): v for k, v in load_file(str(tmp_path / "run" / "model.safetensors")).items()}
+    assert saved.keys() <= trained.keys() and "layers.0.self_attn.q_proj.weight" in saved
+    for k, v in saved.items():
+        assert v.dtype == torch.float32 and torch.equal(v, trained[k]), k
+    assert 0 < metrics["saved"]["changed"] <= metrics["model_params"]
 
 
 @pytest.fixture(scope="module")

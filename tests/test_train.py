@@ -18,10 +18,11 @@ from tokenizer import Tokenizer
 @pytest.mark.parametrize("dtype,fast,method,expect", [
     ("auto", False, "lora", (torch.float32, False)), ("auto", True, "lora", (torch.bfloat16, True)),
     ("auto", True, "full", (torch.float32, True)), ("float32", True, "lora", (torch.float32, False)),
-    ("bfloat16", False, "full", (torch.bfloat16, True))])
+    ("bfloat16", False, "full", (torch.float32, True)), ("bfloat16", False, "lift", (torch.bfloat16, True))])
 def test_precision_from_dtype_flag(monkeypatch, dtype, fast, method, expect):
-    """(stored weights, autocast): auto is bf16 frozen weights + autocast only where bf16 is native,
-    full fine-tuning keeping fp32 weights (its trained state); explicit flags are taken as given."""
+    """(stored weights, autocast): auto is bf16 frozen weights + autocast only where bf16 is native;
+    bfloat16 is bf16 everywhere; full fine-tuning keeps fp32 weights under either (its trained state:
+    master weights, so bf16 compute never rounds an update away)."""
     monkeypatch.setattr(train, "bf16_fast", lambda device: fast)
     args = train.parse_args(["--method", method, "--dtype", dtype])[0]
     assert train.precision(args) == expect
@@ -54,6 +55,31 @@ def test_bf16_training_on_cpu_keeps_trainables_fp32(small_dir, tmp_path, monkeyp
     np.testing.assert_allclose(loss["auto"], loss["float32"], rtol=2e-2)
 
 
+@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto-bf16-cpu"])
+def test_every_optimizer_tensor_is_fp32(small_dir, tmp_path, monkeypatch, method, dtype):
+    """Whatever --dtype says, what trains is fp32: every tensor the optimizer updates and every tensor of
+    its state (Adam's moments; LIFT's master values), after two steps; bf16 is only the frozen base
+    weights (not full fine-tuning's: they are what trains) and the autocast matrix products."""
+    monkeypatch.setenv("NANOPEFT_BF16", "1")
+    seen = {}
+    real = train.METHODS[method][0].prepare
+
+    def spy(model, s, batches, **kw):
+        seen["opt"] = real(model, s, batches, **kw)
+        seen["base"] = model.layers[0].mlp.down_proj.weight.dtype  # (a target: read before a method wraps it)
+        return seen["opt"]
+    monkeypatch.setattr(train.METHODS[method][0], "prepare", spy)
+    train.main(_argv(small_dir, tmp_path / "run", "--method", method, "--rank", "2", "--max-steps", "2",
+                     "--lorasb-init-samples", "8", "--dtype", dtype.removesuffix("-bf16-cpu")))
+    opt = seen["opt"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.is_floating_point()]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert len(state) >= 2 * len(params) and all(t.dtype == torch.float32 for t in state)
+    assert seen["base"] == (torch.float32 if dtype == "float32" or method == "full" else torch.bfloat16)
+
+
 @pytest.mark.parametrize("method", ["lora", "lift"])
 def test_train_on_gguf_exports_a_complete_hf_model(smol_file, smol, tmp_path, method, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,28 +108,27 @@ def test_train_on_gguf_exports_a_complete_hf_model(smol_file, smol, tmp_path, me
         assert "forgetting" in capsys.readouterr().out and metrics["accuracy_before"] is not None
 
 
-def test_full_ft_matches_handwritten_adamw(small_dir, tmp_path):
-    """Five steps of `--method full` against AdamW written out by hand (Loshchilov & Hutter, Alg. 2),
-    with the same batches, gradient clipping, warmup and linear decay."""
-    steps, lr, wd, clip, (b1, b2), eps = 5, 1e-3, 0.1, 0.5, (0.9, 0.95), 1e-6
-    train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", str(steps), "--lr", str(lr),
-                     "--weight-decay", str(wd), "--max-grad-norm", str(clip), "--betas", f"{b1},{b2}", "--eps",
-                     str(eps), "--warmup-ratio", "0.4", "--grad-accum", "2"))
-    got = _weights(tmp_path / "run")
-
+def _handwritten_adamw(small_dir, steps, lr, wd, clip, betas, eps, warmup, bf16):
+    """Full fine-tuning written out by hand: AdamW (Loshchilov & Hutter, Alg. 2) over fp32 weights, two
+    micro-batches of 4 per step whose target tokens weigh the same, global-norm clipping, warmup then
+    linear decay; the forward under bf16 autocast when `bf16`. Returns the state dict."""
     import eval_math
+    from contextlib import nullcontext
     model = Transformer.from_pretrained(small_dir)
     tok = Tokenizer.bytes()
     examples, _ = train.tokenize(eval_math.load_problems("synth-target", "train", limit=64), tok, 96)
     params = dict(model.named_parameters())
     m = {k: torch.zeros_like(p) for k, p in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
-    warmup = math.ceil(0.4 * steps)
+    (b1, b2), autocast = betas, torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext()
     for t in range(steps):
         lr_t = lr * ((t + 1) / warmup if t < warmup else 1 - (t - warmup) / (steps - warmup))
-        for j in range(2):
-            x, y = train.collate(train.micro_batch(examples, 2 * t + j, 4, 0), tok.pad_id, "cpu")
-            (model(x, y)[1] / 2).backward()
+        micro = [train.collate(train.micro_batch(examples, 2 * t + j, 4, 0), tok.pad_id, "cpu") for j in range(2)]
+        n = sum(int((y != -100).sum()) for _, y in micro)  # the step's target tokens: each weighs 1/n
+        for x, y in micro:
+            with autocast:
+                loss = model(x, y)[1]
+            (loss * (int((y != -100).sum()) / n)).backward()
         norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values()))
         scale = min(1.0, clip / (norm.item() + 1e-6))
         with torch.no_grad():
@@ -115,9 +140,36 @@ def test_full_ft_matches_handwritten_adamw(small_dir, tmp_path):
                 p.mul_(1 - lr_t * wd)
                 p.sub_(lr_t * mhat / (vhat.sqrt() + eps))
                 p.grad = None
-    for k, p in model.state_dict().items():
-        assert torch.allclose(got[k], p, atol=1e-6, rtol=0), k
-    assert (got["layers.0.mlp.up_proj.weight"] != Transformer.from_pretrained(small_dir).layers[0].mlp.up_proj.weight).any()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("dtype,bf16_cpu", [("auto", "0"), ("auto", "1"), ("bfloat16", "0")])
+def test_full_ft_matches_handwritten_adamw(small_dir, tmp_path, monkeypatch, dtype, bf16_cpu):
+    """Five steps of `--method full` against AdamW written out by hand, with the same batches,
+    token-weighted gradient accumulation, clipping, warmup and linear decay. On a CPU without bf16
+    instructions --dtype auto is fp32 throughout; on one with them ($NANOPEFT_BF16=1), and with
+    --dtype bfloat16 anywhere, it is bf16 autocast over fp32 master weights and fp32 Adam state: the
+    run follows the bf16-autocast reference (to bf16 noise: 1/20 of one step) and is closer to it
+    than to the fp32 one; bf16 master weights would round most updates of lr 1e-3 away."""
+    monkeypatch.setenv("NANOPEFT_BF16", bf16_cpu)
+    hp = dict(steps=5, lr=1e-3, wd=0.1, clip=0.5, betas=(0.9, 0.95), eps=1e-6, warmup=math.ceil(0.4 * 5))
+    train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "5", "--lr", "1e-3",
+                     "--weight-decay", "0.1", "--max-grad-norm", "0.5", "--betas", "0.9,0.95", "--eps", "1e-6",
+                     "--warmup-ratio", "0.4", "--grad-accum", "2", "--dtype", dtype))
+    got = _weights(tmp_path / "run")
+    base = _weights(small_dir)
+    bf16 = dtype == "bfloat16" or bf16_cpu == "1"
+    ref = _handwritten_adamw(small_dir, bf16=bf16, **hp)
+    for k, p in ref.items():
+        assert got[k].dtype == torch.float32, k
+        assert torch.allclose(got[k], p, atol=0.05 * hp["lr"] if bf16 else 1e-6, rtol=0), k
+    assert (got["layers.0.mlp.up_proj.weight"] != base["layers.0.mlp.up_proj.weight"]).any()
+    if bf16:
+        fp32 = _handwritten_adamw(small_dir, bf16=False, **hp)
+        dist = lambda a: sum((got[k] - a[k]).abs().sum() for k in a)
+        assert dist(ref) < dist(fp32) / 2
+        changed = sum(int((got[k] != base[k]).sum()) for k in base if k != "lm_head.weight")
+        assert changed > 0.99 * sum(v.numel() for k, v in base.items() if k != "lm_head.weight")
 
 
 def test_loss_falls_and_saved_folder_loads_everywhere(small_dir, tmp_path):
