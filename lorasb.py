@@ -205,9 +205,10 @@ def loraxs_factors(W0, r, g):
 
 
 def first_step_gradients(model, linears, batches, n_samples):
-    """G = sum of d loss / d W over `n_samples` training examples (Eq. (7)), for the target weights only.
-    Each batch's mean loss is weighted by its share of the examples, so G is the example-averaged
-    gradient. A post-accumulate-grad hook adds each weight's gradient into its fp32 sum the moment
+    """G = d loss / d W over `n_samples` training examples (Eq. (7)), for the target weights only: the
+    gradient of the first full-FT step, whose loss is the mean over all its target tokens (as the
+    training loop's steps), so each batch's mean loss weighs its share of the target tokens and G does
+    not depend on how the examples are batched. A post-accumulate-grad hook adds each weight's gradient into its fp32 sum the moment
     autograd has it and frees it, so no more dense gradients exist at once than autograd needs
     (Sec. 3.6, 'Algorithm'); the rest of the model stays frozen."""
     G, hooks = {}, []
@@ -221,19 +222,24 @@ def first_step_gradients(model, linears, batches, n_samples):
             p.grad = None
         w.requires_grad_(True)
         hooks.append(w.register_post_accumulate_grad_hook(add_and_free))
-    batches, seen, nb, t0, report = iter(batches), 0, 0, time.time(), n_samples / 4
+    taken, seen = [], 0  # the n_samples examples (0.1% of the data), to count their target tokens first
+    for x, y in batches:
+        taken.append((x[:n_samples - seen], y[:n_samples - seen]))
+        seen += taken[-1][0].shape[0]
+        if seen >= n_samples:
+            break
+    n_targets = sum(int((y != -100).sum()) for _, y in taken)
+    seen, t0, report = 0, time.time(), n_samples / 4
     rank, world = rank_world()  # data parallel: process r takes batches r, r + world, ...; G is summed below
     try:
         with torch.enable_grad():
-            while seen < n_samples:
-                x, y = next(batches)
-                x, y = x[:n_samples - seen], y[:n_samples - seen]
+            for nb, (x, y) in enumerate(taken):
                 if nb % world == rank:
                     _, loss = model(x, y)
                     if not torch.isfinite(loss):
                         raise ValueError(f"lorasb: loss is {loss.item()} on batch {nb} of the gradient estimate")
-                    (loss * (x.shape[0] / n_samples)).backward()
-                seen, nb = seen + x.shape[0], nb + 1
+                    (loss * (int((y != -100).sum()) / n_targets)).backward()
+                seen += x.shape[0]
                 if seen >= report:  # a progress line at every quarter
                     print(f"lorasb: gradient estimate {seen}/{n_samples} examples, {time.time() - t0:.1f}s", flush=True)
                     while report <= seen:

@@ -5,11 +5,14 @@ import os
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import eval_math
 import train
 from conftest import ROOT, _argv, _weights
+from tokenizer import Tokenizer
 
 
 # data parallel (torchrun, gloo on the CPU, 2 processes)
@@ -20,8 +23,19 @@ DP_METHODS = {  # each method's run: several steps, with a LIFT mask refresh, Lo
     "rocoft": ["--rank", "2", "--rocoft-select", "max", "--rocoft-score-batches", "2"], "hyper": []}
 
 
-def _dp_argv(small_dir, out, method):
-    return _argv(small_dir, out, "--method", method, "--max-steps", "4", "--lr", "1e-2", *DP_METHODS[method])
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """GSM8K-shaped rows whose solutions (the targets) run from 8 to ~90 bytes."""
+    f = tmp_path_factory.mktemp("uneven") / "train.jsonl"
+    rows = [{"question": f"What is {i} + {i % 7}?", "answer": "Add them. " * (i % 9) + f"#### {i + i % 7}"}
+            for i in range(64)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+def _dp_argv(small_dir, out, method, data):
+    return _argv(small_dir, out, "--method", method, "--max-steps", "4", "--lr", "1e-2", "--data", str(data),
+                 "--seq-len", "256", *DP_METHODS[method])
 
 
 def _free_port():
@@ -31,36 +45,79 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def test_torchrun_equals_one_process_with_grad_accum(small_dir, tmp_path):
-    """`torchrun --nproc_per_node=2 train.py --batch-size b` ends with the same weights as `python
-    train.py --batch-size b --grad-accum 2`, for every method; only process 0 writes; each step
-    all-reduces the trainable gradients only (LIFT: its k values, not the dense matrices)."""
+GRAD_SPY = """
+import torch
+GRADS = []  # each step's trainable gradients, as the loop clips them (after the all-reduce)
+_clip = torch.nn.utils.clip_grad_norm_
+def _spy(params, *a, **k):
+    GRADS.append([p.grad.detach().clone() for p in params if p.grad is not None])
+    return _clip(params, *a, **k)
+torch.nn.utils.clip_grad_norm_ = _spy
+"""
+
+
+def _one_process_grads(argv):
+    """train.main(argv) in this process; (its metrics, each step's trainable gradients)."""
+    env = {}
+    exec(GRAD_SPY, env)
+    try:
+        return train.main(argv), env["GRADS"]
+    finally:
+        torch.nn.utils.clip_grad_norm_ = env["_clip"]
+
+
+def test_torchrun_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
+    """`torchrun --nproc_per_node=2 train.py --batch-size 4` = `python train.py --batch-size 4
+    --grad-accum 2` = `python train.py --batch-size 8`: the same gradient at every step (every target
+    token of a step weighs the same, on rows of unequal target length) and the same weights at the end,
+    for every method; only process 0 writes; each step all-reduces the trainable gradients only (LIFT:
+    its k values, not the dense matrices)."""
     import subprocess
     script = tmp_path / "runs.py"  # one torchrun launch runs every method (one process group)
-    script.write_text("import sys, train\n"
+    script.write_text(GRAD_SPY + "import sys, train\n"
                       f"sys.path.insert(0, {str(ROOT)!r})\n"
-                      f"for argv in {[_dp_argv(small_dir, tmp_path / f'{m}-dp', m) for m in DP_METHODS]!r}:\n"
-                      "    train.main(argv)\n")
+                      f"for argv in {[_dp_argv(small_dir, tmp_path / f'{m}-dp', m, uneven) for m in DP_METHODS]!r}:\n"
+                      "    GRADS.clear()\n"
+                      "    train.main(argv)\n"
+                      "    if torch.distributed.get_rank() == 0:\n"
+                      "        torch.save(GRADS, argv[argv.index('--out') + 1] + '/grads.pt')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                            f"--master-port={_free_port()}", str(script)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("data parallel: 2 processes (gloo)") == len(DP_METHODS)  # printed once: process 0
+    examples, _ = train.training_examples(eval_math.load_problems(str(uneven), "train"), Tokenizer.bytes(), 256, False)
+    assert len(examples) == 64 and len({train.n_targets([e]) for e in examples}) >= 9  # unequal target lengths
     for m in DP_METHODS:
-        one = train.main(_dp_argv(small_dir, tmp_path / f"{m}-one", m) + ["--grad-accum", "2"])
-        a, b = _weights(tmp_path / f"{m}-dp"), _weights(tmp_path / f"{m}-one")
+        one, one_grads = _one_process_grads(_dp_argv(small_dir, tmp_path / f"{m}-one", m, uneven) + ["--grad-accum", "2"])
+        big, big_grads = _one_process_grads(_dp_argv(small_dir, tmp_path / f"{m}-big", m, uneven) + ["--batch-size", "8"])
+        dp_grads = torch.load(tmp_path / f"{m}-dp" / "grads.pt", weights_only=True)
+        assert len(dp_grads) == len(one_grads) == len(big_grads) == 4
+        for step, (a, b, c) in enumerate(zip(dp_grads, one_grads, big_grads)):
+            assert len(a) == len(b) == len(c) > 0
+            for ga, gb, gc in zip(a, b, c):
+                torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6, msg=f"{m} step {step}: 2 processes vs accum 2")
+                if m != "rocoft":  # (--rocoft-score-batches counts batches: at batch 8 it scores other examples)
+                    torch.testing.assert_close(gc, gb, rtol=1e-4, atol=1e-6, msg=f"{m} step {step}: batch 8 vs accum 2")
+        a, b, c = _weights(tmp_path / f"{m}-dp"), _weights(tmp_path / f"{m}-one"), _weights(tmp_path / f"{m}-big")
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{m} {k}")
+            if m != "rocoft":
+                torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{m} {k}")
         assert any(not torch.equal(b[k], v) for k, v in _weights(small_dir).items())  # it trained
         dp = json.loads((tmp_path / f"{m}-dp" / "metrics.json").read_text())
-        assert dp["processes"] == 2 and one["processes"] == 1 and dp["trainable"] == one["trainable"]
+        assert dp["processes"] == 2 and one["processes"] == 1 and dp["trainable"] == one["trainable"] == big["trainable"]
         # one fp32 message per step: the trainable gradients and 3 numbers (loss, tokens, stop)
         assert dp["allreduce_bytes_per_step"] == 4 * (dp["trainable"] + 3), m
+        logged = [[json.loads(l)["loss"] for l in open(tmp_path / r / "log.jsonl")] for r in (f"{m}-dp", f"{m}-one", f"{m}-big")]
+        np.testing.assert_allclose(logged[0], logged[1], rtol=1e-5)  # the step's loss: its targets' mean
+        if m != "rocoft":
+            np.testing.assert_allclose(logged[2], logged[1], rtol=1e-5)
     lift_dp = json.loads((tmp_path / "lift-dp" / "metrics.json").read_text())
     assert lift_dp["trainable"] < lift_dp["model_params"] / 5  # LIFT sends its k values, not its matrices
     with pytest.raises(ValueError, match="--processes 2"):  # the data order depends on the process count
-        train.main(_dp_argv(small_dir, tmp_path / "lora-dp", "lora") + ["--resume"])
+        train.main(_dp_argv(small_dir, tmp_path / "lora-dp", "lora", uneven) + ["--resume"])
 
 
 def test_data_parallel_failures_are_clear_and_bounded(small_dir, tmp_path):

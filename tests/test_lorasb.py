@@ -97,8 +97,8 @@ def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
     out = capsys.readouterr().out
     assert "gradient estimate 10/10" in out and "from 10 examples" in out
     # Reference: the same 10 examples (the first 10 rows batch_stream(seed=1, B=4, task="perm") yields) in ONE batch, plain autograd.
-    # No ignored targets and equal lengths, so this token-mean loss equals lorasb's example-weighted
-    # sum of batch means.
+    # Its token-mean loss is what lorasb's sum of batch means, each weighted by its share of the target
+    # tokens, computes.
     ref = tiny_model()
     it = batch_stream(seed=1, B=4, task="perm")
     xs, ys = zip(*[next(it) for _ in range(3)])
