@@ -1,5 +1,5 @@
-"""Shared by the test files (the suite: CPU, fp32, seeded, deterministic; every check against an
-independent reference): a tiny model, each method's prepare with test settings, batches, the SmolLM2-135M
+"""Shared by the test files (the suite: CPU, seeded, deterministic; every check against an independent
+reference; the precision-dependent runs both as on a CPU without bf16 and on one with it: `cpu`): a tiny model, each method's prepare with test settings, batches, the SmolLM2-135M
 fixtures, a small saved model (small_dir) with train.py's arguments for it, and the helpers several files
 use (a random transformers model, one-line errors, claims.py runs)."""
 import os
@@ -31,6 +31,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["fp32-cpu", "bf16-cpu"])
+def cpu(request, monkeypatch):
+    """The two CPUs --dtype auto tells apart, on any machine: one without bf16 instructions (fp32
+    throughout) and one with them (bf16 base weights and autocast; $NANOPEFT_BF16=1 makes this CPU
+    answer so). A test that takes this fixture runs both ways, so every machine exercises the path a
+    bf16-capable CPU or a GPU takes by default, and a bf16-capable CPU the fp32 one."""
+    monkeypatch.setenv("NANOPEFT_BF16", "1" if request.param == "bf16-cpu" else "0")
+    return request.param
 
 
 def tiny_model(seed=0, vocab=64, scale=1.0, rope_theta=500000.0):

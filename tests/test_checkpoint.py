@@ -13,8 +13,8 @@ from model import Transformer
 from tokenizer import Tokenizer
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_resume_is_bit_identical(small_dir, tmp_path, method):
+@pytest.mark.parametrize("method", ["full", "lora", "lift"])
+def test_resume_is_bit_identical(small_dir, tmp_path, method, cpu):
     common = ["--method", method, "--rank", "4", "--lr", "3e-3", "--weight-decay", "0.01"]
     train.main(_argv(small_dir, tmp_path / "straight", *common, "--max-steps", "10"))
     # interrupted after step 5 (a Ctrl-C during step 5 finishes the step and checkpoints), then resumed

@@ -109,6 +109,7 @@ def test_bf16_fast_reads_the_cpu_flags(monkeypatch):
     """--dtype auto's question: bf16 only where the CPU has bf16 instructions (emulated bf16 GEMMs are
     many times slower than fp32), read from /proc/cpuinfo; no such file (not Linux): fp32."""
     import model as M
+    monkeypatch.delenv("NANOPEFT_BF16", raising=False)
     cpuinfo = {"text": ""}
     monkeypatch.setattr(M, "open", lambda *a, **k: io.StringIO(cpuinfo["text"]), raising=False)
     cpuinfo["text"] = "processor : 0\nflags : fpu sse avx2 avx512f avx512bw\n"
@@ -121,6 +122,16 @@ def test_bf16_fast_reads_the_cpu_flags(monkeypatch):
                         raising=False)
     assert not M.bf16_fast("cpu")
     assert not M.bf16_fast("meta")
+    # $NANOPEFT_BF16 answers for the CPU (what the `cpu` fixture uses), never for another device
+    monkeypatch.setenv("NANOPEFT_BF16", "1")
+    assert M.bf16_fast("cpu") and not M.bf16_fast("meta")
+    cpuinfo["text"] = "processor : 0\nflags : fpu avx2 avx512_bf16\n"
+    monkeypatch.setattr(M, "open", lambda *a, **k: io.StringIO(cpuinfo["text"]), raising=False)
+    monkeypatch.setenv("NANOPEFT_BF16", "0")
+    assert not M.bf16_fast("cpu")
+    monkeypatch.setenv("NANOPEFT_BF16", "yes")
+    with pytest.raises(ValueError, match="NANOPEFT_BF16='yes'"):
+        M.bf16_fast("cpu")
 
 
 def test_bf16_preset_keeps_fp32_rope_frequencies():

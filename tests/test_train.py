@@ -143,22 +143,21 @@ def _handwritten_adamw(small_dir, steps, lr, wd, clip, betas, eps, warmup, bf16)
     return model.state_dict()
 
 
-@pytest.mark.parametrize("dtype,bf16_cpu", [("auto", "0"), ("auto", "1"), ("bfloat16", "0")])
-def test_full_ft_matches_handwritten_adamw(small_dir, tmp_path, monkeypatch, dtype, bf16_cpu):
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_full_ft_matches_handwritten_adamw(small_dir, tmp_path, dtype, cpu):
     """Five steps of `--method full` against AdamW written out by hand, with the same batches,
     token-weighted gradient accumulation, clipping, warmup and linear decay. On a CPU without bf16
-    instructions --dtype auto is fp32 throughout; on one with them ($NANOPEFT_BF16=1), and with
+    instructions --dtype auto is fp32 throughout; on one with them (the `cpu` fixture), and with
     --dtype bfloat16 anywhere, it is bf16 autocast over fp32 master weights and fp32 Adam state: the
     run follows the bf16-autocast reference (to bf16 noise: 1/20 of one step) and is closer to it
     than to the fp32 one; bf16 master weights would round most updates of lr 1e-3 away."""
-    monkeypatch.setenv("NANOPEFT_BF16", bf16_cpu)
     hp = dict(steps=5, lr=1e-3, wd=0.1, clip=0.5, betas=(0.9, 0.95), eps=1e-6, warmup=math.ceil(0.4 * 5))
     train.main(_argv(small_dir, tmp_path / "run", "--method", "full", "--max-steps", "5", "--lr", "1e-3",
                      "--weight-decay", "0.1", "--max-grad-norm", "0.5", "--betas", "0.9,0.95", "--eps", "1e-6",
                      "--warmup-ratio", "0.4", "--grad-accum", "2", "--dtype", dtype))
     got = _weights(tmp_path / "run")
     base = _weights(small_dir)
-    bf16 = dtype == "bfloat16" or bf16_cpu == "1"
+    bf16 = dtype == "bfloat16" or cpu == "bf16-cpu"
     ref = _handwritten_adamw(small_dir, bf16=bf16, **hp)
     for k, p in ref.items():
         assert got[k].dtype == torch.float32, k
@@ -202,9 +201,9 @@ def _expected_trainable(method, r, shapes, n_model):
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "lift", "rocoft-row", "rocoft-column", "loraxs", "lorasb", "hyper"])
-def test_every_method_through_train_py(small_dir, tmp_path, capsys, method):
-    """The seam end to end: train.py's table shows the paper's count, training changes the model,
-    the merged folder has the base model's tensors only."""
+def test_every_method_through_train_py(small_dir, tmp_path, capsys, method, cpu):
+    """The seam end to end, with --dtype auto on a CPU without and with bf16: train.py's table shows
+    the paper's count, training changes the model, the merged folder has the base model's tensors only."""
     name, *mode = method.split("-")
     flags = ["--rocoft-mode", mode[0]] if mode else []
     metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", name, "--rank", "4", "--max-steps", "3",
