@@ -378,7 +378,8 @@ def build_parser():
                    help="folder of the LLM-Adapters test sets (<name>.json or <name>/test.json; default $NANOPEFT_DATA "
                         "or ./dataset)")
     g.add_argument("--num-beams", type=int, default=1,
-                   help="beams in evaluation (the papers: 4; 1 = greedy, a quarter of the time on a CPU)")
+                   help="beams in evaluation (the LIFT authors' script: 4; 1 = greedy, a quarter of the time on a "
+                        "CPU, a deviation the table's header names)")
     g.add_argument("--seq-len", type=int, default=320, help="training examples truncated to this many tokens")
     g.add_argument("--only-seed", type=int, default=None,
                    help="run just this seed (to share the seeds among processes; a later call without it reads them all)")

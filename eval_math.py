@@ -1,14 +1,19 @@
 """
 Math word problems: loading (GSM8K through `datasets`, GSM8K-format .jsonl, LLM-Adapters .json
-files and folders, the built-in synthetic problems), the prompt template, answer extraction and
-scoring by the papers' rule, batched greedy evaluation, the accuracy table, and a CLI:
+files and folders, the built-in synthetic problems), the prompt templates and training formats,
+answer extraction and scoring under three protocols (nanopeft's own; "lift-authors", the LIFT
+authors' evaluation script reproduced; "llm-adapters", an approximation of LLM-Adapters' rules),
+batched greedy or beam evaluation, the accuracy table, and a CLI:
 
     python eval_math.py --model out/lift --data synth-source,synth-target
     python eval_math.py --model ~/Llama-3.2-1B --data gsm8k,svamp --data-dir ~/LLM-Adapters/dataset
+    python eval_math.py --model out/lift --protocol lift-authors --data-dir ~/LLM-Adapters/dataset \\
+        --data MultiArith,gsm8k,AddSub,AQuA,SingleEq,SVAMP,mawps     # the LIFT authors' seven sets
 
 A problem is a dict: question, answer (gold final answer as text: a number or an option letter
 A-E), solution (worked solution used as the training target, or None), dataset (its name),
-template ("alpaca" or "qa", see format_prompt) and, for LLM-Adapters rows, input.
+template ("alpaca" or "qa", see format_prompt), for LLM-Adapters rows input, and for rows read
+from a file raw (the row's text fields unstripped, as the LIFT authors' scripts read them).
 """
 import argparse
 import json
@@ -231,25 +236,33 @@ def _strip_calculator(text: str) -> str:
     return re.sub(r"<<[^>]*>>", "", text)  # GSM8K's calculator annotations "48/2=<<48/2=24>>24"
 
 
+RAW_KEYS = ("instruction", "input", "output", "question", "answer")
+
+
 def _to_problems(rows, where: str, name: str) -> list[dict]:
-    """Rows of either format -> problems; a row lacking what its format needs is an error."""
+    """Rows of either format -> problems; a row lacking what its format needs is an error. `question`
+    is stripped (nanopeft's prompt); `raw` keeps the row's fields as the file has them: every
+    MultiArith instruction starts and ends with a space, every AddSub one ends with one, and the
+    lift-authors protocol puts them in its prompt unchanged."""
     problems = []
     for i, row in enumerate(rows):
         row = row if isinstance(row, dict) else {}
+        raw = {k: row[k] for k in RAW_KEYS if k in row}
         answer = row.get("answer")
         if row.get("instruction"):  # LLM-Adapters: instruction, input, output, answer
             if answer is None or str(answer).strip() == "":
                 raise ValueError(f"row {i} of {where} has no 'answer' (LLM-Adapters rows need instruction and answer)")
             problems.append(dict(question=row["instruction"].strip(), input=(row.get("input") or "").strip(),
                                  answer=str(answer).replace(",", "").strip(),
-                                 solution=(row.get("output") or "").strip() or None, dataset=name, template="alpaca"))
+                                 solution=(row.get("output") or "").strip() or None, dataset=name, template="alpaca",
+                                 raw=raw))
         elif row.get("question"):   # GSM8K: question, answer = solution ending in "#### N"
             if not answer or "####" not in str(answer):
                 raise ValueError(f"row {i} of {where} has no answer ending in '#### N' (GSM8K rows need question and answer)")
             solution = _strip_calculator(str(answer)).strip()
             gold = solution.rsplit("####", 1)[1].replace(",", "").strip()
             problems.append(dict(question=row["question"].strip(), answer=gold, solution=solution,
-                                 dataset=name, template="alpaca"))
+                                 dataset=name, template="alpaca", raw=raw))
         else:
             raise ValueError(f"row {i} of {where} has neither 'question' (GSM8K) nor 'instruction' (LLM-Adapters)")
     if not problems:
@@ -258,10 +271,11 @@ def _to_problems(rows, where: str, name: str) -> list[dict]:
 
 # -----------------------------------------------------------------------------
 # prompt and training target
-# Two templates, chosen by problem["template"]:
-# - "alpaca": the Alpaca instruction template LLM-Adapters trains and tests with (MATH-10K and
-#   its test sets, and GSM8K); the shared protocol of the LIFT / HyperAdapt / RoCoFT tables.
-#   (LLM-Adapters' code pastes it with stray indentation inside its strings; this is the clean form.)
+# nanopeft's own two templates, chosen by problem["template"]:
+# - "alpaca": a clean form of the Alpaca instruction template LLM-Adapters trains and tests with
+#   (MATH-10K and its test sets, and GSM8K), the question stripped. It is NOT the LIFT authors'
+#   text byte for byte (their literal "<s> ", the space after "request.", the unstripped
+#   instruction): that is AUTHORS_PROMPT below, used by the lift-authors protocol.
 # - "qa": "Question: ...\nAnswer:" for the built-in synthetic problems (short, for a byte model).
 # The prompt/target boundary tokenizes cleanly: "qa" prompts end in "Answer:" and targets start
 # with " " (a digit follows), "alpaca" prompts end in "### Response:\n" and targets start with a
@@ -275,10 +289,30 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 STOP_STRINGS = ("\nQuestion:", "### Instruction:", "Below is an instruction")  # a new problem begins (< 24 chars)
 
+# The LIFT authors' own texts ("lift-authors"), as read in zihanghliu/LIFT: the evaluation prompt
+# of src/eval/run_math_parallel.py (`i_prompt`) and the training prompt of src/utils/data_utils.py
+# (`BASE_PROMPT`). They are not the same text: the training one has two spaces after "request." and
+# a line of 16 spaces before "### Response:", the evaluation one a single space and an empty line.
+# Both begin with the literal text "<s> ". Their tokenizer (utils/model_utils.py) is
+# AutoTokenizer.from_pretrained(name, add_bos_token=False), but their pinned transformers 4.45.2
+# ignores add_bos_token for Llama-3's tokenizer class (PreTrainedTokenizerFast): its tokenizer.json
+# post-processor still puts <|begin_of_text|> first (huggingface/transformers#30947), and "<s>" is
+# no token of Llama-3's vocabulary. So their sequences are BOS, then the text "<s> Below is ...":
+# nanopeft's encode(text, bos=True) on a Llama-3 tokenizer gives exactly that. (On Llama-2, where
+# "<s>" is the BOS token's text, it would be read as BOS; nanopeft has no SentencePiece tokenizer.)
+AUTHORS_PROMPT = ("<s> Below is an instruction that describes a task. Write a response that appropriately "
+                  "completes the request. \n\n### Instruction:\n{instruction}\n\n### Response:\n")
+AUTHORS_TRAIN_PROMPT = ("<s> Below is an instruction that describes a task. Write a response that appropriately "
+                        "completes the request.  \n\n### Instruction:\n{instruction}\n" + " " * 16
+                        + "\n### Response:\n")
 
-def format_prompt(problem: dict) -> str:
-    """The text the model sees; training and evaluation both use this. A problem with a `given`
-    start of its solution (synth-source-facts) has it in the prompt."""
+
+def format_prompt(problem: dict, protocol: str = "nanopeft") -> str:
+    """The text the model sees. nanopeft and llm-adapters: nanopeft's templates (training uses them
+    too); a problem with a `given` start of its solution (synth-source-facts) has it in the prompt.
+    lift-authors: AUTHORS_PROMPT around the row's instruction as the file has it."""
+    if protocol == "lift-authors":
+        return AUTHORS_PROMPT.format(instruction=authors_instruction(problem))
     if problem.get("template", "alpaca") == "qa":
         return f"Question: {problem['question']}\nAnswer:" + (" " + problem["given"] if problem.get("given") else "")
     if problem.get("input"):
@@ -295,34 +329,101 @@ def format_target(problem: dict) -> str:
         return text[len(problem["given"]):]  # " 13.\n#### 13" after "8 + 5 ="
     return (" " + text) if problem.get("template", "alpaca") == "qa" else text
 
-TRAIN_FORMATS = ("nanopeft",)  # --train-format: how a training example is written
+
+def authors_instruction(problem: dict, training: bool = False) -> str:
+    """The instruction the LIFT authors' scripts put in their prompt, unstripped. Evaluation: the
+    row's "instruction" (run_math_parallel.py fills i_prompt with format_map(row): "input" is never
+    read); a GSM8K row, which they read from LLM-Adapters' gsm8k/test.json and we may read from
+    GSM8K itself, gives its "question". Training (data_utils.py's get_instruction_or_prompt, the
+    second of its two definitions, which is the one Python keeps): a non-empty "input" first, then
+    "instruction", then "question". Built-in problems have no raw row: their question."""
+    raw = problem.get("raw") or {}
+    if training and raw.get("input"):
+        return str(raw["input"])
+    for key in ("instruction", "question"):
+        if key in raw:
+            return str(raw[key])
+    return problem["question"]
+
+
+def authors_target(problem: dict) -> str:
+    """The LIFT authors' training target text (data_utils.py): the row's "output" as the file has it
+    (LLM-Adapters rows: its leading newline kept), else a GSM8K answer cut before "####" and stripped,
+    its calculator annotations "<<48/2=24>>" kept (built-in problems: their solution, alike); "</s>"
+    removed; then " " (they append f" {eos_token}": the end-of-text token comes from encode(eos=True))."""
+    raw = problem.get("raw") or {}
+    if "output" in raw:
+        text = str(raw["output"] or "")
+    else:
+        text = str(raw.get("answer") or problem.get("solution") or f"The answer is {problem['answer']}")
+        text = text.split("####")[0].strip()
+    return text.replace("</s>", "") + " "
+
+
+TRAIN_FORMATS = ("nanopeft", "lift-authors")  # --train-format: how a training example is written
 
 
 def training_pair(problem: dict, fmt: str = "nanopeft") -> tuple[str, str]:
     """(prompt, target) of one training example in format `fmt` (TRAIN_FORMATS); the loss is on the
-    target. "nanopeft": the evaluation's own prompt and format_target."""
+    target. "nanopeft": the evaluation's own prompt and format_target. "lift-authors": the LIFT
+    authors' BASE_PROMPT (AUTHORS_TRAIN_PROMPT) and authors_target. Token ids: training_ids."""
     if fmt not in TRAIN_FORMATS:
         raise ValueError(f"unknown training format {fmt!r}; known: {', '.join(TRAIN_FORMATS)}")
+    if fmt == "lift-authors":
+        prompt = AUTHORS_TRAIN_PROMPT.format(instruction=authors_instruction(problem, training=True))
+        return prompt, authors_target(problem)
     return format_prompt(problem), format_target(problem)
+
+
+def training_ids(tok, problem: dict, fmt: str = "nanopeft") -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids) of one training example; the loss is on the target ids, the last of
+    which is end-of-text. "nanopeft": encode(prompt, bos) + encode(target, eos), its boundary being
+    clean. "lift-authors": as their data_utils.py tokenizes, the whole text at once, and the prompt's
+    own token count masked. That is not encode(prompt) + encode(target) on Llama-3: LLM-Adapters
+    outputs begin with a newline, and Llama-3's pre-tokenizer joins it to the prompt's last token
+    (colon and newline) into one token (colon and two newlines), which their mask then covers (the
+    prompt alone has as many tokens)."""
+    prompt, target = training_pair(problem, fmt)
+    if fmt == "nanopeft":
+        return tok.encode(prompt, bos=True), tok.encode(target, eos=True)
+    # their text ends f"{output} {eos_token}": transformers reads the eos token's text as its id
+    ids = tok.encode(prompt + target, bos=True, eos=True)
+    n = len(tok.encode(prompt, bos=True))
+    return ids[:n], ids[n:]
 
 # -----------------------------------------------------------------------------
 # answer extraction and scoring
 
-NUMBER = r"-?\d+\.?\d*"  # LLM-Adapters' number rule, applied after removing ',' and '$'
+NUMBER = r"-?\d+\.?\d*"  # the number regex of LLM-Adapters' and the LIFT authors' evaluate scripts
 
-# Two scoring protocols. "nanopeft" (the default): the first "#### N", else the first "The answer
-# is N", else the last number; a letter only in an answer-like position (CHOICE_PATTERNS below).
-# "llm-adapters": the protocol of the LLM-Adapters evaluation the papers' arithmetic tables used
-# (LIFT, RoCoFT, LoRA-SB, HyperAdapt all cite it): the LAST number of the response (',' removed,
-# 1e-3 tolerance), the FIRST capital A-E anywhere for AQuA, decoded with 4-beam search. They differ:
-# "The answer is 12 - 4 = 8." scores 12 under nanopeft and 8 under llm-adapters. evaluate() records
-# the protocol and the decoding (greedy, or beam search: generate.beam_search, equal to transformers').
-PROTOCOLS = ("nanopeft", "llm-adapters")
+# Three scoring protocols (docs/evaluation.md compares them row by row):
+# - "nanopeft" (the default): nanopeft's prompt; the first "#### N", else the first "The answer is
+#   N", else the last number (',' and '$' removed); a letter only in an answer-like position
+#   (CHOICE_PATTERNS below); greedy; a response ends at end-of-text or a stop string.
+# - "lift-authors": the LIFT authors' math evaluation, src/eval/run_math_parallel.py in
+#   zihanghliu/LIFT, reproduced: their prompt (AUTHORS_PROMPT), 4-beam search and 256 new tokens
+#   (their GenerationConfig: num_beams=4, with temperature / top_p / top_k set but unused, as
+#   do_sample stays False), a response ends at the tokenizer's end-of-text token only (their
+#   KeyWordsCriteria is given the eos token's *text* where it compares ids, so it never fires), the
+#   text is decoded as theirs (authors_text); the last number after removing ',' only ("-$5"
+#   reads 5), no number is wrong, |pred - gold| <= 0.001; AQuA: the first capital A-E of the
+#   stripped response, any capital A-E, inside a word or not.
+# - "llm-adapters": nanopeft's prompt, stop strings and 512 tokens with LLM-Adapters' answer rules
+#   (the last number, the first capital A-E, 4 beams), but with '$' removed as nanopeft does. An
+#   approximation kept for comparison, not the same as LLM-Adapters' evaluate.py nor as the
+#   authors' script: use "lift-authors" to compare with the LIFT paper's table.
+# They differ: "The answer is 12 - 4 = 8." scores 12 under nanopeft and 8 under the other two.
+# evaluate() records the protocol and the decoding (greedy, or beam search: generate.beam_search,
+# equal to transformers').
+PROTOCOLS = ("nanopeft", "llm-adapters", "lift-authors")
 
 
 def extract_answer(completion: str, protocol: str = "nanopeft") -> float | None:
     """The number a completion answers with under `protocol` (see PROTOCOLS); None when there is
-    no number at all."""
+    no number at all (their float('inf'), which no gold is within 0.001 of)."""
+    if protocol == "lift-authors":  # run_math_parallel.py extract_answer_number: ',' removed, '$' kept
+        numbers = re.findall(NUMBER, completion.replace(",", ""))
+        return float(numbers[-1]) if numbers else None
     text = completion.replace(",", "").replace("$", "")
     if protocol == "nanopeft":
         m = re.search(r"####\s*(" + NUMBER + ")", text) or re.search(r"(?i:answer is)\s*:?\s*(" + NUMBER + ")", text)
@@ -332,8 +433,8 @@ def extract_answer(completion: str, protocol: str = "nanopeft") -> float | None:
     return float(numbers[-1]) if numbers else None
 
 
-# LLM-Adapters takes the first capital A-E anywhere, so "Answer: (C)" scores as A and any
-# sentence starting with "A" or "All" scores as A. Here only a letter in an answer-like position
+# LLM-Adapters and the LIFT authors take the first capital A-E anywhere, so "Answer: (C)" scores as
+# A and any sentence starting with "A" or "All" scores as A. Here only a letter in an answer-like position
 # counts: "#### C", "answer is (C)", "option C", "(C)", "C)", or a completion that is just "C";
 # patterns are tried in that order and the first match of the first pattern that matches wins.
 CHOICE_PATTERNS = (
@@ -348,7 +449,8 @@ CHOICE_PATTERNS = (
 
 def extract_choice(completion: str, protocol: str = "nanopeft") -> str | None:
     """The option letter (A-E) a completion picks under `protocol`, or None."""
-    if protocol == "llm-adapters":  # their rule: the first capital A-E anywhere in the response
+    if protocol in ("llm-adapters", "lift-authors"):
+        # their extract_answer_letter: the first match of 'A|B|C|D|E' in the stripped response
         m = re.search(r"[A-E]", completion.strip())
         return m.group(0) if m else None
     for pattern in CHOICE_PATTERNS:
@@ -368,7 +470,8 @@ def is_choice(problem: dict) -> bool:
 
 
 def is_correct(pred, gold) -> bool:
-    """Letters must be equal; numbers within 1e-3 (the papers' tolerance)."""
+    """Letters must be equal; numbers within 1e-3 (LLM-Adapters' and the LIFT authors' scripts:
+    abs(gold - pred) <= 0.001)."""
     gold = str(gold).strip()
     if pred is None:
         return False
@@ -385,10 +488,13 @@ def is_correct(pred, gold) -> bool:
 STOP_CHECK = 8  # generated tokens between two looks for a stop string in a row's text
 
 
-def default_max_new_tokens(problems: list[dict]) -> int:
-    """512 (the papers' limit) unless every problem is a built-in "qa" problem with a solution:
-    then 1.5x the longest target in bytes (>= its tokens) + 16, so the built-in data decodes ~50
-    tokens, not 512. Alpaca-template data (GSM8K, LLM-Adapters) always gets 512, whatever --limit."""
+def default_max_new_tokens(problems: list[dict], protocol: str = "nanopeft") -> int:
+    """lift-authors: 256 (max_new_tokens=256 in their script). Otherwise 512 unless every problem
+    is a built-in "qa" problem with a solution: then 1.5x the longest target in bytes (>= its
+    tokens) + 16, so the built-in data decodes ~50 tokens, not 512. Alpaca-template data (GSM8K,
+    LLM-Adapters) always gets 512, whatever --limit (the HyperAdapt paper's limit)."""
+    if protocol == "lift-authors":
+        return 256
     if problems and all(p.get("solution") and p.get("template", "alpaca") == "qa" for p in problems):
         longest = max(len(format_target(p).encode()) for p in problems)
         return min(512, longest + longest // 2 + 16)
@@ -400,11 +506,38 @@ def _cut_at_stop(text: str) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1) -> list[str]:
-    """Completions of token prompts, stopped at the end-of-text token or a stop string. Greedy:
-    generate looks at each running row's text every STOP_CHECK tokens and drops a row that has
-    one from the batch, so every prompt is prefilled once. num_beams > 1: beam search (the papers'
-    decoding), cut at the first stop string afterwards."""
+# transformers' clean_up_tokenization (4.45.2, the authors' pinned version), which their decode
+# applies: every Llama-3 tokenizer_config.json on the Hub sets clean_up_tokenization_spaces: true
+HF_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def authors_text(tokenizer, ids: list[int]) -> str:
+    """A response's text as the LIFT authors' generate_completions makes it: batch_decode of prompt +
+    output with skip_special_tokens=True (every special token dropped, wherever it stands), the
+    decoded prompt's length cut off, and HF_CLEANUP applied (their decode's clean-up). Their prompt
+    ends in a newline and every clean-up pattern starts with a space, so cleaning the whole and
+    cutting the prompt off equals cleaning the response's text alone: no "### Response:" split, no
+    stop string, no strip."""
+    special = set(tokenizer.special_tokens.values())
+    text = tokenizer.decode([i for i in ids if i not in special])
+    for a, b in HF_CLEANUP:
+        text = text.replace(a, b)
+    return text
+
+
+def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1,
+             protocol: str = "nanopeft") -> list[str]:
+    """Completions of token prompts. nanopeft / llm-adapters: stopped at a stop id of the tokenizer or
+    a stop string. Greedy: generate looks at each running row's text every STOP_CHECK tokens and
+    drops a row that has one from the batch, so every prompt is prefilled once; num_beams > 1: beam
+    search, cut at the first stop string afterwards. lift-authors: stopped at the tokenizer's
+    end-of-text token alone (their generate(eos_token_id=tokenizer.eos_token_id)), never cut, and
+    decoded as theirs (authors_text)."""
+    if protocol == "lift-authors":
+        outs = generate(model, prompts, max_new_tokens, [tokenizer.eos_id], tokenizer.pad_id, num_beams=num_beams)
+        return [authors_text(tokenizer, ids) for ids in outs]
+
     def has_stop(i, ids):  # only the tail can hold a stop string the last look did not see (each <= 24 tokens)
         return _cut_at_stop(tokenizer.decode(ids[-(STOP_CHECK + 24):]))[1]
     outs = generate(model, prompts, max_new_tokens, tokenizer.stop_ids, tokenizer.pad_id,
@@ -413,11 +546,12 @@ def complete(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, nu
 
 
 def decoding(protocol: str, num_beams: int | None) -> int:
-    """The beam count of an evaluation: --num-beams if given, else 4 for the llm-adapters protocol
-    (the papers' 4-beam search) and 1 (greedy) for nanopeft's."""
+    """The beam count of an evaluation: --num-beams if given, else 4 for lift-authors (their script's
+    num_beams=4; the LIFT paper itself states no decoding) and llm-adapters (LLM-Adapters'
+    evaluate.py), 1 (greedy) for nanopeft's."""
     if num_beams is not None and num_beams < 1:
         raise ValueError(f"--num-beams {num_beams} is not allowed: 1 (greedy) or more")
-    return num_beams or (4 if protocol == "llm-adapters" else 1)
+    return num_beams or (4 if protocol in ("llm-adapters", "lift-authors") else 1)
 
 
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
@@ -428,25 +562,27 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
     memory first). Returns {"datasets": {name: {n, correct, accuracy, seconds, problems_per_s}},
     "average": mean accuracy over datasets, "batch_size", "max_new_tokens", "protocol",
     "decoding", "predictions": [{dataset, question, completion, extracted, gold, correct}] in the
-    order of `problems`}."""
+    order of `problems`}. Prompt, stop rule, default length and answer rules follow `protocol`."""
     if not problems:
         raise ValueError("evaluate got no problems")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     check_protocol(protocol)
     num_beams = decoding(protocol, num_beams)
-    max_new_tokens = max_new_tokens or default_max_new_tokens(problems)
+    max_new_tokens = max_new_tokens or default_max_new_tokens(problems, protocol)
     was_training = model.training
     model.eval()
     predictions, results = [None] * len(problems), {}
     for name in dict.fromkeys(p["dataset"] for p in problems):
         idx = [i for i, p in enumerate(problems) if p["dataset"] == name]
-        prompts = {i: tokenizer.encode(format_prompt(problems[i]), bos=True) for i in idx}
+        # bos=True: the tokenizer's own default, which is what the authors' call gets (see AUTHORS_PROMPT)
+        prompts = {i: tokenizer.encode(format_prompt(problems[i], protocol), bos=True) for i in idx}
         order = sorted(idx, key=lambda i: -len(prompts[i]))
         t0, last = time.time(), 0.0
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
-            for i, text in zip(batch, complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, num_beams)):
+            texts = complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, num_beams, protocol)
+            for i, text in zip(batch, texts):
                 p = problems[i]
                 pred = extract_choice(text, protocol) if is_choice(p) else extract_answer(text, protocol)
                 predictions[i] = dict(dataset=name, question=p["question"], completion=text, extracted=pred,
@@ -483,7 +619,8 @@ def print_table(metrics: dict, file=None):
 
 def main(argv=None):
     import torch
-    ap = argparse.ArgumentParser(description="Accuracy of a model on math word problems (greedy decoding).")
+    ap = argparse.ArgumentParser(description="Accuracy of a model on math word problems (decoding and scoring: "
+                                             "--protocol).")
     ap.add_argument("--model", default="tiny",
                     help="model folder, a .gguf file, smollm2-135m, or a preset name (random init)")
     ap.add_argument("--data", default="synth-source,synth-target",
@@ -492,10 +629,12 @@ def main(argv=None):
     ap.add_argument("--split", default="test", help="train or test")
     ap.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 512, or ~1.5x the longest solution")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: lift-authors 256; else 512, or ~1.5x the longest built-in solution")
     ap.add_argument("--protocol", default="nanopeft", choices=PROTOCOLS,
-                    help="nanopeft (first '#### N', greedy) or llm-adapters (the papers': last number, first "
-                         "capital A-E, 4-beam search)")
+                    help="nanopeft (first '#### N', greedy), lift-authors (the LIFT authors' script exactly: their "
+                         "prompt, 4 beams, 256 tokens, last number, first capital A-E) or llm-adapters (an "
+                         "approximation of LLM-Adapters' rules; see docs/evaluation.md)")
     ap.add_argument("--num-beams", type=int, default=None, help="beams (1 = greedy); default: the protocol's")
     ap.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and metrics.json")
     ap.add_argument("--data-dir", default=None, help="where dataset names are looked up ($NANOPEFT_DATA or ./dataset)")

@@ -1,6 +1,7 @@
 """
 The papers' Table 2 on real data (`python claims.py table`): every method fine-tunes a model on
-GSM8K train and is scored on the seven LLM-Adapters arithmetic test sets, mean ± std over seeds,
+GSM8K train, in the LIFT authors' training format, and is scored on the seven LLM-Adapters arithmetic
+test sets by the LIFT authors' evaluation (eval_math's lift-authors protocol), mean ± std over seeds,
 with the base model's row, the forgetting, and a verdict per paper's claim.
 """
 import json
@@ -17,8 +18,12 @@ from runs import base_path, mean_std, pm, run_train, verdict, write_json
 # the papers' Table 2 on real data: GSM8K train -> the seven LLM-Adapters arithmetic test sets
 
 # The columns of LIFT Table 2, RoCoFT Table 3 and HyperAdapt's arithmetic table (LLM-Adapters' test
-# sets, `dataset/<name>/test.json` in its repository), in the papers' order
+# sets, `dataset/<name>/test.json` in its repository), in the papers' order: the list the LIFT
+# authors' bash_scripts/eval_math.sh loops over
 TABLE_SETS = ("MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP", "mawps")
+# how the runs are written and scored: the LIFT authors' training format and evaluation (eval_math),
+# with the decoding of --num-beams (theirs: 4; the table's default 1, greedy, for a CPU budget)
+PROTOCOL = TRAIN_FORMAT = "lift-authors"
 # Matched budgets, counted on SmolLM2-135M's 210 target matrices: LoRA r=8 trains 2,442,240 numbers and
 # LIFT r=8 the same by definition; RoCoFT 16 rows 2,396,160; LoRA-XS / LoRA-SB r=108 (r^2 per matrix)
 # 2,449,440; HyperAdapt has no rank (n_in + n_out per matrix: 305,280). Each at its paper's settings
@@ -48,16 +53,20 @@ def close(a: list, b: list, points: float = 1.0) -> tuple[bool, float]:
 
 
 def claim_table(args):
-    """Every method fine-tunes --model on GSM8K train problems and is scored on the seven arithmetic
-    test sets (the same first --eval-limit problems of each, LLM-Adapters' answer rule); prints the
+    """Every method fine-tunes --model on GSM8K train problems (the LIFT authors' training format) and
+    is scored on the seven arithmetic test sets (the same first --eval-limit problems of each, the
+    LIFT authors' prompt and answer rules, --num-beams beams); prints the
     papers' Table 2 layout (a row per method, a column per set, their average, mean ± std over the
     seeds, trainable %), the base model's row, the forgetting (drift on the base's own text) and
     the verdict on each paper's claim. Writes out/claims/table.json (and figures/table.png)."""
     args.eval_data = ",".join(table_sets(args.eval_dir))
-    args.train_flags = ["--protocol", "llm-adapters", "--num-beams", str(args.num_beams), "--seq-len", str(args.seq_len)]
+    args.train_flags = ["--protocol", PROTOCOL, "--train-format", TRAIN_FORMAT, "--num-beams", str(args.num_beams),
+                        "--seq-len", str(args.seq_len)]
     args.base = base_path(args)
-    beams = eval_math.decoding("llm-adapters", args.num_beams)
+    beams = eval_math.decoding(PROTOCOL, args.num_beams)
     args.decoding = "greedy" if beams == 1 else f"beam search, {beams} beams"
+    theirs = eval_math.decoding(PROTOCOL, None)
+    deviation = "" if beams == theirs else f" (the authors' script: {theirs} beams)"
     seeds = range(args.seeds) if args.only_seed is None else [args.only_seed]
     configs = [c for c in TABLE if c[0] in args.configs]
     n_runs, t0 = len(configs) * len(seeds), time.time()
@@ -78,8 +87,9 @@ def claim_table(args):
     head = (f"{'method':<{w}}{'trainable':>13}{'%':>8}" + "".join(f"{n:>14}" for n in TABLE_SETS) + f"{'Avg':>14}"
             + f"{'loss rise':>18}{'KL(base‖tuned)':>20}{'agreement':>16}{'wall s':>8}")
     print(f"\nTable 2 at laptop scale: {args.model}, {args.steps} steps of batch {args.batch_size} on {args.data}, "
-          f"{len(seeds)} seed(s); accuracy % on the first {args.eval_limit} problems of each set, LLM-Adapters' "
-          f"scoring, {args.decoding}, {args.max_new_tokens} new tokens at most")
+          f"{len(seeds)} seed(s), the LIFT authors' training format; accuracy % on the first {args.eval_limit} "
+          f"problems of each set, the LIFT authors' prompt and scoring, {args.decoding}{deviation}, "
+          f"{args.max_new_tokens} new tokens at most")
     print(head)
     if before:
         print(f"{'base':<{w}}{'':>13}{'':>8}" + "".join(f"{100 * before[s]:>14.1f}" for s in sets)
@@ -139,7 +149,7 @@ def claim_table(args):
     write_json(args, "table", {"claim": "table", "model": args.model, "data": args.data, "steps": args.steps,
                                "batch_size": args.batch_size, "seeds": list(seeds), "eval_limit": args.eval_limit,
                                "sets": list(TABLE_SETS), "eval_files": args.eval_data.split(","),
-                               "decoding": args.decoding,
+                               "decoding": args.decoding, "protocol": PROTOCOL, "train_format": TRAIN_FORMAT,
                                "max_new_tokens": args.max_new_tokens, "base": before, "floor": floor,
                                "sampling_std_points": noise,
                                "checks": checks, "runs": runs_json})

@@ -30,18 +30,28 @@ def _real_slice(tmp_path, n=4):
 
 def test_real_gsm8k_and_llm_adapters_files_load_by_path(tmp_path):
     """The real files' rows load by path as a user's copies would: GSM8K's solution with its '#### N'
-    line (calculator annotations removed), LLM-Adapters' instruction/answer, AQuA's answer a letter."""
+    line (calculator annotations removed), LLM-Adapters' instruction/answer, AQuA's answer a letter;
+    the raw rows kept for the LIFT authors' prompt (MultiArith's instructions begin and end with a
+    space, AddSub's end with one) and training format (GSM8K's annotations kept)."""
     d = _real_slice(tmp_path)
     train_rows = [json.loads(line) for line in (d / "gsm8k" / "train.jsonl").read_text().splitlines()]
     ps = E.load_problems(str(d / "gsm8k" / "train.jsonl"), "train")
     assert [p["question"] for p in ps] == [r["question"].strip() for r in train_rows]
     assert [p["answer"] for p in ps] == [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in train_rows]
     assert all("<<" not in p["solution"] and p["template"] == "alpaca" for p in ps)
+    assert [E.training_pair(p, "lift-authors")[1] for p in ps] == [r["answer"].split("####")[0].strip() + " "
+                                                                   for r in train_rows]
+    assert any("<<" in r["answer"] for r in train_rows)
     for name in TABLE_FILES:
         rows = json.loads((d / "llm-adapters" / f"{name}.json").read_text())
         ps = E.load_problems(str(d / "llm-adapters" / f"{name}.json"))
         assert {p["dataset"] for p in ps} == {name.lower()}
         assert [p["question"] for p in ps] == [r["instruction"].strip() for r in rows]
+        assert [E.format_prompt(p, "lift-authors") for p in ps] == [
+            E.AUTHORS_PROMPT.format(instruction=r["instruction"]) for r in rows]
+        if name in ("MultiArith", "AddSub"):
+            assert all(r["instruction"].endswith(" ") for r in rows)
+            assert all(r["instruction"].startswith(" ") for r in rows) == (name == "MultiArith")
         if name == "AQuA":
             assert all(p["answer"] in "ABCDE" and E.is_choice(p) for p in ps)
         else:
@@ -71,10 +81,16 @@ def test_claims_table_on_real_slices(small_dir, tmp_path, capsys):
     assert lines[at].split()[3:11] == [*TABLE_FILES, "Avg"]
     base = lines[at + 1].split()
     assert base[0] == "base" and len(base) == 1 + 8  # a number per set and the average
-    assert "LIFT Table 2: LIFT r8 >= LoRA r8 on the average" in out and "LLM-Adapters' scoring, greedy" in lines[at - 1]
+    assert "LIFT Table 2: LIFT r8 >= LoRA r8 on the average" in out
+    assert "the LIFT authors' training format" in lines[at - 1]
+    assert "the LIFT authors' prompt and scoring, greedy (the authors' script: 4 beams)" in lines[at - 1]
     res = json.loads((tmp_path / "claims" / "table.json").read_text())
     assert res["seeds"] == [0, 1] and set(res["runs"]) == {"lora r8", "lift r8"}
     assert res["decoding"] == "greedy" and res["eval_limit"] == 2
+    assert res["protocol"] == res["train_format"] == "lift-authors"
+    command = json.loads((tmp_path / "claims" / "runs" / "lift r8-seed0" / "claims-command.json").read_text())
+    at_flag = command.index("--train-format")
+    assert command[at_flag + 1] == "lift-authors" and command[command.index("--protocol") + 1] == "lift-authors"
     for runs in res["runs"].values():
         assert [r["seed"] for r in runs] == [0, 1]
         assert all(set(r["accuracy"]) == {n.lower() for n in TABLE_FILES} for r in runs)
