@@ -6,7 +6,7 @@ cached under out/; each run fine-tunes that base on multiplication problems in t
 format (synth-target) and is scored on both: learning (target) and forgetting (source, and the
 source's arithmetic with the equation given, synth-source-facts).
 """
-import types
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,14 +14,15 @@ import torch
 import eval_math
 import full
 from distributed import rank_world
-from weights import load
+from weights import load, save_pretrained
 
 # the fine-tuning run's defaults (no --model, no --data) and the pretraining of its base model
 BUILTIN = dict(batch_size=32, max_steps=150, eval_data="synth-target,synth-source,synth-source-facts")
 BUILTIN_PRETRAIN_STEPS = 450  # ~4 minutes once (source accuracy ~95%); fine-tuning ~1.5 minutes each run
 PRETRAIN = dict(method="full", settings=dict(lr=2e-3, schedule="cosine", warmup_ratio=0.03, batch_size=32,
                                              betas=(0.9, 0.95), max_grad_norm=1.0, weight_decay=0.0),
-                seed=0, grad_accum=1, resume=False, eval_every=0, save_every=0, log_every=100, dtype="float32")
+                seed=0, grad_accum=1, eval_every=0, save_every=0, log_every=100, dtype="float32",
+                train_format="nanopeft")
 
 
 def base_dir(args) -> Path:
@@ -29,30 +30,28 @@ def base_dir(args) -> Path:
     return Path("out") / f"base-tiny-{args.pretrain_steps}"
 
 
-def pretrain_base(args, train=None) -> Path:
+def pretrain_base(args, train) -> Path:
     """The built-in base: the tiny preset trained from random init (seed 0) on synth-source with full
-    training (the PRETRAIN preset) by `train` (train.py's loop: train.py passes it in, as it imports
-    this file; other callers get it imported), saved once under out/ and reused by every later run."""
-    if train is None:
-        from train import train
+    training (the PRETRAIN preset) by `train` (train.py's loop, passed in: this file does not import
+    it back), saved once under out/ and reused by every later run."""
     folder = base_dir(args)
     print(f"no cached base model in {folder}: pretraining the tiny model on synth-source "
           f"({args.pretrain_steps} steps; first run only)")
     model, tok = load("tiny", seed=0)
-    pre = types.SimpleNamespace(**{**vars(args), **{k: v for k, v in PRETRAIN.items() if k != "settings"},
-                                   "max_steps": args.pretrain_steps, "out": str(folder) + ".run", "processes": 1})
-    pre.resume = (Path(pre.out) / "ckpt.pt").exists()  # an interrupted pretraining continues where it stopped
+    out = Path(str(folder) + ".run")  # an interrupted pretraining continues where it stopped: resume
+    pre = replace(args, **{k: v for k, v in PRETRAIN.items() if k != "settings"}, max_steps=args.pretrain_steps,
+                  out=str(out), resume=(out / "ckpt.pt").exists(), overwrite=False)
     model.to(args.device)
     train(model, tok, pre, full.Settings(**PRETRAIN["settings"]),
           eval_math.load_problems("synth-source", "train", seed=0), parallel=False)
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     tok.save(folder)
     return folder
 
 
-def builtin_base(args, train=None) -> str:
-    """The built-in base model's folder, pretrained first by `train` (default: train.py's loop) if it
-    is not cached yet (under torchrun by process 0 alone, as in a single process, while the others wait)."""
+def builtin_base(args, train) -> str:
+    """The built-in base model's folder, pretrained first by `train` (train.py's loop) if it is not
+    cached yet (under torchrun by process 0 alone, as in a single process, while the others wait)."""
     folder = base_dir(args)
     if not (folder / "model.safetensors").exists():
         if rank_world()[0] == 0:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from builtin import base_dir
-from cli import METHODS
 from distributed import rank_world
+from methods import METHODS, trains_base
 from model import PRESETS, Transformer
-from weights import check_state_dict, load, model_file, read_weights, usual_permissions
+from weights import check_state_dict, load, model_file, read_weights, save_pretrained, usual_permissions
 
 
 def trainable_state(model, optimizer, base_keys):
@@ -29,11 +29,11 @@ def trainable_state(model, optimizer, base_keys):
             if k not in base_keys or (k in params and id(params[k]) in trained)}
 
 
-def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
+def save_checkpoint(path, model, optimizer, base_keys, step, args, s, world=1):
     ckpt = {"method": args.method, "step": step, "model": trainable_state(model, optimizer, base_keys),
             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "run": run_defining(args, s)}
+            "run": run_defining(args, s, world)}
     tmp = f"{path}.tmp"
     try:
         torch.save(ckpt, tmp)
@@ -44,16 +44,15 @@ def save_checkpoint(path, model, optimizer, base_keys, step, args, s):
         raise OSError(f"could not write the checkpoint of step {step} to {path} ({e}); {kept}") from None
 
 
-def run_defining(args, s) -> dict:
+def run_defining(args, s, world: int) -> dict:
     """What a resumed run must share with its checkpoint: the method's settings, the model, the data
-    and its order, the length."""
-    run = {k: vars(args)[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "train_format",
+    and its order (which depends on the number of processes, `world`), the length."""
+    run = {k: asdict(args)[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "train_format",
                                       "grad_accum", "seed", "max_steps")}
     run["model"] = str(base_dir(args)) if args.builtin else (
         args.model if args.model in PRESETS or not os.path.exists(os.path.expanduser(args.model))
         else os.path.realpath(os.path.expanduser(args.model)))
-    # the data order depends on it (each process its shard of a batch); the built-in pretraining runs alone
-    run["processes"] = vars(args).get("processes") or rank_world()[1]
+    run["processes"] = world  # the data order depends on it (each process its shard of a batch)
     return {**run, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}}
 
 
@@ -76,12 +75,11 @@ OLD_DEFAULTS = {"processes": 1, "train_format": "nanopeft"}  # run-defining sett
 
 def check_resumable(path, args, s):
     """--resume continues only the run its checkpoint belongs to: every run-defining setting equal."""
-    then, now = load_checkpoint(path, args.method, mmap=True).get("run", {}), run_defining(args, s)
+    then, now = load_checkpoint(path, args.method, mmap=True).get("run", {}), run_defining(args, s, rank_world()[1])
     for key, value in now.items():
-        if key == "max_steps" and s.schedule == "constant" and s.warmup_ratio == 0 and isinstance(then.get(key), int) \
-                and not (args.method == "lift" and (then[key] + 1) % s.interval == 0):
-            continue  # a constant lr does not depend on the length: extending such a run is exact (unless
-            # LIFT skipped the mask refresh due before the old run's would-be next step)
+        if key == "max_steps" and s.schedule == "constant" and s.warmup_ratio == 0 and isinstance(then.get(key), int):
+            continue  # a constant lr does not depend on the length: extending such a run is exact (LIFT does
+            # the mask refresh the shorter run skipped after its last step when its state loads)
         if then.get(key, OLD_DEFAULTS.get(key)) != value:  # (checkpoints from before the setting existed)
             show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v
             raise ValueError(f"--resume: the checkpoint was made with --{key.replace('_', '-')} {show(then.get(key))}, "
@@ -152,7 +150,7 @@ def claim_out(args, s):
 def save_adapter(module, model, optimizer, out: Path):
     """adapter.safetensors: the method's small learned update (before merge folds it into the weights);
     removed for a method that has none, so another method's adapter never sits beside this model."""
-    if not hasattr(module, "adapter_state"):
+    if trains_base(module):
         (out / "adapter.safetensors").unlink(missing_ok=True)
         return
     from safetensors.torch import save_file
@@ -189,10 +187,10 @@ def save_merged(model, args, s, model_path) -> dict:
     from safetensors.torch import load_file
     base = base_weights(model_path, args)
     module = METHODS[args.method][0]
-    if hasattr(module, "merge_adapter"):
-        merged = module.merge_adapter(base, load_file(str(Path(args.out) / "adapter.safetensors")), s)
-    else:  # full fine-tuning: the trained weights themselves
+    if trains_base(module):  # full fine-tuning: the trained weights themselves
         merged = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    else:
+        merged = module.merge_adapter(base, load_file(str(Path(args.out) / "adapter.safetensors")), s)
     sd = {k: merged[k].to(base[k].dtype) if k in merged else base[k] for k in model.state_dict()}
     # the update the saved dtype rounded away: changed entries (in fp32) saved as their base value
     changed = rounded = 0
@@ -202,7 +200,7 @@ def save_merged(model, args, s, model_path) -> dict:
         moved = W != base[k].float()
         changed += int(moved.sum())
         rounded += int((moved & (sd[k] == base[k])).sum())
-    model.save_pretrained(args.out, state_dict=sd)
+    save_pretrained(model, args.out, state_dict=sd)
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
     where = " (the GGUF's weights dequantized)" if model_file(model_path).endswith(".gguf") else ""
     line = f"saved the merged model in {'/'.join(dtypes)}, the base checkpoint's dtype{where}"

@@ -7,18 +7,14 @@ import argparse
 import json
 import math
 import types
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 import eval_math
-import full
-import hyper
-import lift
-import lorasb
-import rocoft
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
+from methods import METHODS
 from model import PRESETS
 from targets import LINEAR_NAMES
 
@@ -30,10 +26,9 @@ The one plain training loop every method shares.
     python train.py --method lora --rank 16 --model ~/Llama-3.2-1B --data gsm8k --eval-data gsm8k
     python train.py --method lift --model smollm2-135m --max-steps 60 --batch-size 8   # a real model on a laptop
 
-Each method lives in its own file and meets this loop through a settings dataclass and two functions:
-    Settings (its paper's defaults, each with its source)
-    prepare(model, settings, batches, seed=...) -> optimizer      merge(model) -> None
-(`full` fine-tuning too: full.py). `python train.py --method M --help` lists M's
+Each method lives in its own file and meets this loop through the contract in methods.py: Settings
+(its paper's defaults, each with its source), prepare(model, settings, batches, *, the run's facts)
+-> optimizer, adapter_state, merge_adapter and merge (`full` fine-tuning too: full.py). `python train.py --method M --help` lists M's
 settings with their defaults and sources; a flag overrides only what it names, and the resolved
 settings are printed before training. The built-in default pretrains a tiny base model on addition
 and subtraction word problems (synth-source, cached under out/), fine-tunes it on multiplication
@@ -41,16 +36,6 @@ problems written in the same answer format (synth-target) and prints accuracy be
 learning (target) and forgetting (source, and its arithmetic with the equation given).
 """  # `python train.py --help`
 
-# --method -> (the file that implements it, its settings: the paper's defaults and their sources)
-METHODS = {
-    "full": (full, full.Settings),
-    "lora": (lorasb, lorasb.LoRA),
-    "loraxs": (lorasb, lorasb.LoRAXS),
-    "lorasb": (lorasb, lorasb.LoRASB),
-    "lift": (lift, lift.Settings),
-    "rocoft": (rocoft, rocoft.Settings),
-    "hyper": (hyper, hyper.Settings),
-}
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype
 TARGET_GROUPS = {"all": LINEAR_NAMES, "attn": LINEAR_NAMES[:4], "mlp": LINEAR_NAMES[4:]}
 # Settings every method has (flags without a prefix); the rest are a method's own knobs, as
@@ -68,6 +53,43 @@ COMMON = {
     "epochs": "passes over the training data (--max-steps overrides)",
     "batch_size": "examples per micro-batch; a step is batch-size x grad-accum examples",
 }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's settings besides the method's own (those are its Settings): every flag of
+    build_parser, resolved by parse_args (defaults filled in, --eval-data none -> ""), and whether the
+    run is the built-in default (no --model, no --data). Built once, here; read everywhere else."""
+    method: str
+    model: str | None
+    data: str
+    train_limit: int | None
+    seq_len: int
+    train_on_prompt: bool
+    train_format: str
+    max_steps: int | None
+    grad_accum: int
+    seed: int
+    grad_checkpoint: bool
+    pretrain_steps: int
+    eval_data: str
+    eval_limit: int | None
+    eval_every: int
+    eval_batch_size: int
+    max_new_tokens: int | None
+    protocol: str
+    num_beams: int | None
+    forget_prompts: int
+    out: str
+    resume: bool
+    overwrite: bool
+    log_every: int
+    save_every: int
+    device: str
+    dtype: str
+    dist_timeout: float
+    threads: int
+    builtin: bool
 
 
 class Parser(argparse.ArgumentParser):
@@ -185,8 +207,8 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None):
-    """(run flags, the method's resolved settings, where each setting came from)."""
+def parse_args(argv=None) -> tuple[Run, object, dict]:
+    """(the run's settings, the method's resolved settings, where each setting came from)."""
     first = Parser(add_help=False)
     first.add_argument("--method", default="lift")
     first.add_argument("--model", default=None)
@@ -199,7 +221,6 @@ def parse_args(argv=None):
     tiny = builtin or is_tiny(known.model)  # the tiny model trains with its own lrs, however it is named
     p = build_parser(method, tiny)
     args = p.parse_args(argv)
-    args.builtin = builtin
     if args.model is None and args.data is not None:
         p.error("--data needs --model (the built-in default uses neither)")
     if not 0 <= args.forget_prompts <= 100:
@@ -233,15 +254,13 @@ def parse_args(argv=None):
         given[name], origin[name] = value, "command line"
     s = cls(**given)
     check_settings(s)
-    args.data = args.data or "synth-target"
-    if args.builtin and args.max_steps is None:
-        args.max_steps = BUILTIN["max_steps"]
-    if args.eval_data is None:
-        args.eval_data = BUILTIN["eval_data"] if args.builtin else args.data
-    args.eval_data = "" if args.eval_data == "none" else args.eval_data
-    args.out = args.out or str(Path("out") / f"{method}-{Path(args.data).stem}")
-    check_run(args)
-    return args, s, origin
+    data = args.data or "synth-target"
+    eval_data = args.eval_data if args.eval_data is not None else BUILTIN["eval_data"] if builtin else data
+    run = Run(**{**flags, "builtin": builtin, "data": data, "eval_data": "" if eval_data == "none" else eval_data,
+                 "max_steps": BUILTIN["max_steps"] if builtin and args.max_steps is None else args.max_steps,
+                 "out": args.out or str(Path("out") / f"{method}-{Path(data).stem}")})
+    check_run(run)
+    return run, s, origin
 
 
 def is_tiny(model) -> bool:

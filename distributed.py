@@ -49,26 +49,25 @@ def broadcast_(tensors, src: int = 0):
             t.copy_(buf)
 
 
-def start_distributed(args) -> int:
+def start_distributed(device: str, timeout: float) -> tuple[int, str]:
     """Under torchrun (WORLD_SIZE > 1 in the environment): join its process group (nccl on CUDA, each
-    process on its own GPU; gloo on CPU) and return this process's rank; 0 without torchrun. A group
-    that does not form within --dist-timeout is a one-line error, not a hang."""
+    process on its own GPU; gloo on CPU); (this process's rank, its device). Without torchrun: (0,
+    device). A group that does not form within `timeout` seconds is a one-line error, not a hang."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0
+        return 0, device
     dist = torch.distributed
+    if "cuda" in device:  # one GPU per process
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
-        if "cuda" in args.device:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            args.device = f"cuda:{local}"
-            torch.cuda.set_device(local)
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         try:
-            dist.init_process_group("nccl" if "cuda" in args.device else "gloo",
-                                    timeout=timedelta(seconds=args.dist_timeout))
+            dist.init_process_group("nccl" if "cuda" in device else "gloo", timeout=timedelta(seconds=timeout))
         except (RuntimeError, TimeoutError, ValueError) as e:  # dist's errors are RuntimeErrors
             raise ConnectionError(f"data parallel: process {os.environ.get('RANK')} of {world} could not meet the "
-                                  f"others at {where} within --dist-timeout {args.dist_timeout:g} s "
+                                  f"others at {where} within --dist-timeout {timeout:g} s "
                                   f"({str(e).splitlines()[0][:200]}); start all of them (torchrun --nproc-per-node, "
                                   "--nnodes)") from None
-    return dist.get_rank()
+    return dist.get_rank(), device

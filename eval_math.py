@@ -690,17 +690,5 @@ def run(args):
     return metrics, out
 
 
-# the forgetting measure moved to forgetting.py; its names stay importable from here (forks, older scripts)
-_MOVED = dict.fromkeys(("NEUTRAL_TOPICS", "NEUTRAL_STEMS", "KL_TOP_K", "neutral_prompts", "self_text",
-                        "text_logprobs", "drift_reference", "drift"), "forgetting")
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'eval_math' has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 Full fine-tuning: the method with no method, the baseline in every paper's table. Every parameter
 trains; the papers give its loop no settings of its own, so LIFT's loop (Table 6) is used where that
 is stated, else our choice. It meets train.py's loop like every other method file: Settings,
-prepare, merge.
+prepare, merge (methods.py: the contract); it has no adapter, TRAINS_BASE says so.
 """
 from dataclasses import dataclass, field
 
@@ -29,12 +29,11 @@ class Settings:
 TRAINS_BASE = True
 
 
-def prepare(model, s: Settings, batches, seed: int = 0):
+def prepare(model, s: Settings, batches, *, seed=0, total_steps=None, grad_accum=1, n_train=None, lr_first=None):
     """Every parameter trains (fp32 AdamW state, fused kernels on CUDA)."""
     model.requires_grad_(True)
     return adamw(model.named_parameters(), s.lr, s.betas, s.eps, s.weight_decay)
 
 
-def merge(model):
-    """Nothing to fold in: the trained weights are the model. (No merge_adapter either: the saved model
-    is the trained weights themselves, checkpoint.save_merged.)"""
+def merge(model, optimizer, s: Settings):
+    """Nothing to fold in: the trained weights are the model (and what checkpoint.save_merged saves)."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from targets import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+from targets import LINEAR_NAMES, adamw, find_linears, fold, replace_module, wide
 
 PAPER = "HyperAdapt (Gurung & Campbell), arithmetic reasoning hyperparameters"
 
@@ -60,7 +60,8 @@ class HyperLinear(nn.Module):
         return f"{n_in} -> {n_out}"
 
 
-def prepare(model, s: Settings, batches, seed: int = 0) -> torch.optim.Optimizer:
+def prepare(model, s: Settings, batches, *, seed=0, total_steps=None, grad_accum=1, n_train=None,
+            lr_first=None) -> torch.optim.Optimizer:
     """Freeze the model, wrap each target Linear in a HyperLinear, return AdamW over all a and b.
     `batches` is not used: HyperAdapt starts from a = b = 1, W' = W0."""
     if s.weight_decay:
@@ -74,16 +75,10 @@ def prepare(model, s: Settings, batches, seed: int = 0) -> torch.optim.Optimizer
     return adamw(named, s.lr, s.betas, s.eps, s.weight_decay)
 
 
-@torch.no_grad()
-def merge(model) -> None:
-    """W0 * a[:, None] * b[None, :] (computed in fp32, or W's dtype if wider, rounded once into W's
-    dtype); plain nn.Linear modules back."""
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, HyperLinear):
-            continue
-        W = m.weight
-        W.copy_(W * m.a[:, None] * m.b[None, :])  # bf16 W * fp32 a promotes to fp32
-        replace_module(model, name, plain_linear(W))
+def merge(model, optimizer, s: Settings) -> None:
+    """W0 * a[:, None] * b[None, :] (merge_adapter, in fp32, rounded once into W's dtype); plain
+    nn.Linear modules back."""
+    fold(model, adapter_state(model, optimizer), merge_adapter, s)
 
 
 def adapter_state(model, optimizer=None) -> dict:
@@ -97,11 +92,11 @@ def adapter_state(model, optimizer=None) -> dict:
 
 
 def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
-    """{weight name: diag(a) W0 diag(b)} in fp32, for every adapted matrix; `base` holds the base
+    """{weight name: diag(a) W0 diag(b)} in fp32 (targets.wide), for every adapted matrix; `base` holds the base
     weights as stored (any dtype), `adapter` what adapter_state returned."""
     out = {}
     for key in adapter:
         if key.endswith(".a"):
             name = key.removesuffix(".a")
-            out[f"{name}.weight"] = base[f"{name}.weight"].float() * adapter[key][:, None] * adapter[f"{name}.b"][None, :]
+            out[f"{name}.weight"] = wide(base[f"{name}.weight"]) * adapter[key][:, None] * adapter[f"{name}.b"][None, :]
     return out

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from distributed import broadcast_
-from targets import LINEAR_NAMES, find_linears
+from targets import LINEAR_NAMES, find_linears, fold, wide
 
 SELECTS = ("principal", "magnitude", "gradient", "random")
 SVDS = ("exact", "lowrank")
@@ -167,11 +167,11 @@ class LIFTAdamW(torch.optim.Optimizer):
     per weight. `model` and `probe` (a list of (x, y) micro-batches) are needed by select='gradient'."""
 
     def __init__(self, named_weights, ks, lr, betas, eps, weight_decay, *, select, lra_rank, block, svd,
-                 interval, seed=0, max_steps=None, model=None, probe=()):  # defaults: Settings, once
+                 interval, seed=0, total_steps=None, model=None, probe=()):  # defaults: Settings, once
         self.weights = [w for _, w in named_weights]
         self.ks = list(ks)
         self.select, self.lra_rank, self.block, self.svd = select, lra_rank, block, svd
-        self.interval, self.seed, self.max_steps = interval, seed, max_steps
+        self.interval, self.seed, self.total_steps = interval, seed, total_steps
         self.model, self.probe = model, list(probe)
         self.t = 0          # optimizer steps taken (Algorithm 1's t; never reset)
         self.n_refresh = 0  # masks recomputed so far
@@ -236,7 +236,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         # current weights. The gradient of step t is gathered under the mask during its backward, so
         # the refresh happens here, after step t - 1 (the authors' code does the same).
         nxt = self.t + 1
-        if nxt % self.interval == 0 and (self.max_steps is None or nxt <= self.max_steps):
+        if nxt % self.interval == 0 and (self.total_steps is None or nxt <= self.total_steps):
             self.refresh()
         return loss
 
@@ -313,7 +313,7 @@ class LIFTAdamW(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()  # moments per compact vector, hyperparameters
         sd["lift"] = {
-            "t": self.t, "n_refresh": self.n_refresh,
+            "t": self.t, "n_refresh": self.n_refresh, "total_steps": self.total_steps,
             "index": [i.clone() for i in self.index],
             "master": [v.detach().clone() for v in self.values],
             "touched": [i.clone() for i in self.touched],
@@ -351,6 +351,11 @@ class LIFTAdamW(torch.optim.Optimizer):
             self.index[j] = lift["index"][j].to(w.device)
             self.values[j].copy_(lift["master"][j])
             self.values[j].grad = None
+        # a run resumed to more steps than its checkpoint's run had: the refresh that run skipped after
+        # its last step (none after the last step) is due now, as in a run that was this long throughout
+        nxt, then = self.t + 1, lift.get("total_steps")
+        if nxt % self.interval == 0 and then is not None and nxt > then and (self.total_steps or nxt) >= nxt:
+            self.refresh()
 
     def _base_values(self, j, idx):
         """W0 of matrix j at the sorted flat indices idx: the weight itself where this optimizer never
@@ -366,10 +371,10 @@ class LIFTAdamW(torch.optim.Optimizer):
 # the method seam
 
 
-def prepare(model, s: Settings, batches, seed: int = 0, max_steps: int | None = None,
-            grad_accum: int = 1) -> LIFTAdamW:
+def prepare(model, s: Settings, batches, *, seed=0, total_steps=None, grad_accum=1, n_train=None,
+            lr_first=None) -> LIFTAdamW:
     """Freeze the model, select k Principal Weights in each target Linear, return the LIFT optimizer.
-    `max_steps`: no refresh after the last step; `grad_accum`: batches the gradient ablation scores."""
+    `total_steps`: no refresh after the last step; `grad_accum`: batches the gradient ablation scores."""
     lra_rank = s.rank if s.lra_rank is None else s.lra_rank
     model.requires_grad_(False)
     named, ks, clamped, full_rank = [], [], {}, set()
@@ -395,7 +400,7 @@ def prepare(model, s: Settings, batches, seed: int = 0, max_steps: int | None = 
               "(selection is plain weight magnitude there)")
     probe = list(itertools.islice(batches, max(1, grad_accum))) if s.select == "gradient" else []
     opt = LIFTAdamW(named, ks, s.lr, s.betas, s.eps, s.weight_decay, select=s.select, lra_rank=lra_rank,
-                    block=s.block, svd=s.svd, interval=s.interval, seed=seed, max_steps=max_steps, model=model,
+                    block=s.block, svd=s.svd, interval=s.interval, seed=seed, total_steps=total_steps, model=model,
                     probe=probe)
     total = sum(w.numel() for _, w in named)
     print(f"lift: training {sum(ks):,} of {total:,} entries ({100 * sum(ks) / total:.2f}%) in {len(ks)} matrices; "
@@ -404,8 +409,10 @@ def prepare(model, s: Settings, batches, seed: int = 0, max_steps: int | None = 
     return opt
 
 
-def merge(model) -> None:
-    """LIFT already writes into the weights: just remove the gradient hooks and freeze them again."""
+def merge(model, optimizer: LIFTAdamW, s: Settings) -> None:
+    """Set every trained entry to its value (merge_adapter, rounded into the weight's dtype: what the
+    steps wrote there already), remove the gradient hooks and freeze the weights again."""
+    fold(model, adapter_state(model, optimizer), merge_adapter, s)
     for m in model.modules():
         if isinstance(m, nn.Linear) and hasattr(m.weight, "_lift_hook"):
             m.weight._lift_hook.remove()
@@ -428,13 +435,13 @@ def adapter_state(model, optimizer: LIFTAdamW) -> dict:
 
 
 def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
-    """{weight name: W0 with its trained entries set} in fp32, for every matrix the adapter changes;
+    """{weight name: W0 with its trained entries set} in fp32 (targets.wide), for every matrix the adapter changes;
     `base` holds the base weights as stored (any dtype), `adapter` what adapter_state returned."""
     out = {}
     for key in adapter:
         if key.endswith(".lift_index"):
             name = key.removesuffix(".lift_index")
-            W = base[name].float().clone()
+            W = wide(base[name]).clone()
             W.view(-1)[adapter[key].long()] = adapter[f"{name}.lift_value"].to(W.device)
             out[name] = W
     return out

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import all_reduce_sum_, rank_world
-from targets import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+from targets import LINEAR_NAMES, adamw, find_linears, fold, replace_module, wide
 
 LORAXS_R_STD = 1e-5  # LoRA-XS: R drawn from N(0, sigma^2), sigma = 1e-5 (the authors' code)
 LIFT = "LIFT (Liu et al., ICML 2025)'s LoRA baseline"
@@ -154,7 +154,7 @@ class LowRankLinear(nn.Module):
         return F.linear(x, self.weight, self.bias) + F.linear(h * self.scale, self.B.to(x.dtype))
 
     def delta(self) -> torch.Tensor:
-        """The dense update scale * B R A (fp32), for merge and the tests only."""
+        """The dense update scale * B R A (fp32), for the tests."""
         RA = self.A if self.R is None else self.R @ self.A
         return self.scale * (self.B @ RA)
 
@@ -276,8 +276,8 @@ def ablation_factors(W0, r, init, std, g):
 # the seam
 
 
-def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, seed: int = 0, lr_first: float | None = None,
-            n_train: int | None = None) -> torch.optim.Optimizer:
+def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, *, seed: int = 0, total_steps=None, grad_accum=1,
+            n_train: int | None = None, lr_first: float | None = None) -> torch.optim.Optimizer:
     """Freeze the model, replace every target Linear by a LowRankLinear initialised as the type of `s`
     says (LoRA, LoRA-XS, LoRA-SB), return AdamW over exactly the adapters' trainable tensors.
     LoRA-SB also needs `lr_first`, the learning rate of the first optimizer step (its eta_1), and
@@ -329,13 +329,10 @@ def lora_scale(s, r: int) -> float:
     return (2 * r if s.alpha is None else s.alpha) / r
 
 
-def merge(model) -> None:
-    """Fold scale * B R A into each base weight (computed in fp32, stored in the base dtype) and put a
-    plain nn.Linear back, in place: the state dict then has exactly the base model's keys."""
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]:
-        with torch.no_grad():
-            m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
-        replace_module(model, name, plain_linear(m.weight, m.bias))
+def merge(model, optimizer, s) -> None:
+    """Fold scale * B R A into each base weight (merge_adapter, in fp32, rounded once into the base
+    dtype) and put a plain nn.Linear back: the state dict then has exactly the base model's keys."""
+    fold(model, adapter_state(model, optimizer), merge_adapter, s)
 
 
 def adapter_state(model, optimizer=None) -> dict:
@@ -346,7 +343,7 @@ def adapter_state(model, optimizer=None) -> dict:
 
 
 def merge_adapter(base: dict, adapter: dict, s) -> dict:
-    """{weight name: W0 + scale * B R A} in fp32, for every adapted matrix; `base` holds the base
+    """{weight name: W0 + scale * B R A} in fp32 (targets.wide), for every adapted matrix; `base` holds the base
     weights as stored (any dtype), `adapter` what adapter_state returned, `s` the run's settings
     (LoRA's scale alpha / r, with r the matrix's own rank after clamping)."""
     out = {}
@@ -356,5 +353,5 @@ def merge_adapter(base: dict, adapter: dict, s) -> dict:
             A, B, R = adapter[key], adapter[f"{name}.B"], adapter.get(f"{name}.R")
             scale = lora_scale(s, A.shape[0]) if R is None else 1.0  # LoRA-XS / LoRA-SB: no scale
             RA = A if R is None else R @ A
-            out[f"{name}.weight"] = base[f"{name}.weight"].float() + scale * (B @ RA).to(base[f"{name}.weight"].device)
+            out[f"{name}.weight"] = wide(base[f"{name}.weight"]) + scale * (B @ RA).to(base[f"{name}.weight"].device)
     return out

@@ -14,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import LLAMA3_PAT, LLAMA3_SPECIALS, Tokenizer  # noqa: F401 (re-exported: model.Tokenizer)
-
 # -----------------------------------------------------------------------------
 # config
 
@@ -57,21 +55,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)} (or a folder path)")
         return cls(**PRESETS[name])
-
-    # the checkpoint formats' configs (Hugging Face config.json, Meta params.json) are read in weights.py
-    @classmethod
-    def from_hf(cls, d: dict) -> "ModelConfig":
-        from weights import config_from_hf
-        return config_from_hf(d)
-
-    @classmethod
-    def from_meta(cls, d: dict) -> "ModelConfig":
-        from weights import config_from_meta
-        return config_from_meta(d)
-
-    def to_hf(self) -> dict:
-        from weights import config_to_hf
-        return config_to_hf(self)
 
 
 _LLAMA32 = dict(vocab_size=128256, multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
@@ -325,24 +308,6 @@ class Transformer(nn.Module):
         keep = targets != -100
         return LinearCrossEntropy.apply(x[keep], self.lm_head.weight, targets[keep])
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
-        """Load a Hugging Face folder, a Meta folder or a llama.cpp `.gguf` file (weights.py)."""
-        from weights import from_state_dict, read_weights
-        cfg, sd = read_weights(path)
-        return from_state_dict(cfg, sd, str(path), dtype, device, cls=cls)
-
-    @classmethod
-    def from_state_dict(cls, cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> "Transformer":
-        """Build on the meta device and take the tensors of `sd` as the parameters (weights.py)."""
-        from weights import from_state_dict
-        return from_state_dict(cfg, sd, where, dtype, device, cls=cls)
-
-    def save_pretrained(self, path, state_dict=None):
-        """Write a Hugging Face folder of this model, or of `state_dict` in its weights' place (weights.py)."""
-        from weights import save_pretrained
-        save_pretrained(self, path, state_dict)
-
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, aarch64 BF16 (/proc/cpuinfo)
 BF16_ENV = "NANOPEFT_BF16"  # CPU: 1 answers as a bf16-capable CPU, 0 as one without; unset: /proc/cpuinfo
@@ -370,26 +335,3 @@ def bf16_fast(device="cpu") -> bool:
     except OSError:  # not Linux: fp32, the safe choice
         return False
     return any(f in flags for f in BF16_CPU_FLAGS)
-
-# -----------------------------------------------------------------------------
-# names that live in their own files now stay importable from here (forks, older scripts):
-# loading and saving weights.py, generation generate.py, data parallel distributed.py, the PEFT
-# methods' shared plumbing targets.py
-_MOVED = {**dict.fromkeys(("usual_permissions", "read_weights", "read_gguf", "gguf_path", "GGUF_MODELS", "load",
-                           "check_vocab", "from_state_dict", "save_pretrained", "check_state_dict"), "weights"),
-          **dict.fromkeys(("generate", "beam_search"), "generate"),
-          **dict.fromkeys(("rank_world", "all_reduce_sum_", "broadcast_"), "distributed"),
-          **dict.fromkeys(("LINEAR_NAMES", "find_linears", "replace_module", "plain_linear", "adamw"), "targets")}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # the demo lives beside generation now
-    import runpy
-    runpy.run_module("generate", run_name="__main__")
-

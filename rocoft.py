@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from distributed import all_reduce_sum_, rank_world
 from model import up_to_last_target
-from targets import LINEAR_NAMES, adamw, find_linears, plain_linear, replace_module
+from targets import LINEAR_NAMES, adamw, find_linears, fold, replace_module, wide
 
 MODES = ("row", "column")
 SELECTS = ("first", "random", "max", "min", "mixed")
@@ -156,7 +156,8 @@ def pick(score: torch.Tensor, r: int, how: str) -> torch.Tensor:
     return idx.sort().values
 
 
-def prepare(model, s: Settings, batches, seed: int = 0) -> torch.optim.Optimizer:
+def prepare(model, s: Settings, batches, *, seed=0, total_steps=None, grad_accum=1, n_train=None,
+            lr_first=None) -> torch.optim.Optimizer:
     """Freeze the model, replace each target Linear by a RoCoFTLinear on the selected rows/columns,
     and return AdamW over the D blocks only."""
     model.requires_grad_(False)
@@ -189,19 +190,10 @@ def prepare(model, s: Settings, batches, seed: int = 0) -> torch.optim.Optimizer
     return adamw(named, s.lr, s.betas, s.eps, s.weight_decay)
 
 
-@torch.no_grad()
-def merge(model) -> None:
-    """Write D into the selected rows/columns of W (added in fp32, or W's dtype if wider, rounded
-    once into W's dtype) and put plain nn.Linear modules back."""
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, RoCoFTLinear):
-            continue
-        W = m.weight  # W + D promotes a bf16 W to fp32, so the sum is rounded once
-        if m.mode == "row":
-            W[m.index] = (W[m.index] + m.D).to(W.dtype)
-        else:
-            W[:, m.index] = (W[:, m.index] + m.D).to(W.dtype)
-        replace_module(model, name, plain_linear(W))
+def merge(model, optimizer, s: Settings) -> None:
+    """Write D into the selected rows/columns of W (merge_adapter, in fp32, rounded once into W's
+    dtype) and put plain nn.Linear modules back."""
+    fold(model, adapter_state(model, optimizer), merge_adapter, s)
 
 
 def adapter_state(model, optimizer=None) -> dict:
@@ -215,13 +207,13 @@ def adapter_state(model, optimizer=None) -> dict:
 
 
 def merge_adapter(base: dict, adapter: dict, s: Settings) -> dict:
-    """{weight name: W0 with D added into its rows (or columns)} in fp32, for every adapted matrix;
+    """{weight name: W0 with D added into its rows (or columns)} in fp32 (targets.wide), for every adapted matrix;
     `base` holds the base weights as stored (any dtype), `adapter` what adapter_state returned."""
     out = {}
     for key in adapter:
         if key.endswith(".D"):
             name = key.removesuffix(".D")
-            W, D, index = base[f"{name}.weight"].float().clone(), adapter[key], adapter[f"{name}.index"].long()
+            W, D, index = wide(base[f"{name}.weight"]).clone(), adapter[key], adapter[f"{name}.index"].long()
             if s.mode == "row":
                 W[index] += D.to(W.device)
             else:

@@ -1,6 +1,6 @@
 """
 The plumbing every PEFT method shares: the target Linear layers by name, replacing a module and
-putting a plain Linear back after merging, and the AdamW every method's optimizer is.
+putting a plain Linear back after merging (fold), and the AdamW every method's optimizer is.
 """
 import torch
 import torch.nn as nn
@@ -31,6 +31,28 @@ def plain_linear(weight: nn.Parameter, bias=None) -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight, lin.bias = weight, bias
     return lin
+
+
+def wide(W: torch.Tensor) -> torch.Tensor:
+    """W in fp32, or in its own dtype where that is wider (float64): the precision merges compute in."""
+    return W.to(torch.promote_types(W.dtype, torch.float32))
+
+
+@torch.no_grad()
+def fold(model: nn.Module, adapter: dict, merge_adapter, s):
+    """A method's `merge`: its update folded into the live weights, one matrix at a time. For every
+    target whose name prefixes keys of `adapter` (what the method's adapter_state returned), W becomes
+    merge_adapter({W}, those keys, s), computed in fp32 and rounded once into W's dtype, and a wrapper
+    module is replaced by a plain nn.Linear around the same weight. checkpoint.save_merged makes the
+    saved file with the same merge_adapter, so for an fp32 base the two are equal bit for bit."""
+    for name, m in [(n, m) for n, m in model.named_modules() if n.split(".")[-1] in LINEAR_NAMES]:
+        mine = {k: v for k, v in adapter.items() if k.startswith(name + ".")}
+        if not mine:
+            continue
+        W = m.weight
+        W.copy_(merge_adapter({f"{name}.weight": W}, mine, s)[f"{name}.weight"].to(W.dtype))
+        if not isinstance(m, nn.Linear):
+            replace_module(model, name, plain_linear(W, getattr(m, "bias", None)))
 
 
 def adamw(params, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, redirect_stdout
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,9 @@ import eval_math
 import forgetting
 from builtin import base_dir, builtin_base
 from checkpoint import check_resumable, claim_out, resume, save_adapter, save_checkpoint, save_merged, stop_requests
-from cli import METHODS, parse_args, print_settings
+from cli import parse_args, print_settings
 from distributed import all_reduce_sum_, rank_world, start_distributed
+from methods import METHODS, trains_base
 from model import PRESETS, bf16_fast
 from weights import load, model_file
 
@@ -40,12 +41,11 @@ from weights import load, model_file
 
 def tokenize(problems, tok, seq_len, train_on_prompt=False, fmt="nanopeft"):
     """Each problem -> (input ids, target ids) with -100 on the prompt; counts truncations. `fmt`:
-    how an example is written (eval_math.training_pair)."""
+    how an example is written and tokenized (eval_math.training_ids)."""
     examples, truncated = [], 0
     for p in problems:
-        prompt_text, target_text = eval_math.training_pair(p, fmt)
-        prompt = tok.encode(prompt_text, bos=True)
-        seq = prompt + tok.encode(target_text, eos=True)
+        prompt, target = eval_math.training_ids(tok, p, fmt)
+        seq = prompt + target
         if len(seq) > seq_len + 1:
             seq, truncated = seq[:seq_len + 1], truncated + 1
         x, y = seq[:-1], seq[1:]
@@ -160,26 +160,24 @@ def precision(args) -> tuple[torch.dtype, bool]:
     fine-tuning) keeps them in fp32, as master weights, so no update rounds away in a bf16 weight.
     Trainable values and optimizer state are fp32 always."""
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and bf16_fast(args.device))
-    stored = bf16 and not getattr(METHODS[args.method][0], "TRAINS_BASE", False)
+    stored = bf16 and not trains_base(METHODS[args.method][0])
     return (torch.bfloat16 if stored else torch.float32), bf16
 
 
 def attach_method(model, tok, args, s, examples, total, warmup):
-    """The method's `prepare`: freeze the base, attach its trainable pieces, return its optimizer.
-    Methods that look at data first get batches in an order of their own, not the training order."""
+    """The method's `prepare` (methods.py: the contract): freeze the base, attach its trainable pieces,
+    return its optimizer. It gets the run's facts, and batches in an order of its own (not the training
+    order) for methods that look at data first."""
     def side_batches():
         i = 0
         while True:
             yield collate(micro_batch(examples, i, s.batch_size, args.seed + 1), tok.pad_id, args.device)
             i += 1
 
-    run = {"seed": args.seed}
-    if args.method == "lift":  # no mask refresh after the last step; the gradient ablation scores a full step
-        run.update(max_steps=total, grad_accum=args.grad_accum)
-    if args.method == "lorasb":  # its init is the first full-FT step: that step's lr, and 0.1% of the data
-        run.update(lr_first=s.lr * lr_mult(0, total, warmup, s.schedule), n_train=len(examples))
     torch.manual_seed(args.seed)
-    return METHODS[args.method][0].prepare(model, s, side_batches(), **run)
+    return METHODS[args.method][0].prepare(model, s, side_batches(), seed=args.seed, total_steps=total,
+                                           grad_accum=args.grad_accum, n_train=len(examples),
+                                           lr_first=s.lr * lr_mult(0, total, warmup, s.schedule))
 
 
 def train(model, tok, args, s, problems, log_path=None, parallel=True):
@@ -193,7 +191,7 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    save = save_checkpoint if rank == 0 else (lambda *a: None)
+    save = functools.partial(save_checkpoint, world=world) if rank == 0 else (lambda *a: None)
     # the data, and the run's length in optimizer steps (--max-steps, else --epochs passes)
     examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt, args.train_format)
     steps_per_epoch = max(1, len(examples) // (s.batch_size * args.grad_accum * world))
@@ -284,7 +282,7 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     module = METHODS[args.method][0]
     if rank == 0:
         save_adapter(module, model, optimizer, out)
-    module.merge(model)
+    module.merge(model, optimizer, s)
     model.eval()
     return model, optimizer, info
 
@@ -345,7 +343,8 @@ def main(argv=None):
     """One run. Under torchrun every process runs it: process 0 prints, evaluates and writes files and
     returns the metrics; the others train their shard quietly and return None."""
     args, s, origin = parse_args(argv)
-    rank = start_distributed(args)
+    rank, device = start_distributed(args.device, args.dist_timeout)
+    args = replace(args, device=device)
     if rank == 0:
         return run(args, s, origin)
     with open(os.devnull, "w") as null, redirect_stdout(null):
@@ -353,7 +352,7 @@ def main(argv=None):
 
 
 def run(args, s, origin, rank=0):
-    print("run: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    print("run: " + " ".join(f"{k}={v}" for k, v in asdict(args).items()))
     print_settings(args.method, s, origin)
     # every input checked before the model loads: the output folder, the training and eval data
     if rank == 0:
@@ -425,25 +424,6 @@ def cli(argv=None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
-
-
-# where the command line, checkpoints, the built-in experiment and full fine-tuning moved: their names
-# stay importable from train (forks, older scripts)
-_MOVED = {**dict.fromkeys(("COMMON", "DTYPES", "TARGET_GROUPS", "Parser", "build_parser", "is_tiny",
-                           "check_settings", "check_run"), "cli"),
-          **dict.fromkeys(("trainable_state", "run_defining", "load_checkpoint", "base_weights"), "checkpoint"),
-          **dict.fromkeys(("BUILTIN", "BUILTIN_PRETRAIN_STEPS", "PRETRAIN", "pretrain_base"), "builtin"),
-          **dict.fromkeys(("Full", "prepare", "merge"), "full"),  # train.py was the full method's file
-          **dict.fromkeys(("LINEAR_NAMES", "adamw"), "targets"),
-          **dict.fromkeys(("read_weights", "usual_permissions", "GGUF_MODELS", "gguf_path"), "weights"),
-          "forgetting_set": "forgetting"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'train' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

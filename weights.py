@@ -272,11 +272,11 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
     return cfg, sd, fields
 
 
-def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None, cls=Transformer) -> Transformer:
-    """Build `cls` (Transformer or a subclass) on the meta device and take the tensors of `sd` as the
-    parameters (no copy): an 8B model never exists twice in memory."""
+def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> Transformer:
+    """Build the Transformer on the meta device and take the tensors of `sd` as the parameters (no
+    copy): an 8B model never exists twice in memory."""
     with torch.device("meta"):
-        model = cls(cfg)
+        model = Transformer(cfg)
     sd = check_state_dict(model, sd, where)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
@@ -285,6 +285,12 @@ def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=N
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(cfg)
     return model.to(device) if device is not None else model
+
+
+def from_pretrained(path, dtype=None, device=None) -> Transformer:
+    """The model of a Hugging Face folder, a Meta folder or a llama.cpp `.gguf` file (no tokenizer: load)."""
+    cfg, sd = read_weights(path)
+    return from_state_dict(cfg, sd, str(path), dtype, device)
 
 
 def save_pretrained(model: Transformer, path, state_dict=None):

@@ -19,8 +19,11 @@ import pytest
 import torch
 
 import train
-from model import LINEAR_NAMES, ModelConfig, Transformer, load
+from methods import METHODS
+from model import ModelConfig, Transformer
+from targets import LINEAR_NAMES
 from tokenizer import Tokenizer
+from weights import from_pretrained, load, save_pretrained
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,12 +61,12 @@ def tiny_model(seed=0, vocab=64, scale=1.0, rope_theta=500000.0):
 # the methods' settings in the tests: small ranks, lr 1e-2, plain AdamW without decay
 TEST_SETTINGS = {"full": {}, "lift": dict(rank=2), "rocoft": dict(rank=3, score_batches=2), "hyper": {},
                  "lora": dict(rank=8), "loraxs": dict(rank=8), "lorasb": dict(rank=8, init_samples=10)}
-TEST_RUN = {"lift": dict(max_steps=1000, grad_accum=2)}  # prepare's arguments beyond the settings
+TEST_RUN = {"lift": dict(total_steps=1000, grad_accum=2)}  # prepare's arguments beyond the settings
 
 
 def settings(method, **kw):
     """`method`'s Settings with the test values, then `kw`."""
-    cls = train.METHODS[method][1]
+    cls = METHODS[method][1]
     return cls(**{"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **TEST_SETTINGS[method], **kw})
 
 
@@ -71,18 +74,28 @@ def prepare(method, model, batches=None, seed=0, **kw):
     """`method`'s prepare: the keys of `kw` that are its settings go to settings(), other methods'
     settings (rank for HyperAdapt) are dropped, the rest (LIFT's max_steps and grad_accum, LoRA-SB's
     lr_first, default lr) go to prepare itself."""
-    names = set(train.METHODS[method][1].__dataclass_fields__)
-    anyone = {f for _, cls in train.METHODS.values() for f in cls.__dataclass_fields__}
+    names = set(METHODS[method][1].__dataclass_fields__)
+    anyone = {f for _, cls in METHODS.values() for f in cls.__dataclass_fields__}
     s = settings(method, **{k: v for k, v in kw.items() if k in names})
     run = {**TEST_RUN.get(method, {}), **{k: v for k, v in kw.items() if k not in anyone}}
     if method == "lorasb":
         run.setdefault("lr_first", s.lr)
-    return train.METHODS[method][0].prepare(model, s, batches, seed=seed, **run)
+    opt = METHODS[method][0].prepare(model, s, batches, seed=seed, **run)
+    SETTINGS_OF[id(opt)] = s
+    return opt
+
+
+SETTINGS_OF = {}  # id(optimizer) -> the settings prepare() made it with
+
+
+def merge(method, model, opt):
+    """`method`'s merge of a model prepare() attached it to, with the settings it was prepared with."""
+    METHODS[method][0].merge(model, opt, SETTINGS_OF[id(opt)])
 
 
 @pytest.fixture(scope="session")
 def smol_file():
-    from model import gguf_path
+    from weights import gguf_path
     return gguf_path("smollm2-135m")
 
 
@@ -169,7 +182,7 @@ def small_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
     cfg = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, multiple_of=16, rope_theta=10000.0,
                       tie_embeddings=True)
-    Transformer(cfg).init_weights(0).save_pretrained(d)
+    save_pretrained(Transformer(cfg).init_weights(0), d)
     Tokenizer.bytes().save(d)
     return d
 
@@ -180,7 +193,7 @@ def _argv(small_dir, out, *extra):
 
 
 def _weights(out):
-    return Transformer.from_pretrained(out).state_dict()
+    return from_pretrained(out).state_dict()
 
 
 def _one_line_error(argv, capsys):
@@ -191,5 +204,5 @@ def _one_line_error(argv, capsys):
 
 
 def _claims(tmp_path, *argv):
-    import claims
+    from experiments import claims
     return claims.main([*argv, "--out", str(tmp_path / "claims"), "--threads", "1"])

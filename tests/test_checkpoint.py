@@ -11,6 +11,7 @@ import train
 from conftest import _argv, _one_line_error, _weights
 from model import Transformer
 from tokenizer import Tokenizer
+from weights import from_pretrained, save_pretrained
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "lift"])
@@ -243,8 +244,8 @@ def test_saved_fp32_model_is_the_trained_model_bit_for_bit(small_dir, tmp_path, 
 def small_bf16_dir(small_dir, tmp_path_factory):
     """The small model stored in bf16 (a checkpoint released in bf16, as Llama's are)."""
     d = tmp_path_factory.mktemp("small-bf16")
-    model = Transformer.from_pretrained(small_dir)
-    model.save_pretrained(d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    model = from_pretrained(small_dir)
+    save_pretrained(model, d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
     Tokenizer.bytes().save(d)
     return d
 

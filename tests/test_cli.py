@@ -10,8 +10,9 @@ import cli
 import eval_math as E
 import train
 from conftest import ROOT, _argv, _one_line_error
-from model import load
+from methods import METHODS
 from tokenizer import Tokenizer
+from weights import load, save_pretrained
 
 
 # bad input and faults: one line, exit status 2, nothing lost
@@ -87,7 +88,7 @@ def test_bad_files_fail_in_one_line(small_dir, tmp_path, capsys):
 
 
 def test_a_copy_of_the_tiny_model_trains_with_the_tiny_lr(tmp_path, capsys):
-    load("tiny")[0].save_pretrained(tmp_path / "copy")
+    save_pretrained(load("tiny")[0], tmp_path / "copy")
     Tokenizer.bytes().save(tmp_path / "copy")
     _, s, origin = cli.parse_args(["--method", "lift", "--model", str(tmp_path / "copy"), "--data", "synth-target"])
     assert s.lr == 1e-3 and "is the tiny preset" in origin["lr"]
@@ -138,9 +139,9 @@ def test_dtype_float16_is_refused_in_one_line(small_dir, tmp_path, capsys):
                 "--out", str(tmp_path / "eval")])
 
 
-@pytest.mark.parametrize("method", list(cli.METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_settings_unset_flag_takes_declared_default_and_set_flag_overrides(method, capsys):
-    cls = cli.METHODS[method][1]
+    cls = METHODS[method][1]
     args, s, origin = cli.parse_args(["--method", method, "--model", "m", "--data", "d"])
     assert s == cls()  # every unset flag: the paper's default, declared once in the method's file
     for f in fields(cls):
@@ -171,19 +172,18 @@ def test_rocoft_alone_runs_its_paper_and_help_shows_sources(capsys):
 def test_train_py_writes_no_default_twice():
     """Every settings flag defaults to None (the method's declaration decides); no method reads a
     Namespace with getattr."""
-    for method in cli.METHODS:
+    for method in METHODS:
         p = cli.build_parser(method, builtin=False)
         settings_flags = [a for a in p._actions if a.dest in cli.COMMON or "__" in a.dest]
         assert settings_flags and all(a.default is None for a in settings_flags)
-    for f in ("train.py", "cli.py", "checkpoint.py", "builtin.py", "forgetting.py", "full.py", "lift.py", "rocoft.py",
-              "hyper.py", "lorasb.py", "bench.py", "model.py", "weights.py", "generate.py", "targets.py"):
-        assert "getattr(" + "args" not in open(ROOT / f).read(), f  # spelled apart, so grep finds nothing here either
+    for f in [*ROOT.glob("*.py"), *(ROOT / "experiments").glob("*.py")]:
+        assert "getattr(" + "args" not in f.read_text(), f  # spelled apart, so grep finds nothing here either
 
 
 def test_sources_cite_papers_not_our_files():
-    sources = sorted(p.name for p in ROOT.glob("*.py"))
-    assert {"model.py", "train.py", "cli.py", "lift.py", "claims.py", "table.py"} <= set(sources)
+    sources = [*ROOT.glob("*.py"), *(ROOT / "experiments").glob("*.py")]
+    assert {"model.py", "train.py", "cli.py", "lift.py", "claims.py", "table.py"} <= {p.name for p in sources}
     for f in sources:  # every source file of the repository
-        text = open(ROOT / f).read()
+        text = f.read_text()
         for name in ("lift.txt", "rocoft.txt", "lorasb.txt", "hyperadapt.txt", "NOTES.md"):
             assert name not in text, (f, name)

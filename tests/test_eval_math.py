@@ -9,7 +9,7 @@ import torch
 
 import eval_math as E
 from conftest import tiny_model
-from model import generate
+from generate import generate
 from tokenizer import LLAMA3_PAT, Tokenizer
 
 

@@ -5,21 +5,21 @@ import copy
 import pytest
 import torch
 
-import eval_math as E
+import forgetting
 import train
 from conftest import tiny_model
 from tokenizer import Tokenizer
 
 
 def test_drift_measures_against_dense_kl():
-    """forgetting.drift (reached as eval_math.drift) on a tiny model: zero for the base itself; for a
+    """forgetting.drift on a tiny model: zero for the base itself; for a
     perturbed model, the top-k KL is a lower bound of the dense KL(base || tuned) computed here, and
     equals it when k = vocab."""
     tok = Tokenizer.bytes()
     base = tiny_model(vocab=264).eval()
-    texts = E.self_text(base, tok, n=6, max_new_tokens=12)
+    texts = forgetting.self_text(base, tok, n=6, max_new_tokens=12)
     assert len(texts) == 6 and all(len(r["text"]) == 12 for r in texts)
-    same = E.drift(base, tok, texts, E.drift_reference(base, tok, texts))
+    same = forgetting.drift(base, tok, texts, forgetting.drift_reference(base, tok, texts))
     assert same["kl"] == pytest.approx(0, abs=1e-6) and same["agreement"] == 1 and same["loss_rise"] == 0
     tuned = copy.deepcopy(base)
     with torch.no_grad():
@@ -33,13 +33,13 @@ def test_drift_measures_against_dense_kl():
             dense_kl += float((p.exp() * (p - q)).sum())
             dense_nll += float(-q.gather(1, torch.tensor(r["text"])[:, None]).sum())
             n += len(r["text"])
-    exact = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=264))
+    exact = forgetting.drift(tuned, tok, texts, forgetting.drift_reference(base, tok, texts, k=264))
     assert exact["kl"] == pytest.approx(dense_kl / n, rel=1e-3) and exact["loss"] == pytest.approx(dense_nll / n, rel=1e-5)
-    approx = E.drift(tuned, tok, texts, E.drift_reference(base, tok, texts, k=8))
+    approx = forgetting.drift(tuned, tok, texts, forgetting.drift_reference(base, tok, texts, k=8))
     assert 0 < approx["kl"] <= exact["kl"] + 1e-6 and exact["tokens"] == n
-    assert E.neutral_prompts(3) == [E.neutral_prompts(100)[i] for i in (0, 33, 66)]
+    assert forgetting.neutral_prompts(3) == [forgetting.neutral_prompts(100)[i] for i in (0, 33, 66)]
     with pytest.raises(ValueError, match="1..100, got 0"):
-        E.neutral_prompts(0)
+        forgetting.neutral_prompts(0)
 
 
 def test_base_cache_of_a_named_gguf_model(smol_file, tmp_path):

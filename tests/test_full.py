@@ -17,7 +17,7 @@ def test_prepare_trains_every_parameter_and_merge_changes_nothing():
     grp = opt.param_groups[0]
     assert (grp["lr"], grp["betas"], grp["eps"], grp["weight_decay"]) == (s.lr, s.betas, s.eps, s.weight_decay)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    full.merge(model)
+    full.merge(model, opt, s)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

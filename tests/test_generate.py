@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from model import generate
+from generate import generate
+from weights import save_pretrained
 
 
 def _greedy_no_cache(model, prompt, n):
@@ -24,7 +25,7 @@ def test_batched_generate_equals_one_at_a_time_and_transformers(tmp_path):
     assert [len(b) for b in batched] == [12] * 5
     assert batched == [_greedy_no_cache(model, p, 12) for p in prompts]
     assert batched == [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     for p, ours in zip(prompts, batched):
         out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
@@ -42,7 +43,7 @@ def test_beam_search_equals_transformers(tmp_path, num_beams):
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (3, 11, 7, 1, 16)]
     assert generate(model, prompts, 12, num_beams=1) == generate(model, prompts, 12)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     ended = 0
     for eos in (20, 34, 59):  # tokens this model writes: hypotheses end at different lengths

@@ -7,12 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hyper
-import train
-from conftest import prepare
+import cli
+from conftest import merge, prepare
 
 
 def test_hyper_ignores_rank_with_a_note(capsys):
-    train.parse_args(["--method", "hyper", "--rank", "7"])
+    cli.parse_args(["--method", "hyper", "--rank", "7"])
     assert "note: --rank 7 ignored: hyper has no rank" in capsys.readouterr().out
 
 
@@ -49,7 +49,7 @@ def hyper_delta(W0):
     opt = prepare("hyper", toy, None, targets=["q_proj"], lr=2e-2)
     fit(toy, opt, W0)
     n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    hyper.merge(toy)
+    merge("hyper", toy, opt)
     return toy.q_proj.weight.detach() - W0, n_params
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lift
-from conftest import make_batches, prepare, targets_of, tiny_model
+from conftest import make_batches, merge, prepare, targets_of, tiny_model
 
 
 def ref_low_rank(W, r):
@@ -173,7 +173,7 @@ def test_gradient_selection_initial_and_refresh():
     opt.zero_grad()
     assert opt.n_refresh == 1
     now = copy.deepcopy(model)
-    lift.merge(now)
+    merge("lift", now, opt)
     for j, ref_mask in enumerate(brute(now)):
         assert_same_selection(flat_mask(opt.index[j], ref_mask.shape), ref_mask.float(), int(ref_mask.sum()))
 
@@ -280,7 +280,7 @@ def test_merge_and_bf16_weights():
     x = batches[0][0]
     before = model(x)
     keys = set(tiny_model().state_dict())
-    lift.merge(model)
+    merge("lift", model, opt)
     assert set(model.state_dict()) == keys and torch.equal(model(x), before)
     assert not any(hasattr(w, "_lift_hook") or w.requires_grad for _, w in targets_of(model))
 

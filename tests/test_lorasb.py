@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lorasb
-from conftest import batch_stream, prepare, run_steps, settings, tiny_model
-from model import LINEAR_NAMES
+from conftest import batch_stream, merge, prepare, run_steps, settings, tiny_model
+from targets import LINEAR_NAMES
 
 
 def shapes(model):
@@ -20,10 +20,10 @@ def trainable(opt):
     return {n: p for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
 
 
-def check_merge(model):
+def check_merge(method, model, opt):
     x, _ = next(batch_stream(seed=99, B=4, task="perm"))
     before = model(x)
-    lorasb.merge(model)
+    merge(method, model, opt)
     after = model(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert set(model.state_dict()) == set(tiny_model().state_dict())
@@ -47,7 +47,7 @@ def test_lora_noop_trains_only_A_B_count_and_merge():
     assert all(not torch.equal(p, adapters[n]) for n, p in trainable(opt).items())  # A and B both train
     m = model.layers[0].self_attn.q_proj
     assert m.scale == 2.0                                          # default alpha = 2r
-    check_merge(model)
+    check_merge("lora", model, opt)
 
 
 def test_rank_clamp_is_reported(capsys):
@@ -87,7 +87,7 @@ def test_loraxs_init_count_only_R_trains_and_merge():
     run_steps(model, opt, batch_stream(seed=2, B=4, task="perm"), 3)
     for k, v in buffers.items():                                  # W0, A, B frozen
         assert torch.equal(model.state_dict()[k], v), k
-    check_merge(model)
+    check_merge("loraxs", model, opt)
 
 
 def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
@@ -124,7 +124,7 @@ def test_lorasb_init_is_best_rank_r_approx_of_first_full_ft_step(capsys):
     run_steps(model, opt, batch_stream(seed=2, B=4, task="perm"), 3)
     for k, v in buffers.items():                                  # W0, A, B frozen; only R moved
         assert torch.equal(model.state_dict()[k], v), k
-    check_merge(model)
+    check_merge("lorasb", model, opt)
 
 
 @pytest.mark.parametrize("method", ["lora", "lorasb"])

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import _hf_model, tiny_model
-from model import ModelConfig, Transformer, load
+from model import ModelConfig, Transformer
+from weights import from_pretrained, load
 
 
 HF_CONFIGS = {
@@ -32,7 +33,7 @@ HF_CONFIGS = {
 def test_logits_equal_transformers(tmp_path, name):
     hf = _hf_model(0, **HF_CONFIGS[name])
     hf.save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path).eval()
+    model = from_pretrained(tmp_path).eval()
     tokens = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(tokens).logits

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import rocoft
 import train
-from conftest import make_batches, modules_of, prepare, run_steps, settings, tiny_model
-from model import LINEAR_NAMES, find_linears
+from conftest import make_batches, merge, modules_of, prepare, run_steps, settings, tiny_model
+from methods import METHODS
+from targets import LINEAR_NAMES, find_linears
 from tokenizer import Tokenizer
 
 
@@ -36,7 +37,7 @@ def test_starts_as_exact_noop_and_merge_keeps_logits(method, kw):
     with torch.no_grad():
         before = model(x)
         assert (before - ref).abs().max() > 1e-4  # it did learn something
-        train.METHODS[method][0].merge(model)
+        merge(method, model, opt)
         after = model(x)
     assert set(model.state_dict()) == set(base.state_dict())
     assert all(type(m) is nn.Linear for _, m in find_linears(model, LINEAR_NAMES))
@@ -76,7 +77,7 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     opt1 = prepare(method, m1, iter(itertools.cycle(data)), **kw)
     run_steps(m1, opt1, itertools.cycle(data), 3)
     saved = {k: v.clone() for k, v in m1.state_dict().items() if k not in base_keys}
-    assert set(saved) == set(train.METHODS[method][0].adapter_state(m1, opt1))
+    assert set(saved) == set(METHODS[method][0].adapter_state(m1, opt1))
     opt_state = copy.deepcopy(opt1.state_dict())
     losses1 = run_steps(m1, opt1, itertools.cycle(data[3:]), 3)
 
@@ -90,7 +91,7 @@ def test_checkpoint_round_trip_is_bit_identical(method, kw):
     opt2.load_state_dict(opt_state)
     losses2 = run_steps(m2, opt2, itertools.cycle(data[3:]), 3)
     assert losses1 == losses2
-    s1, s2 = train.METHODS[method][0].adapter_state(m1, opt1), train.METHODS[method][0].adapter_state(m2, opt2)
+    s1, s2 = METHODS[method][0].adapter_state(m1, opt1), METHODS[method][0].adapter_state(m2, opt2)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
@@ -102,7 +103,7 @@ def test_bf16_base_keeps_fp32_adapter(method, kw):
     model(x, y)[1].backward()
     for p in (p for g in opt.param_groups for p in g["params"]):
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
-    train.METHODS[method][0].merge(model)
+    merge(method, model, opt)
     assert all(m.weight.dtype == torch.bfloat16 for _, m in find_linears(model, LINEAR_NAMES))
 
 
@@ -114,7 +115,7 @@ def test_rocoft_changes_only_selected_rows_or_columns(mode):
     opt = prepare("rocoft", model, iter(itertools.cycle(data)), mode=mode, select="random")
     index = {n: m.index.tolist() for n, m in modules_of(model, rocoft.RoCoFTLinear).items()}
     run_steps(model, opt, itertools.cycle(data), 4)
-    rocoft.merge(model)
+    merge("rocoft", model, opt)
     for n, m in find_linears(model, LINEAR_NAMES):
         changed = (m.weight - W0[n]) != 0
         touched = changed.any(1) if mode == "row" else changed.any(0)
@@ -178,7 +179,7 @@ def test_matches_dense_reference_after_training(method, kw):
     l1 = run_steps(model, opt, itertools.cycle(data), steps)
     l2 = run_steps(ref, ref_opt, itertools.cycle(data), steps)
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
-    train.METHODS[method][0].merge(model)
+    merge(method, model, opt)
     moved = 0.0
     for n, r in refs.items():
         W = model.get_submodule(n).weight

@@ -11,8 +11,11 @@ import torch
 import lorasb
 import train
 from conftest import _argv, _weights
-from model import LINEAR_NAMES, Transformer, find_linears, load
+from methods import METHODS
+from model import Transformer
+from targets import LINEAR_NAMES, find_linears
 from tokenizer import Tokenizer
+from weights import from_pretrained, load
 
 
 @pytest.mark.parametrize("dtype,fast,method,expect", [
@@ -34,14 +37,14 @@ def test_bf16_training_on_cpu_keeps_trainables_fp32(small_dir, tmp_path, monkeyp
     to bf16 precision."""
     monkeypatch.setattr(train, "bf16_fast", lambda device: True)
     seen = {}
-    real = train.METHODS["lora"][0].prepare
+    real = METHODS["lora"][0].prepare
 
     def spy(model, s, batches, **kw):
         opt = real(model, s, batches, **kw)
         seen["base"] = model.layers[0].self_attn.q_proj.weight.dtype
         seen["trainable"] = {p.dtype for g in opt.param_groups for p in g["params"]}
         return opt
-    monkeypatch.setattr(train.METHODS["lora"][0], "prepare", spy)
+    monkeypatch.setattr(METHODS["lora"][0], "prepare", spy)
     runs = {}
     for dtype in ("auto", "float32"):
         runs[dtype] = train.main(_argv(small_dir, tmp_path / dtype, "--method", "lora", "--rank", "4", "--max-steps", "3",
@@ -55,7 +58,7 @@ def test_bf16_training_on_cpu_keeps_trainables_fp32(small_dir, tmp_path, monkeyp
     np.testing.assert_allclose(loss["auto"], loss["float32"], rtol=2e-2)
 
 
-@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto-bf16-cpu"])
 def test_every_optimizer_tensor_is_fp32(small_dir, tmp_path, monkeypatch, method, dtype):
     """Whatever --dtype says, what trains is fp32: every tensor the optimizer updates and every tensor of
@@ -63,13 +66,13 @@ def test_every_optimizer_tensor_is_fp32(small_dir, tmp_path, monkeypatch, method
     weights (not full fine-tuning's: they are what trains) and the autocast matrix products."""
     monkeypatch.setenv("NANOPEFT_BF16", "1")
     seen = {}
-    real = train.METHODS[method][0].prepare
+    real = METHODS[method][0].prepare
 
     def spy(model, s, batches, **kw):
         seen["opt"] = real(model, s, batches, **kw)
         seen["base"] = model.layers[0].mlp.down_proj.weight.dtype  # (a target: read before a method wraps it)
         return seen["opt"]
-    monkeypatch.setattr(train.METHODS[method][0], "prepare", spy)
+    monkeypatch.setattr(METHODS[method][0], "prepare", spy)
     train.main(_argv(small_dir, tmp_path / "run", "--method", method, "--rank", "2", "--max-steps", "2",
                      "--lorasb-init-samples", "8", "--dtype", dtype.removesuffix("-bf16-cpu")))
     opt = seen["opt"]
@@ -114,7 +117,7 @@ def _handwritten_adamw(small_dir, steps, lr, wd, clip, betas, eps, warmup, bf16)
     linear decay; the forward under bf16 autocast when `bf16`. Returns the state dict."""
     import eval_math
     from contextlib import nullcontext
-    model = Transformer.from_pretrained(small_dir)
+    model = from_pretrained(small_dir)
     tok = Tokenizer.bytes()
     examples, _ = train.tokenize(eval_math.load_problems("synth-target", "train", limit=64), tok, 96)
     params = dict(model.named_parameters())
@@ -181,9 +184,9 @@ def test_loss_falls_and_saved_folder_loads_everywhere(small_dir, tmp_path):
     assert sum(r["loss"] for r in log[-5:]) / 5 < 0.6 * sum(r["loss"] for r in log[:5]) / 5
     assert set(metrics["accuracy"]) == {"synth-target"}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 30
-    ours = Transformer.from_pretrained(tmp_path / "run").eval()
+    ours = from_pretrained(tmp_path / "run").eval()
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "run").eval()
-    model, tok = __import__("model").load(str(tmp_path / "run"))
+    model, tok = load(str(tmp_path / "run"))
     x = torch.tensor([tok.encode("Question: 3 + 4?", bos=True)])
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
@@ -208,7 +211,7 @@ def test_every_method_through_train_py(small_dir, tmp_path, capsys, method, cpu)
     flags = ["--rocoft-mode", mode[0]] if mode else []
     metrics = train.main(_argv(small_dir, tmp_path / "run", "--method", name, "--rank", "4", "--max-steps", "3",
                                "--lr", "1e-2", "--lorasb-init-samples", "8", *flags))
-    base = Transformer.from_pretrained(small_dir)
+    base = from_pretrained(small_dir)
     shapes = [tuple(m.weight.shape) for _, m in find_linears(base, LINEAR_NAMES)]
     expected = _expected_trainable(method, 4, shapes, sum(p.numel() for p in base.parameters()))
     assert metrics["trainable"] == expected
@@ -254,7 +257,7 @@ def test_truncation_keeps_inputs_and_targets_aligned(small_dir, tmp_path, capsys
 
 def test_max_steps_zero_is_the_starting_model(small_dir, tmp_path):
     train.main(_argv(small_dir, tmp_path / "run", "--method", "lora", "--rank", "4", "--max-steps", "0"))
-    a, b = _weights(tmp_path / "run"), Transformer.from_pretrained(small_dir).state_dict()
+    a, b = _weights(tmp_path / "run"), from_pretrained(small_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

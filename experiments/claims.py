@@ -2,16 +2,16 @@
 The papers' claims, measured at the scale this repository runs at: one command per claim, each
 prints a table (mean ± std over seeds) and writes out/claims/<claim>.json.
 
-    python claims.py noise        # LIFT §4, Fig. 2: noise on Principal Weights hurts far more
-    python claims.py spectral     # LIFT App. C.1-C.2: ... and raises the spectral norm more
-    python claims.py overlap      # LIFT App. G.9: LIFT's and the magnitude mask overlap little
-    python claims.py compare      # matched budgets: LIFT §7.1 / §7.2 (G.3), HyperAdapt Fig. 1 /
+    python -m experiments.claims noise        # LIFT §4, Fig. 2: noise on Principal Weights hurts far more
+    python -m experiments.claims spectral     # LIFT App. C.1-C.2: ... and raises the spectral norm more
+    python -m experiments.claims overlap      # LIFT App. G.9: LIFT's and the magnitude mask overlap little
+    python -m experiments.claims compare      # matched budgets: LIFT §7.1 / §7.2 (G.3), HyperAdapt Fig. 1 /
                                   # Table 2, LoRA-SB Fig. 2, on one set of runs
-    python claims.py lorasb-init  # LoRA-SB Table 4: first-step init vs truncated SVD of noise
-    python claims.py rows         # RoCoFT Fig. 5: which rows matters less than the seed
-    python claims.py table --data gsm8k/train.jsonl --eval-dir llm-adapters/   # the papers' Table 2
+    python -m experiments.claims lorasb-init  # LoRA-SB Table 4: first-step init vs truncated SVD of noise
+    python -m experiments.claims rows         # RoCoFT Fig. 5: which rows matters less than the seed
+    python -m experiments.claims table --data gsm8k/train.jsonl --eval-dir llm-adapters/   # the papers' Table 2
                                   # on SmolLM2-135M: GSM8K train -> the seven arithmetic test sets
-    python claims.py plots        # PNGs of compare's (and table's) runs (needs matplotlib)
+    python -m experiments.claims plots        # PNGs of compare's (and table's) runs (needs matplotlib)
 
 --model tiny (the default) is the built-in base, pretrained on first use as train.py does;
 noise / spectral / overlap also take anything weights.load reads (smollm2-135m, a folder, a .gguf).
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-import analyze
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
 from cli import Parser, is_tiny
-from perturb import claim_noise, claim_overlap, claim_spectral, held_out, target_weights, text_loss
-from runs import base_path, mean_std, pm, run_train, verdict, write_json
-from table import TABLE, TABLE_SETS, claim_table, plot_table
+from experiments import analyze
+from experiments.perturb import claim_noise, claim_overlap, claim_spectral, held_out, target_weights, text_loss
+from experiments.runs import base_path, mean_std, pm, run_train, verdict, write_json
+from experiments.table import TABLE, TABLE_SETS, claim_table, plot_table
 from weights import load
 
 
@@ -269,7 +269,7 @@ def claim_plots(args):
     if not f.exists():
         if written:
             return written
-        raise ValueError(f"{f} does not exist: run `python claims.py compare` first (or `python claims.py table`)")
+        raise ValueError(f"{f} does not exist: run `python -m experiments.claims compare` first (or `python -m experiments.claims table`)")
     data = json.loads(f.read_text())
     runs, specs = data["runs"], data["specs"]
     figs = Path(args.figures)
@@ -401,13 +401,14 @@ CLAIM_DEFAULTS = {
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    flags = vars(args)  # the claim's defaults where a flag was not given
     for k, v in CLAIM_DEFAULTS["table" if args.claim == "table" else None].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+        if flags[k] is None:
+            flags[k] = v
     for flag in ("seeds", "threads", "texts", "steps", "log_every", "rank", "pretrain_steps", "batch_size",
                  "eval_limit", "num_beams", "seq_len"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: it must be >= 1")
+        if flags[flag] < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {flags[flag]} is not allowed: it must be >= 1")
     if not (math.isfinite(args.sigma) and args.sigma > 0) or not (math.isfinite(args.scale) and args.scale > 0):
         raise ValueError(f"--sigma {args.sigma} / --scale {args.scale}: both must be positive numbers")
     if not 0 < args.level <= 1 or args.eval_every < 0:
@@ -435,18 +436,6 @@ def cli(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-# the claims that moved to perturb.py, table.py and runs.py: their names stay importable from here
-_MOVED = {**dict.fromkeys(("SELECTS", "FACTS", "answer_prob", "pick", "spectral_rise"), "perturb"),
-          **dict.fromkeys(("table_sets", "close"), "table"), **dict.fromkeys(("LINEAR_NAMES", "find_linears"), "targets")}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'claims' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

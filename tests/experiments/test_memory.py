@@ -7,8 +7,9 @@ import itertools
 import pytest
 import torch
 
-import memory
+from experiments import memory
 import train
+from methods import METHODS
 from model import ModelConfig, Transformer
 
 
@@ -25,9 +26,9 @@ def _mem_prepared(method, kw, dtype=torch.float32, batch=2, seq=16, cfg=MEM_CFG)
     model = Transformer(cfg).init_weights(0).to(dtype)
     model.train()
     x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    module, cls = train.METHODS[method]
+    module, cls = METHODS[method]
     s = cls(lr=1e-4, **kw)
-    run = {"lift": dict(max_steps=10), "lorasb": dict(lr_first=1e-4, n_train=100)}.get(method, {})
+    run = {"lift": dict(total_steps=10), "lorasb": dict(lr_first=1e-4, n_train=100)}.get(method, {})
     with contextlib.redirect_stdout(io.StringIO()):
         opt = module.prepare(model, s, itertools.repeat((x, x.roll(-1, 1))), seed=0, **run)
     return cfg, model, opt, s, x
@@ -91,7 +92,7 @@ def test_memory_checkpointing_keeps_block_inputs_only():
                     grad_checkpoint=True)
     assert p["activations"] == pytest.approx(_saved_bytes(model, x, x.roll(-1, 1)), rel=0.03)
     for method, kw in MEM_METHODS:
-        s = train.METHODS[method][1](**kw)
+        s = METHODS[method][1](**kw)
         on, off = (memory.plan(cfg, method, s, 8, 64, grad_checkpoint=c) for c in (True, False))
         assert on["activations"] < off["activations"] and on["total"] < off["total"], method
 
@@ -147,7 +148,7 @@ def test_memory_plan_matches_allocated_peak(method, kw, ckpt):
 def test_memory_largest_batch_fits_and_next_does_not():
     cfg = ModelConfig(**MEM_CFG)
     for method, kw in MEM_METHODS:
-        s = train.METHODS[method][1](**kw)
+        s = METHODS[method][1](**kw)
         kw_ = dict(weight_dtype=torch.float32, compute_dtype=torch.float32)
 
         def need(b, method=method, s=s, kw_=kw_):

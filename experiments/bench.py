@@ -1,13 +1,13 @@
 """
 Speed and memory, side by side, in one run (ratios, not timed tests).
 
-    python bench.py generate     # batched generate vs transformers' generate, same tiny model, same tokens
-    python bench.py train        # forward+backward tokens/s of the tiny preset
-    python bench.py methods      # step time and peak memory of every method on one ~25M model
-    python bench.py methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
-    python bench.py eval --batch 32 --limit 64 --new-tokens 320   # evaluation on SmolLM2 vs transformers' generate
-    python bench.py loss                    # the training loss from full logits vs target_loss, SmolLM2
-    python bench.py gpu --steps 10          # on a CUDA GPU: every method on Llama-3.2-1B shapes (a few minutes)
+    python -m experiments.bench generate     # batched generate vs transformers' generate, same tiny model, same tokens
+    python -m experiments.bench train        # forward+backward tokens/s of the tiny preset
+    python -m experiments.bench methods      # step time and peak memory of every method on one ~25M model
+    python -m experiments.bench methods --model smollm2-135m [--grad-checkpoint]   # the same on a real 135M model
+    python -m experiments.bench eval --batch 32 --limit 64 --new-tokens 320   # evaluation on SmolLM2 vs transformers' generate
+    python -m experiments.bench loss                    # the training loss from full logits vs target_loss, SmolLM2
+    python -m experiments.bench gpu --steps 10          # on a CUDA GPU: every method on Llama-3.2-1B shapes (a few minutes)
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
 same batches and a comparable budget, and prints ratios to LoRA and to full fine-tuning.
@@ -20,12 +20,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from generate import generate
 from model import ModelConfig, Transformer
-from weights import load
+from weights import load, save_pretrained
 
 
 def _timed(fn, repeat=3):
@@ -51,7 +52,7 @@ def bench_generate(args):
                for n in torch.randint(40, 120, (args.batch,), generator=g)]
     new = args.new_tokens
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
+        save_pretrained(model, d)
         hf = LlamaForCausalLM.from_pretrained(d).eval()
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
@@ -145,7 +146,7 @@ def bench_one(args):
     import io
     import itertools
     from torch.utils.flop_counter import FlopCounterMode
-    import cli
+    import methods
     torch.manual_seed(0)
     if args.method in PEERS:
         model, opt, loss_fn = _peer(args)
@@ -168,10 +169,10 @@ def bench_one(args):
     if args.method not in PEERS:
         model.grad_checkpoint = args.grad_checkpoint
         name, *mode = args.method.split("-")
-        module, settings = cli.METHODS[name]
+        module, settings = methods.METHODS[name]
         knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 16}
         s = settings(lr=1e-4, **{k: v for k, v in knobs.items() if v is not None and k in settings.__dataclass_fields__})
-        run = {"lift": dict(max_steps=1000), "lorasb": dict(lr_first=1e-4, n_train=1000)}.get(name, {})
+        run = {"lift": dict(total_steps=1000), "lorasb": dict(lr_first=1e-4, n_train=1000)}.get(name, {})
         with contextlib.redirect_stdout(io.StringIO()):
             t = time.perf_counter()
             opt = module.prepare(model, s, itertools.cycle(data), seed=0, **run)
@@ -242,7 +243,7 @@ def bench_methods(args):
             model, tok = load(args.model)
         else:
             model, tok = Transformer(ModelConfig(**BENCH_CONFIG)).init_weights(0), None
-        model.save_pretrained(d)
+        save_pretrained(model, d)
         cfg = model.config
         if tok is not None:
             tok.save(d)
@@ -253,11 +254,11 @@ def bench_methods(args):
         rows = {}
         for r in range(args.rounds):
             for m in methods:
-                cmd = [sys.executable, __file__, "_one", "--method", m, "--rank", str(args.rank), "--batch",
+                cmd = [sys.executable, "-m", "experiments.bench", "_one", "--method", m, "--rank", str(args.rank), "--batch",
                        str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--threads", str(args.threads), "--model-dir", d, "--dtype", args.dtype] \
                     + (["--grad-checkpoint"] if args.grad_checkpoint else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
                 if out.returncode:
                     raise SystemExit(f"bench {m} failed:\n{out.stderr[-3000:]}")
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -445,8 +446,8 @@ def bench_gpu(args):
     import io
     import itertools
     from torch.utils.flop_counter import FlopCounterMode
-    import memory
-    import cli
+    from experiments import memory
+    import methods
     from model import bf16_fast
     cuda = torch.cuda.is_available() and not args.micro
     device = "cuda" if cuda else "cpu"
@@ -463,7 +464,7 @@ def bench_gpu(args):
     for ckpt in (False, True):
         for m in args.methods.split(","):
             name, *mode = m.split("-")
-            module, cls = cli.METHODS[name]
+            module, cls = methods.METHODS[name]
             knobs = {"rank": args.rank, "mode": mode[0] if mode else None, "init_samples": 2 * B}
             s = cls(lr=1e-5, **{k: v for k, v in knobs.items() if v is not None and k in cls.__dataclass_fields__})
             wdtype = torch.bfloat16 if bf16 and name != "full" else torch.float32
@@ -474,7 +475,7 @@ def bench_gpu(args):
                     p.data.normal_(0, 0.02)
             model.to(wdtype).train()
             model.grad_checkpoint = ckpt
-            run = {"lift": dict(max_steps=10**6), "lorasb": dict(lr_first=1e-5, n_train=10**6)}.get(name, {})
+            run = {"lift": dict(total_steps=10**6), "lorasb": dict(lr_first=1e-5, n_train=10**6)}.get(name, {})
             with contextlib.redirect_stdout(io.StringIO()):
                 opt = module.prepare(model, s, itertools.cycle(data), seed=0, **run)
             params = [p for g in opt.param_groups for p in g["params"]]

@@ -39,7 +39,7 @@ def base_path(args) -> str:
     if args.model != "tiny":
         return args.model
     run, _, _ = parse_args(["--method", "full", "--pretrain-steps", str(args.pretrain_steps)])
-    return builtin_base(run)
+    return builtin_base(run, train.train)
 
 
 def run_train(args, name: str, flags: list[str], seed: int) -> dict:
@@ -52,7 +52,6 @@ def run_train(args, name: str, flags: list[str], seed: int) -> dict:
             "--forget-prompts", str(args.forget_prompts)]
     argv += ["--eval-limit", str(args.eval_limit)] if args.eval_limit else []
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
-    argv += getattr(args, "train_flags", [])
     key = folder / "claims-command.json"
     if (folder / "metrics.json").exists() and key.exists() and json.loads(key.read_text()) == argv:
         print(f"{name} seed {seed}: reusing {folder}", flush=True)

@@ -2,8 +2,8 @@
 Training memory from shapes: the bytes one training step of each method needs, computed from a
 ModelConfig and the method's settings (no model is built), and the largest batch that fits a GPU.
 
-    python memory.py                     # Llama-3.2-1B / 3.2-3B / Llama-3-8B on one 80 GB GPU, 512 tokens
-    python memory.py --gpu-gb 40 --seq 1024
+    python -m experiments.memory                     # Llama-3.2-1B / 3.2-3B / Llama-3-8B on one 80 GB GPU, 512 tokens
+    python -m experiments.memory --gpu-gb 40 --seq 1024
 
 The terms follow what the code here allocates (model.py, train.py and each method's file):
 - weights in their dtype (train.py --dtype auto on a GPU: bf16, but fp32 for full fine-tuning, whose
@@ -137,7 +137,7 @@ def shares(targets: torch.Tensor) -> dict:
 def plan(cfg: ModelConfig, method: str, settings, batch: int, seq: int, weight_dtype=torch.bfloat16,
          grad_checkpoint: bool = False, compute_dtype=torch.bfloat16, targets: float = 1.0,
          padding: float = 0.0) -> dict:
-    """Bytes of one training step of `method` with `settings` (cli.METHODS[method][1]) at batch x seq
+    """Bytes of one training step of `method` with `settings` (methods.METHODS[method][1]) at batch x seq
     tokens. weight_dtype: the base weights' dtype (train.py: fp32 for full fine-tuning and without native
     bf16); compute_dtype: the matmul outputs' dtype (bf16 under train.py's autocast, else the weights').
     targets: the share of positions with a target (an SFT batch with its prompt masked: ~0.5); padding:
@@ -217,8 +217,8 @@ def largest_batch(cfg, method, settings, seq, gpu_bytes, cap=4096, **kw) -> int:
 def methods():
     """(label, method, settings) rows of the README table: each method with its paper's defaults; LoRA
     also at r=16 (bench.py's rank)."""
-    import cli
-    S = {m: cls for m, (_, cls) in cli.METHODS.items()}
+    import methods
+    S = {m: cls for m, (_, cls) in methods.METHODS.items()}
     return [("full", "full", S["full"]()), ("lora r128", "lora", S["lora"]()),
             ("lora r16", "lora", S["lora"](rank=16)), ("lift r128", "lift", S["lift"]()),
             ("rocoft r3 rows", "rocoft", S["rocoft"]()), ("loraxs r64", "loraxs", S["loraxs"]()),

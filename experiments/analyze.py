@@ -1,8 +1,8 @@
 """
 The papers' weight-update analysis: how a fine-tuned model's weights W differ from the base's W0.
 
-    python analyze.py out/base-tiny-900 out/lift-synth-target             # a table per module type
-    python analyze.py smollm2-135m out/lift-synth-target --json delta.json  # and every matrix to JSON
+    python -m experiments.analyze out/base-tiny-900 out/lift-synth-target             # a table per module type
+    python -m experiments.analyze smollm2-135m out/lift-synth-target --json delta.json  # and every matrix to JSON
 
 Per target matrix (q_proj ... down_proj of every layer), with ΔW = W - W0 in fp32:
   rank          rank of ΔW by torch.linalg.matrix_rank at 10x its default tolerance (LIFT, App. G.3)

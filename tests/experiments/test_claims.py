@@ -39,11 +39,11 @@ def test_claims_training_commands_and_plots(small_dir, tmp_path, capsys):
 
 
 def test_claims_bad_input(tmp_path):
-    import claims
+    from experiments import claims
     for argv, msg in ((["nosuch"], "invalid choice: 'nosuch'"), (["noise", "--seeds", "0"], "--seeds 0 is not allowed"),
                       (["compare", "--configs", "lora r9"], "unknown --configs 'lora r9'"),
                       (["noise", "--ranks", "0,2"], "every value must be a positive integer"),
-                      (["plots", "--out", str(tmp_path)], "run `python claims.py compare` first")):
+                      (["plots", "--out", str(tmp_path)], "run `python -m experiments.claims compare` first")):
         with pytest.raises(ValueError, match=re.escape(msg)):
             claims.main(argv)
     assert claims.cli(["noise", "--sigma", "-1"]) == 2

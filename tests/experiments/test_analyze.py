@@ -8,11 +8,11 @@ import torch
 
 import train
 from conftest import _argv
-from model import LINEAR_NAMES
+from targets import LINEAR_NAMES
 
 
 def test_delta_metrics_on_known_matrices():
-    import analyze
+    from experiments import analyze
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(64, 48, generator=g)
     same = analyze.delta_metrics(W0, W0.clone())
@@ -40,7 +40,7 @@ def test_delta_metrics_on_known_matrices():
 
 def test_analyze_cli_on_a_lora_run(small_dir, tmp_path, capsys):
     """LoRA r=2's ΔW has rank <= 2 in every matrix (its defining property), full rank nowhere."""
-    import analyze
+    from experiments import analyze
     train.main(_argv(small_dir, tmp_path / "lora", "--method", "lora", "--rank", "2", "--max-steps", "3", "--lr", "1e-2"))
     per_matrix = analyze.main([str(small_dir), str(tmp_path / "lora"), "--json", str(tmp_path / "d.json")])
     assert len(per_matrix) == 14 and all(1 <= m["rank"] <= 2 for m in per_matrix.values())

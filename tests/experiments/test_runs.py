@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import runs
+from experiments import runs
 import train
 
 

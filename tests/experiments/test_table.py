@@ -57,8 +57,8 @@ def test_real_gsm8k_and_llm_adapters_files_load_by_path(tmp_path):
         else:
             assert all(E.is_correct(float(r["answer"]), p["answer"]) for p, r in zip(ps, rows))
     # by name, from a data folder, as --eval-dir and $NANOPEFT_DATA find them (gsm8k.json included)
-    import claims
-    assert claims.table_sets(str(d / "llm-adapters")) == [str(d / "llm-adapters" / f"{n}.json") for n in TABLE_FILES]
+    from experiments.table import table_sets
+    assert table_sets(str(d / "llm-adapters")) == [str(d / "llm-adapters" / f"{n}.json") for n in TABLE_FILES]
 
 
 def test_claims_table_on_real_slices(small_dir, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """
-The papers' Table 2 on real data (`python claims.py table`): every method fine-tunes a model on
+The papers' Table 2 on real data (`python -m experiments.claims table`): every method fine-tunes a model on
 GSM8K train, in the LIFT authors' training format, and is scored on the seven LLM-Adapters arithmetic
 test sets by the LIFT authors' evaluation (eval_math's lift-authors protocol), mean ± std over seeds,
 with the base model's row, the forgetting, and a verdict per paper's claim.
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import eval_math
-from runs import base_path, mean_std, pm, run_train, verdict, write_json
+from experiments.runs import base_path, mean_std, pm, run_train, verdict, write_json
 
 # -----------------------------------------------------------------------------
 # the papers' Table 2 on real data: GSM8K train -> the seven LLM-Adapters arithmetic test sets
@@ -60,8 +60,8 @@ def claim_table(args):
     seeds, trainable %), the base model's row, the forgetting (drift on the base's own text) and
     the verdict on each paper's claim. Writes out/claims/table.json (and figures/table.png)."""
     args.eval_data = ",".join(table_sets(args.eval_dir))
-    args.train_flags = ["--protocol", PROTOCOL, "--train-format", TRAIN_FORMAT, "--num-beams", str(args.num_beams),
-                        "--seq-len", str(args.seq_len)]
+    common = ["--protocol", PROTOCOL, "--train-format", TRAIN_FORMAT, "--num-beams", str(args.num_beams),
+              "--seq-len", str(args.seq_len)]  # every run's, beside its method's flags
     args.base = base_path(args)
     beams = eval_math.decoding(PROTOCOL, args.num_beams)
     args.decoding = "greedy" if beams == 1 else f"beam search, {beams} beams"
@@ -76,7 +76,7 @@ def claim_table(args):
             done = sum(len(v) for v in table.values())
             if done:
                 print(f"[table] run {done + 1}/{n_runs}; {time.time() - t0:.0f}s so far", flush=True)
-            table.setdefault(name, []).append(run_train(args, name, flags, seed))
+            table.setdefault(name, []).append(run_train(args, name, [*flags, *common], seed))
     first = next(iter(table.values()))[0]["metrics"]
     sets = [n.lower() for n in TABLE_SETS]
     before = first.get("accuracy_before") or {}

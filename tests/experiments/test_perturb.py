@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-import perturb
 from conftest import _claims
-from model import load
+from experiments import perturb
+from weights import load
 
 
 def test_claims_noise_spectral_overlap_on_known_answers(small_dir, tmp_path, capsys):

@@ -1,9 +1,9 @@
 """
 LIFT's claims about Principal Weights, measured by perturbing a model without training it:
 
-    python claims.py noise        # LIFT §4, Fig. 2: noise on Principal Weights hurts far more
-    python claims.py spectral     # LIFT App. C.1-C.2: ... and raises the spectral norm more
-    python claims.py overlap      # LIFT App. G.9: LIFT's and the magnitude mask overlap little
+    python -m experiments.claims noise        # LIFT §4, Fig. 2: noise on Principal Weights hurts far more
+    python -m experiments.claims spectral     # LIFT App. C.1-C.2: ... and raises the spectral norm more
+    python -m experiments.claims overlap      # LIFT App. G.9: LIFT's and the magnitude mask overlap little
 
 Each compares the three selection rules of Fig. 2 (SELECTS) at equal budgets k = r(n_in + n_out).
 """
@@ -15,7 +15,7 @@ import eval_math
 import lift
 from cli import is_tiny
 from forgetting import text_logprobs
-from runs import base_path, pm, write_json
+from experiments.runs import base_path, pm, write_json
 from targets import LINEAR_NAMES, find_linears
 from weights import load
 
