@@ -20,8 +20,8 @@ Papers: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 20
 Singhal et al., "Initialization using Update Approximation is a Silver Bullet for Extreme Efficient
 Low-Rank Fine-Tuning" (LoRA-SB, arXiv 2411.19557).
 
-Seam (see train.py): each method has its settings (LoRA, LoRAXS, LoRASB below, the papers' defaults);
-prepare(model, settings, batches, ...) -> optimizer, merge(model), adapter_state(model, optimizer).
+The seam (methods.py): the settings of each method (LoRA, LoRAXS, LoRASB below, the papers' defaults),
+prepare, adapter_state, merge_adapter (the update, stated once) and merge.
 """
 import math
 import time

@@ -5,10 +5,10 @@ evaluate, print the tables.
     python train.py --method lift --rank 128        # built-in default: tiny LLaMA, synthetic problems, no downloads
     python train.py --method lora --rank 16 --model ~/Llama-3.2-1B --data gsm8k --eval-data gsm8k
 
-A method meets the loop through its file's Settings, prepare(model, settings, batches) -> optimizer
-and merge(model). Where the rest lives: the command line and each method's settings in cli.py,
-checkpoints and the saved results in checkpoint.py, the built-in experiment in builtin.py, the
-forgetting measure in forgetting.py, torchrun's helpers in distributed.py.
+A method meets the loop through the contract in methods.py (Settings, prepare -> optimizer, merge);
+the loop names no method. Where the rest lives: the command line, its Run settings and each method's
+settings in cli.py, checkpoints and the saved results in checkpoint.py, the built-in experiment in
+builtin.py, the forgetting measure in forgetting.py, torchrun's helpers in distributed.py.
 """
 import functools
 import hashlib

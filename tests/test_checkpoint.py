@@ -47,6 +47,21 @@ def test_resume_is_bit_identical(small_dir, tmp_path, method, cpu):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lift_resumed_past_its_length_refreshes_the_mask_the_shorter_run_skipped(small_dir, tmp_path):
+    """A constant-lr LIFT run of 2 steps with mask refreshes every 3 skips the refresh due after its
+    last step (none after the last step); resumed to 6 steps it does it when its state loads, so it
+    ends bit-identical to 6 steps straight (2 refreshes)."""
+    const = ["--method", "lift", "--rank", "2", "--lr", "1e-2", "--schedule", "constant", "--warmup-ratio", "0",
+             "--lift-interval", "3", "--dtype", "float32"]
+    train.main(_argv(small_dir, tmp_path / "straight", *const, "--max-steps", "6"))
+    train.main(_argv(small_dir, tmp_path / "split", *const, "--max-steps", "2"))
+    train.main(_argv(small_dir, tmp_path / "split", *const, "--max-steps", "6", "--resume"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
+    assert ckpt["optimizer"]["lift"]["n_refresh"] == 2
+
+
 def test_existing_checkpoint_is_never_overwritten_and_resume_refuses_other_settings(small_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train.main(_argv(small_dir, run, "--method", "lora", "--rank", "2", "--max-steps", "2"))
