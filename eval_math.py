@@ -554,6 +554,31 @@ def decoding(protocol: str, num_beams: int | None) -> int:
     return num_beams or (4 if protocol in ("llm-adapters", "lift-authors") else 1)
 
 
+MAX_BEAMS = 64  # each beam is a full copy of its prompt's KV cache; the papers' evaluations use 4
+
+
+def check_decoding(max_seq_len: int, max_new_tokens: int | None, num_beams: int | None, batch_size: int,
+                   protocol: str) -> None:
+    """The decoding settings against the model's context, before anything is allocated: one-line
+    ValueErrors naming the flag, its value and what is allowed. A prompt needs at least one of the
+    model's max_seq_len positions, so max_new_tokens < max_seq_len; beams are capped at MAX_BEAMS (the
+    KV cache grows with batch x beams x positions; generate checks that product against free memory
+    with the model in hand). None means the protocol's default (default_max_new_tokens, decoding)."""
+    check_protocol(protocol)
+    for flag, value, low in (("--eval-batch-size", batch_size, 1), ("--max-new-tokens", max_new_tokens, 1),
+                             ("--num-beams", num_beams, 1)):
+        if value is None and flag != "--eval-batch-size":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{flag} {value!r} is not allowed: it must be a whole number >= {low}")
+    if max_new_tokens is not None and max_new_tokens >= max_seq_len:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} is not allowed: the model has {max_seq_len} positions and "
+                         f"the prompt needs at least one, so it must be < {max_seq_len}")
+    if num_beams is not None and num_beams > MAX_BEAMS:
+        raise ValueError(f"--num-beams {num_beams} is not allowed: at most {MAX_BEAMS} (each beam keeps its own copy of "
+                         "the prompt's KV cache; the papers' evaluations use 4)")
+
+
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
              progress: bool = True, protocol: str = "nanopeft", num_beams: int | None = None) -> dict:
     """Answers to every problem, scored under `protocol` (PROTOCOLS), decoded greedily or with
