@@ -10,11 +10,16 @@ A comparison of two points at different learning is not a finding: a method that
 drifted less. Uncertainty: the seeds (each seed's fronts compared, mean ± std of the gap) and the
 held-out measure's own, as a paired standard error over the same problems.
 
-The measures here work on saved runs (the folder train.py writes); the sweep that makes them and its
-table live in claims.py (`python -m experiments.claims fronts`).
+The measures work on saved runs (the folders train.py writes): the sweep trains without evaluating and
+measures each saved model once (cached beside it), so a sweep point costs its training and ~1 minute.
 """
+import argparse
+import json
 import math
+import os
 import statistics
+import time
+from pathlib import Path
 
 import torch
 
@@ -176,3 +181,188 @@ def best_run(points: list[dict], method: str) -> dict | None:
         return None
     lr = max(by_lr, key=lambda k: statistics.fmean(by_lr[k]))
     return {"lr": lr, "learning": statistics.fmean(by_lr[lr]), "seeds": len(by_lr[lr])}
+
+# -----------------------------------------------------------------------------
+# the sweep: every method at several learning rates, the same steps, batch, data and seeds
+
+
+def front_configs(batch_size: int) -> list[tuple[str, list[str], float]]:
+    """(name, train.py flags, centre lr) per method, at table.py's matched budgets. The centre is the
+    paper's lr (the method's Settings), except LoRA-XS: its authors' 4e-3 is set for batch 128 and
+    diverges at a laptop's batch, so it is scaled by sqrt(batch / 128) (the square-root rule for Adam)
+    and the sweep around it finds the rest."""
+    from experiments.table import TABLE
+    from methods import METHODS
+    out = []
+    for name, flags in TABLE:
+        cls = METHODS[flags[flags.index("--method") + 1]][1]
+        lr = cls().lr * (math.sqrt(batch_size / 128) if name.startswith("loraxs") else 1.0)
+        out.append((name, flags, lr))
+    return out
+
+
+def lr_grid(centre: float, factor: float = 3.0) -> list[float]:
+    """The centre and one step of `factor` either side: three points that bracket it."""
+    return [float(f"{centre / factor:.3g}"), float(f"{centre:.3g}"), float(f"{centre * factor:.3g}")]
+
+
+def extend(lrs: list[float], learning: dict, factor: float = 3.0) -> float | None:
+    """One more lr beyond the grid's edge when the most learning (mean over seeds, non-diverged
+    runs) sits at that edge, so the front brackets where the method learns most; None when it is
+    bracketed (or the edge run diverged: going further would too)."""
+    ok = {lr: v for lr, v in learning.items() if v is not None}
+    if not ok:
+        return None
+    best = max(ok, key=ok.get)
+    if best == max(lrs) and learning.get(best) is not None:
+        return float(f"{best * factor:.3g}")
+    if best == min(lrs):
+        return float(f"{best / factor:.3g}")
+    return None
+
+
+PAIRS = (  # (a, b, the paper's words): each claim is "a forgets less / learns more than b"
+    ("lift r8", "lora r8", "LIFT §7.1: LIFT forgets less than LoRA at the same budget, and learns as much"),
+    ("lift r8", "full", "LIFT §7.1: LIFT forgets less than full fine-tuning"),
+    ("lorasb r108", "loraxs r108", "LoRA-SB: its init learns more than LoRA-XS's"),
+    ("hyper", "lora r8", "HyperAdapt: about LoRA"),
+    ("rocoft r16", "lora r8", "RoCoFT Table 3: about LoRA"),
+)
+
+
+def _cached(path, key: dict, compute):
+    """compute() once per key: a JSON file beside the run, recomputed when the key changes."""
+    if path.exists():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            return d["value"]
+    value = compute()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    os.replace(tmp, path)
+    return value
+
+
+def claim_fronts(args) -> dict:
+    """Every method of the matched-budget table at three or more lrs around its paper's (extended
+    until the most learning is bracketed), `args.steps` steps of batch `args.batch_size` on
+    `args.data` in the LIFT authors' format, seeds 0..args.seeds-1; each run a point (held-out loss
+    on `args.held_out`'s first `args.held_out_limit` problems, drift on the base's own text); the
+    fronts, the verdicts at equal learning, out/claims/fronts.json and figures/fronts.png."""
+    from weights import load
+    from experiments.runs import run_train, write_json
+    interval = max(1, args.steps // 3)  # LIFT's mask refreshes 3 times (the paper's interval: 200 steps)
+    model, tok = load(args.base)
+    problems = eval_math.load_problems(args.held_out, "test", limit=args.held_out_limit)
+    examples = held_out_examples(problems, tok, "lift-authors", args.seq_len)
+    if len(examples) < 200:
+        print(f"note: {len(examples)} held-out problems (fewer than 200): the standard errors are wide")
+    texts, reference = forgetting.forgetting_set(model, tok, argparse.Namespace(
+        forget_prompts=args.forget_prompts, eval_batch_size=32), Path(args.out) / "fronts-base")
+    key = {"held_out": args.held_out, "limit": args.held_out_limit, "seq_len": args.seq_len,
+           "forget_prompts": args.forget_prompts, "base": args.base}
+    base = _cached(Path(args.out) / "fronts-base" / "point.json", key, lambda: measure(model, tok, examples, texts,
+                                                                                          reference))
+    del model
+    sweep = argparse.Namespace(**{**vars(args), "eval_data": "none", "eval_every": 0, "forget_prompts": 0,
+                                  "eval_limit": None, "max_new_tokens": None})
+    seeds = range(args.seeds) if args.only_seed is None else [args.only_seed]
+    points, t0 = [], time.time()
+
+    def point(name, flags, lr, seed):
+        extra = ["--lift-interval", str(interval)] if "lift" in flags else []
+        run = run_train(sweep, f"{name}-lr{lr:g}", [*flags, *extra, "--lr", f"{lr:g}", "--train-format", "lift-authors",
+                                                   "--seq-len", str(args.seq_len)], seed)
+
+        def compute():
+            tuned, _ = load(run["folder"])
+            p = measure(tuned, tok, examples, texts, reference)
+            p["delta"], p["delta_se"] = paired_difference(torch.tensor(p["nll"]), torch.tensor(base["nll"]),
+                                                          torch.tensor(base["count"]))
+            return p
+        p = _cached(Path(run["folder"]) / "fronts-point.json", key, compute)
+        final = run["curve"][-1][1] if run["curve"] else math.nan
+        return {"method": name, "lr": lr, "seed": seed, "folder": run["folder"], "final_train_loss": final,
+                "learning": base["held_out"] - p["held_out"], "diverged": diverged(p, base, final),
+                **{k: p[k] for k in ("held_out", "held_out_se", "delta", "delta_se", "kl", "loss_rise", "agreement")}}
+
+    for name, flags, centre in [c for c in front_configs(args.batch_size) if c[0] in args.configs]:
+        lrs = lr_grid(centre)
+        for _ in range(3):  # the grid, then up to two more lrs until the most learning is bracketed
+            for lr in lrs:
+                for seed in seeds:
+                    if not any(p["method"] == name and p["lr"] == lr and p["seed"] == seed for p in points):
+                        print(f"[fronts] {name} lr {lr:g} seed {seed}; {time.time() - t0:.0f}s so far", flush=True)
+                        points.append(point(name, flags, lr, seed))
+            learning = {lr: statistics.fmean(p["learning"] for p in mine) if not any(p["diverged"] for p in mine)
+                        else None for lr in lrs for mine in [[p for p in points if p["method"] == name and p["lr"] == lr]]}
+            more = extend(lrs, learning)
+            if more is None:
+                break
+            lrs = sorted([*lrs, more])
+    report = print_fronts(points, base, seeds, args)
+    write_json(args, "fronts", {"claim": "fronts", "model": args.model, "data": args.data, "held_out": args.held_out,
+                                "held_out_problems": len(examples), "steps": args.steps, "batch_size": args.batch_size,
+                                "lift_interval": interval, "seeds": list(seeds),
+                                "base": {k: base[k] for k in ("held_out", "held_out_se")}, "points": points,
+                                "verdicts": report})
+    try:
+        plot_fronts(points, base, Path(args.figures))
+    except ImportError as e:
+        print(f"note: no figure ({e})")
+    return {"points": points, "base": base, "verdicts": report}
+
+
+def print_fronts(points: list[dict], base: dict, seeds, args) -> list[dict]:
+    """Every run's row (the final training loss, held-out loss ± its error, the paired fall from the
+    base, drift, diverged), then each paper's claim judged at equal learning."""
+    print(f"\nlearn-forget fronts: {args.model}, {args.steps} steps of batch {args.batch_size} on {args.data} (LIFT's "
+          f"mask refreshed every {max(1, args.steps // 3)} steps: a deviation from the paper's 200, so that it "
+          f"refreshes within the run); held-out: mean loss per solution token on {args.held_out}, base "
+          f"{base['held_out']:.4f} ± {base['held_out_se']:.4f}")
+    print(f"{'method':<14}{'lr':>9}{'seed':>5}{'train loss':>11}{'held-out':>18}{'fall vs base':>20}"
+          f"{'KL(base‖tuned)':>16}{'agreement':>10}  diverged")
+    for p in sorted(points, key=lambda p: (p["method"], p["lr"], p["seed"])):
+        print(f"{p['method']:<14}{p['lr']:>9.3g}{p['seed']:>5}{p['final_train_loss']:>11.4f}"
+              f"{p['held_out']:>11.4f} ± {p['held_out_se']:.4f}{-p['delta']:>+12.4f} ± {p['delta_se']:.4f}"
+              f"{p['kl']:>16.4f}{100 * p['agreement']:>9.1f}%  {p['diverged'] or ''}")
+    report = []
+    print("\nthe claims, judged at equal learning (seed by seed; gap mean ± its standard error):")
+    for a, b, words in PAIRS:
+        if not any(p["method"] == a for p in points) or not any(p["method"] == b for p in points):
+            continue
+        v = verdicts(points, a, b, seeds)
+        for kind in ("forgets_less", "learns_more"):
+            r = v[kind]
+            gap = f"gap {r['gap']:+.4f} ± {r['se']:.4f} over {len(r['gaps'])} seed(s)" if r["gaps"] else ""
+            print(f"  {words} — {a} {kind.replace('_', ' ')} than {b} ({r['what']}): {r['claim']} {gap}")
+        best = v["best"]
+        print("    best lr: " + ", ".join(f"{m} {b_['lr']:g} (fall {b_['learning']:.4f})" for m, b_ in best.items() if b_))
+        report.append({"a": a, "b": b, "claim": words, **v})
+    return report
+
+
+def plot_fronts(points: list[dict], base: dict, figures: Path) -> Path:
+    """figures/fronts.png: one line per method through its lrs (mean over seeds), learning (the fall of
+    the held-out loss) on x, forgetting (drift KL) on y; seeds as dots, diverged runs left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, m in enumerate(dict.fromkeys(p["method"] for p in points)):
+        mine = [p for p in points if p["method"] == m and not p["diverged"]]
+        lrs = sorted({p["lr"] for p in mine})
+        xs = [statistics.fmean(p["learning"] for p in mine if p["lr"] == lr) for lr in lrs]
+        ys = [statistics.fmean(p["kl"] for p in mine if p["lr"] == lr) for lr in lrs]
+        color = plt.cm.tab10(i % 10)
+        ax.plot(xs, ys, "-o", color=color, label=m)
+        ax.scatter([p["learning"] for p in mine], [p["kl"] for p in mine], s=8, color=color, alpha=0.5)
+    ax.set(xlabel=f"learning: held-out loss fall per solution token (base {base['held_out']:.3f})",
+           ylabel="forgetting: KL(base ‖ tuned) on the base's own text", title="learn-forget fronts (one line per method)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figures / "fronts.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {figures / 'fronts.png'}")
+    return figures / "fronts.png"

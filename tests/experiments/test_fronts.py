@@ -1,7 +1,9 @@
 """experiments/fronts.py: the held-out loss per solution token and its (paired) standard error against
 numpy, the per-problem sums against the model's own batch loss, and verdicts at equal learning on
 fronts built so that comparing single points would say the opposite."""
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +97,36 @@ def test_measure_on_a_tiny_model_zero_drift_for_the_base():
     p = fronts.measure(model, tok, ex, texts, ref)
     assert p["kl"] == pytest.approx(0, abs=1e-6) and p["agreement"] == 1.0
     assert p["held_out"] > 0 and p["held_out_se"] > 0 and len(p["nll"]) == 4
+
+
+def test_the_sweep_end_to_end_on_a_small_model(small_dir, tmp_path, capsys):
+    """Two methods at lrs around their papers', one seed, a few steps on synthetic problems: every run is
+    a cached point with its held-out loss, paired fall and drift; the grid brackets the most learning;
+    LIFT's interval is scaled to refresh within the run; a second call re-reads everything."""
+    import argparse
+    data = tmp_path / "train.jsonl"  # GSM8K-shaped rows, few and short: the runs cost little
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i % 5}?", "answer": f"{i} + {i % 5} = "
+                                        f"{i + i % 5}.\n#### {i + i % 5}"}) + "\n" for i in range(16)))
+    args = argparse.Namespace(model=str(small_dir), base=str(small_dir), data=str(data), held_out=str(data),
+                              held_out_limit=8, seeds=1, only_seed=None, steps=3, batch_size=4, seq_len=320, threads=1,
+                              log_every=1, forget_prompts=4, out=str(tmp_path / "claims"),
+                              figures=str(tmp_path / "figs"), configs=["lora r8", "lift r8"])
+    out = fronts.claim_fronts(args)
+    pts = out["points"]
+    for m in ("lora r8", "lift r8"):
+        mine = sorted((p for p in pts if p["method"] == m), key=lambda p: p["lr"])
+        assert len(mine) >= 3
+        ok = [p for p in mine if not p["diverged"]]
+        if ok:  # the most learning is not at an edge the sweep could have extended past
+            best = max(ok, key=lambda p: p["learning"])
+            assert best is not mine[-1] or len(mine) == 5
+        for p in mine:
+            assert p["learning"] == pytest.approx(-p["delta"], rel=1e-4) and p["delta_se"] > 0
+    printed = capsys.readouterr().out
+    assert "LIFT's mask refreshed every 1 steps" in printed and "judged at equal learning" in printed
+    lift_run = json.loads((Path(next(p["folder"] for p in pts if p["method"] == "lift r8")) / "metrics.json").read_text())
+    assert lift_run["settings"]["interval"] == 1
+    again = fronts.claim_fronts(args)
+    assert [p["held_out"] for p in again["points"]] == [p["held_out"] for p in pts]
+    assert "reusing" in capsys.readouterr().out
+    assert (tmp_path / "claims" / "fronts.json").exists()
