@@ -16,7 +16,9 @@ template ("alpaca" or "qa", see format_prompt), for LLM-Adapters rows input, and
 from a file raw (the row's text fields unstripped, as the LIFT authors' scripts read them).
 """
 import argparse
+import functools
 import json
+import math
 import os
 import random
 import re
@@ -64,6 +66,14 @@ SOURCE_MAX, TARGET_FACTOR_MAX = 9, 9
 TEST_EVERY = 16  # a question is a test question iff crc32(question) % 16 == 0
 
 
+SYNTH_DRAWS = 4  # random draws per distinct problem of a domain before the rest are dealt out in a shuffled order
+
+
+def _source_text(op, template, name, item, a, b):
+    r = a + b if op == "+" else a - b
+    return template.format(n=name, x=item, a=a, b=b), f"{a} {op} {b} = {r}.\n#### {r}", r
+
+
 def _source_problem(rng):
     op, t = rng.choice(SOURCE_TEMPLATES)
     n = rng.choice(NAMES)
@@ -72,43 +82,79 @@ def _source_problem(rng):
     else:
         b, c = rng.randint(1, SOURCE_MAX), rng.randint(1, SOURCE_MAX)
         a = b + c
-    r = a + b if op == "+" else a - b
-    q = t.format(n=n, x=rng.choice(ITEMS), a=a, b=b)
-    return q, f"{a} {op} {b} = {r}.\n#### {r}", r
+    return _source_text(op, t, n, rng.choice(ITEMS), a, b)
+
+
+def _target_text(template, name, item, a, b):
+    return template.format(n=name, x=item, a=a, b=b), f"{a} * {b} = {a * b}.\n#### {a * b}", a * b
 
 
 def _target_problem(rng):
     t = rng.choice(TARGET_TEMPLATES)
     a, b = rng.randint(2, TARGET_FACTOR_MAX), rng.randint(2, TARGET_FACTOR_MAX)
-    q = t.format(n=rng.choice(NAMES), x=rng.choice(ITEMS), a=a, b=b)
-    return q, f"{a} * {b} = {a * b}.\n#### {a * b}", a * b
+    return _target_text(t, rng.choice(NAMES), rng.choice(ITEMS), a, b)
+
+
+def _in_split(question: str, split: str) -> bool:
+    return (zlib.crc32(question.encode()) % TEST_EVERY == 0) == (split == "test")
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_space(domain: str) -> tuple:
+    """Every distinct (question, solution, answer) of a domain, in a fixed order: what the random
+    draws can make (source: 31,104; target: 18,944), so a limit is bounded by what exists."""
+    digits, factors = range(1, SOURCE_MAX + 1), range(2, TARGET_FACTOR_MAX + 1)
+    if domain == "source":
+        made = (_source_text(op, t, n, x, i + j if op == "-" else i, j if op == "-" else j)
+                for op, t in SOURCE_TEMPLATES for n in NAMES for x in ITEMS for i in digits for j in digits)
+    else:
+        made = (_target_text(t, n, x, a, b) for t in TARGET_TEMPLATES for n in NAMES for x in ITEMS
+                for a in factors for b in factors)
+    return tuple({p[0]: p for p in made}.values())
 
 
 def synthetic_problems(domain: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
     """`n` distinct problems of one domain ("source" or "target"), deterministic from `seed`.
     Which split a question belongs to is a function of its text alone (a hash), so train and
-    test never share a question, for any seeds; the first k of a longer list are the list for k."""
+    test never share a question, for any seeds; the first k of a longer list are the list for k.
+    There are finitely many (synthetic_space): an `n` above that gives all of them. Problems are
+    drawn at random (SYNTH_DRAWS draws per distinct problem at most, whatever `n`), then the ones
+    not drawn yet follow in a shuffled order, so asking for all of them ends."""
     make = {"source": _source_problem, "target": _target_problem}.get(domain)
     if make is None:
         raise ValueError(f"unknown synthetic domain {domain!r}; known: source, target")
     if split not in SPLITS:
         raise ValueError(f"split {split!r} does not exist for synth-{domain}; splits: {', '.join(SPLITS)}")
+    space = synthetic_space(domain)
     n = SYNTH_SIZES[split] if n is None else n
     rng = random.Random(f"nanopeft-synth-{domain}-{seed}")
-    out, seen, draws = [], set(), 0
-    while len(out) < n:
-        draws += 1
-        if draws > 100 * n + 10000:
-            raise ValueError(f"synth-{domain} cannot make {n} distinct {split} problems (got {len(out)})")
+    out, seen = [], set()
+    for _ in range(SYNTH_DRAWS * len(space)):
+        if len(out) >= n:
+            break
         q, solution, r = make(rng)
-        if q in seen or (zlib.crc32(q.encode()) % TEST_EVERY == 0) != (split == "test"):
-            continue
-        seen.add(q)
-        out.append(dict(question=q, answer=str(r), solution=solution, dataset=f"synth-{domain}", template="qa"))
-    return out
+        if q not in seen and _in_split(q, split):
+            seen.add(q)
+            out.append((q, solution, r))
+    if len(out) < n:  # the draws ran dry: the rest of the split, in an order the seed picks
+        rest = [p for p in space if p[0] not in seen and _in_split(p[0], split)]
+        rng.shuffle(rest)
+        out += rest[:n - len(out)]
+    return [dict(question=q, answer=str(r), solution=solution, dataset=f"synth-{domain}", template="qa")
+            for q, solution, r in out]
 
 # -----------------------------------------------------------------------------
 # loading
+
+
+class MissingData(ValueError):
+    """A dataset spec that names nothing on disk (load_all reports every missing one at once)."""
+
+
+def check_limit(limit, flag: str = "limit"):
+    """A limit is None (all problems) or a whole number >= 1; one above the data's size means all."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"{flag}={limit!r} must be a positive number of problems (or None for all)")
 
 
 def load_problems(spec: str, split: str = "test", limit: int | None = None, seed: int = 0,
@@ -125,24 +171,81 @@ def load_problems(spec: str, split: str = "test", limit: int | None = None, seed
       LLM-Adapters `dataset/` layout), each dataset named after its folder;
     - a name such as svamp or math_10k: <data_dir>/<name>/<split>.json or <data_dir>/<name>.json
       (case, '-' and '_' ignored); data_dir defaults to $NANOPEFT_DATA or ./dataset.
-    `limit` keeps the first `limit` problems of each dataset."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit={limit} must be a positive number of problems (or None for all)")
+    `limit` keeps the first `limit` problems of each dataset; above a dataset's size it means all of
+    it (a note says so). Rows are checked as they are read (_to_problems)."""
+    check_limit(limit)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"dataset spec {spec!r} is empty: name a dataset, a file or a folder")
+    spec = spec.strip()
     if spec in ("synth-source", "synth-target"):
-        return synthetic_problems(spec.removeprefix("synth-"), split, limit, seed)
-    if spec == "synth-source-facts":
-        return [{**p, "given": p["solution"][:p["solution"].index(" =") + 2], "dataset": spec}
-                for p in synthetic_problems("source", split, limit, seed)]
-    if spec == "gsm8k":
-        return _load_gsm8k_hub(split)[:limit]
-    path = Path(spec).expanduser()
-    if not path.exists() and ("/" in spec or path.suffix in (".json", ".jsonl")):
-        raise ValueError(f"data path {spec!r} does not exist")
-    if not path.exists():
-        path = _find_named(spec, split, data_dir)
-    if path.is_dir():
-        return _load_folder(path, split, limit)
-    return _load_file(path)[:limit]
+        problems = synthetic_problems(spec.removeprefix("synth-"), split, limit, seed)
+    elif spec == "synth-source-facts":
+        problems = [{**p, "given": p["solution"][:p["solution"].index(" =") + 2], "dataset": spec}
+                    for p in synthetic_problems("source", split, limit, seed)]
+    elif spec == "gsm8k":
+        problems = _load_gsm8k_hub(split)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists() and ("/" in spec or path.suffix in (".json", ".jsonl")):
+            raise MissingData(f"data path {spec!r} does not exist")
+        if not path.exists():
+            path = _find_named(spec, split, data_dir)
+        problems = _load_folder(path, split) if path.is_dir() else _load_file(path)
+    return _first(problems, limit, split)
+
+
+def _first(problems: list[dict], limit: int | None, split: str) -> list[dict]:
+    """The first `limit` problems of each dataset, in order; a note names the datasets that have fewer."""
+    if limit is None:
+        return problems
+    sizes = {}
+    for p in problems:
+        sizes[p["dataset"]] = sizes.get(p["dataset"], 0) + 1
+    short = [f"{name} ({n})" for name, n in sizes.items() if n < limit]
+    if short:
+        print(f"note: limit {limit} is more than {', '.join(short)} {'has' if len(short) == 1 else 'have'} "
+              f"({split} problems): all of them are used", file=sys.stderr)
+    taken = dict.fromkeys(sizes, 0)
+    out = []
+    for p in problems:
+        if taken[p["dataset"]] < limit:
+            taken[p["dataset"]] += 1
+            out.append(p)
+    return out
+
+
+def load_all(data: str, split: str = "test", limit: int | None = None, seed: int = 0, data_dir: str | None = None,
+             flag: str = "--data") -> list[dict]:
+    """The problems of a comma-separated list of specs (load_problems each). Every spec must give
+    its data: the missing ones are named together (never a silent subset), as are an empty list,
+    an empty spec and two specs giving one dataset name."""
+    specs = [s.strip() for s in str(data).split(",")]
+    if not any(specs):
+        raise ValueError(f"{flag} {data!r} names no dataset")
+    if not all(specs):
+        raise ValueError(f"{flag} {data!r} has an empty name between its commas")
+    twice = [s for i, s in enumerate(specs) if s in specs[:i]]
+    if twice:
+        raise ValueError(f"{flag} {data!r} names {twice[0]!r} twice")
+    problems, missing, source = [], [], {}
+    for spec in specs:
+        try:
+            got = load_problems(spec, split, limit, seed, data_dir)
+        except MissingData as e:
+            missing.append((spec, str(e)))
+            continue
+        for name in dict.fromkeys(p["dataset"] for p in got):
+            if name in source:
+                raise ValueError(f"{flag}: {source[name]!r} and {spec!r} both give a dataset named {name!r}; "
+                                 "evaluate them in two runs, or rename one")
+            source[name] = spec
+        problems += got
+    if len(missing) == 1:
+        raise ValueError(f"{flag}: {missing[0][1]}")
+    if missing:
+        raise ValueError(f"{flag}: {len(missing)} of {len(specs)} datasets are missing: "
+                         f"{', '.join(repr(s) for s, _ in missing)} ({missing[0][1]})")
+    return problems
 
 
 def _load_gsm8k_hub(split: str) -> list[dict]:
@@ -178,29 +281,41 @@ def _find_named(spec: str, split: str, data_dir: str | None) -> Path:
     hit = names.get(_norm(spec))
     if hit is None:
         local = ", ".join(sorted(p.name if p.is_dir() else p.stem for p in names.values())) or "none"
-        raise ValueError(f"unknown dataset {spec!r}; known: gsm8k, synth-source, synth-target, synth-source-facts, names under "
-                         f"{str(root)!r} ({local}), or a path to a .jsonl/.json file or folder")
+        where = "" if root.is_dir() else ", a folder that does not exist"
+        raise MissingData(f"unknown dataset {spec!r}; known: gsm8k, synth-source, synth-target, synth-source-facts, "
+                          f"names under {str(root)!r} ({local}{where}), or a path to a .jsonl/.json file or folder")
     if hit.is_dir():
         for ext in (".json", ".jsonl"):
             if (hit / (split + ext)).exists():
                 return hit / (split + ext)
         have = sorted(f.stem for f in hit.iterdir() if f.suffix in (".json", ".jsonl"))
-        raise ValueError(f"split {split!r} does not exist for {spec!r} in {str(hit)!r}; splits: {', '.join(have)}")
+        raise MissingData(f"split {split!r} does not exist for {spec!r} in {str(hit)!r}; splits: {', '.join(have)}")
     return hit
 
 
-def _load_folder(path: Path, split: str, limit: int | None) -> list[dict]:
+def _load_folder(path: Path, split: str) -> list[dict]:
+    """<split>.jsonl / <split>.json in the folder, else every <name>/<split>.json(l); a <name>/ that
+    holds data files but not this split is named (a folder never gives a silent subset of its sets)."""
     for ext in (".jsonl", ".json"):  # a folder holding train.jsonl / test.jsonl
         if (path / (split + ext)).exists():
-            return _load_file(path / (split + ext))[:limit]
-    files = [d / (split + ext) for d in sorted(path.iterdir(), key=lambda d: d.name.lower()) if d.is_dir()
-             for ext in (".json", ".jsonl") if (d / (split + ext)).exists()]
+            return _load_file(path / (split + ext))
+    files, lacking = [], []
+    for d in sorted((d for d in path.iterdir() if d.is_dir()), key=lambda d: d.name.lower()):
+        data = sorted(f.name for f in d.iterdir() if f.suffix in (".json", ".jsonl"))
+        mine = [d / (split + ext) for ext in (".json", ".jsonl") if (d / (split + ext)).exists()]
+        if mine:
+            files.append(mine[0])
+        elif data:
+            lacking.append(f"{d.name} ({', '.join(data)})")
     if not files:
-        have = sorted({f.stem for d in path.iterdir() if d.is_dir() for f in d.iterdir() if f.suffix in (".json", ".jsonl")})
-        if have:
-            raise ValueError(f"split {split!r} does not exist in folder {str(path)!r}; it has: {', '.join(have)}")
-        raise ValueError(f"folder {str(path)!r} holds no {split}.jsonl, {split}.json or <name>/{split}.json")
-    return [p for f in files for p in _load_file(f)[:limit]]
+        if lacking:
+            have = sorted({f.stem for d in path.iterdir() if d.is_dir() for f in d.iterdir() if f.suffix in (".json", ".jsonl")})
+            raise MissingData(f"split {split!r} does not exist in folder {str(path)!r}; it has: {', '.join(have)}")
+        raise MissingData(f"folder {str(path)!r} holds no {split}.jsonl, {split}.json or <name>/{split}.json")
+    if lacking:
+        raise MissingData(f"folder {str(path)!r}: {len(lacking)} of its {len(files) + len(lacking)} sets have no "
+                          f"{split}.json/.jsonl: {'; '.join(lacking)}; name the sets you want instead of the folder")
+    return [p for f in files for p in _load_file(f)]
 
 
 def _load_file(path: Path) -> list[dict]:
@@ -237,34 +352,84 @@ def _strip_calculator(text: str) -> str:
 
 
 RAW_KEYS = ("instruction", "input", "output", "question", "answer")
+# A row's text fields are refused past this many characters: the longest problem of GSM8K and the
+# LLM-Adapters sets is under 2,000, and 32,768 characters already fill a Llama-3 8K context.
+# (A prompt still longer than a model's context is cut from the left at evaluation: evaluate.)
+MAX_TEXT_CHARS = 32768
+CHOICES = ("A", "B", "C", "D", "E")  # AQuA's options
+
+
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _text(row: dict, key: str, at: str) -> str:
+    """Field `key` of a row as text ('' when absent or null): another type, or more than
+    MAX_TEXT_CHARS characters, is refused naming the file, row and field."""
+    v = row.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f"{at}: {key!r} must be text, not {type(v).__name__} {_short(v)}")
+    if len(v) > MAX_TEXT_CHARS:
+        raise ValueError(f"{at}: {key!r} has {len(v):,} characters; at most {MAX_TEXT_CHARS:,} are read "
+                         "(no math problem is that long)")
+    return v
+
+
+def _gold(value, at: str) -> str:
+    """A final answer as scored: a finite number (',' removed) or an option letter A-E; anything
+    else could never be scored correct, and is refused naming the file, row and value."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{at}: the final answer {_short(value)} is not a number nor an option letter A-E")
+    text = str(value).replace(",", "").strip()
+    if text in CHOICES:
+        return text
+    try:
+        ok = math.isfinite(float(text))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{at}: the final answer {_short(value)} is not a number nor an option letter A-E "
+                         "(it could never be scored correct)")
+    return text
 
 
 def _to_problems(rows, where: str, name: str) -> list[dict]:
-    """Rows of either format -> problems; a row lacking what its format needs is an error. `question`
-    is stripped (nanopeft's prompt); `raw` keeps the row's fields as the file has them: every
-    MultiArith instruction starts and ends with a space, every AddSub one ends with one, and the
-    lift-authors protocol puts them in its prompt unchanged."""
+    """Rows of either format -> problems, each row checked where it is read: an object with the
+    fields its format needs, text where text belongs (_text), a final answer that can be scored
+    (_gold); errors name the file, the row (0-based) and the field or value. `question` is stripped
+    (nanopeft's prompt); `raw` keeps the row's fields as the file has them: every MultiArith
+    instruction starts and ends with a space, every AddSub one ends with one, and the lift-authors
+    protocol puts them in its prompt unchanged."""
     problems = []
     for i, row in enumerate(rows):
-        row = row if isinstance(row, dict) else {}
+        at = f"row {i} of {where}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{at} is {type(row).__name__} {_short(row)}, not an object with question/instruction fields")
+        texts = {k: _text(row, k, at) for k in ("instruction", "input", "output", "question")}
         raw = {k: row[k] for k in RAW_KEYS if k in row}
         answer = row.get("answer")
-        if row.get("instruction"):  # LLM-Adapters: instruction, input, output, answer
+        if texts["instruction"].strip():  # LLM-Adapters: instruction, input, output, answer
             if answer is None or str(answer).strip() == "":
-                raise ValueError(f"row {i} of {where} has no 'answer' (LLM-Adapters rows need instruction and answer)")
-            problems.append(dict(question=row["instruction"].strip(), input=(row.get("input") or "").strip(),
-                                 answer=str(answer).replace(",", "").strip(),
-                                 solution=(row.get("output") or "").strip() or None, dataset=name, template="alpaca",
-                                 raw=raw))
-        elif row.get("question"):   # GSM8K: question, answer = solution ending in "#### N"
-            if not answer or "####" not in str(answer):
-                raise ValueError(f"row {i} of {where} has no answer ending in '#### N' (GSM8K rows need question and answer)")
-            solution = _strip_calculator(str(answer)).strip()
-            gold = solution.rsplit("####", 1)[1].replace(",", "").strip()
-            problems.append(dict(question=row["question"].strip(), answer=gold, solution=solution,
-                                 dataset=name, template="alpaca", raw=raw))
+                raise ValueError(f"{at} has no 'answer' (LLM-Adapters rows need instruction and answer)")
+            if isinstance(answer, str):
+                _text(row, "answer", at)
+            problems.append(dict(question=texts["instruction"].strip(), input=texts["input"].strip(),
+                                 answer=_gold(answer, at), solution=texts["output"].strip() or None, dataset=name,
+                                 template="alpaca", raw=raw))
+        elif texts["question"].strip():   # GSM8K: question, answer = solution ending in "#### N"
+            answer = _text(row, "answer", at)
+            if "####" not in answer:
+                raise ValueError(f"{at} has no answer ending in '#### N' (GSM8K rows need question and answer)")
+            solution = _strip_calculator(answer).strip()
+            problems.append(dict(question=texts["question"].strip(), answer=_gold(solution.rsplit("####", 1)[1].strip(), at),
+                                 solution=solution, dataset=name, template="alpaca", raw=raw))
+        elif "instruction" in row or "question" in row:
+            raise ValueError(f"{at}: its {'instruction' if 'instruction' in row else 'question'} is empty")
         else:
-            raise ValueError(f"row {i} of {where} has neither 'question' (GSM8K) nor 'instruction' (LLM-Adapters)")
+            raise ValueError(f"{at} has neither 'question' (GSM8K) nor 'instruction' (LLM-Adapters)")
     if not problems:
         raise ValueError(f"dataset {name!r} ({where}) has no problems")
     return problems
@@ -549,9 +714,9 @@ def decoding(protocol: str, num_beams: int | None) -> int:
     """The beam count of an evaluation: --num-beams if given, else 4 for lift-authors (their script's
     num_beams=4; the LIFT paper itself states no decoding) and llm-adapters (LLM-Adapters'
     evaluate.py), 1 (greedy) for nanopeft's."""
-    if num_beams is not None and num_beams < 1:
-        raise ValueError(f"--num-beams {num_beams} is not allowed: 1 (greedy) or more")
-    return num_beams or (4 if protocol in ("llm-adapters", "lift-authors") else 1)
+    if num_beams is not None:
+        return num_beams
+    return 4 if protocol in ("llm-adapters", "lift-authors") else 1
 
 
 MAX_BEAMS = 64  # each beam is a full copy of its prompt's KV cache; the papers' evaluations use 4
@@ -579,6 +744,18 @@ def check_decoding(max_seq_len: int, max_new_tokens: int | None, num_beams: int 
                          "the prompt's KV cache; the papers' evaluations use 4)")
 
 
+PROMPT_RULE = "their beginning is cut: the last tokens, the question's end and the cue to answer, are kept"
+
+
+def cut_left(ids: list[int], room: int, bos_id: int | None = None) -> list[int]:
+    """The last `room` tokens of a prompt (PROMPT_RULE), its BOS token kept first if it has one."""
+    if len(ids) <= room:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id and room > 1:
+        return [bos_id] + ids[len(ids) - room + 1:]
+    return ids[len(ids) - room:]
+
+
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_new_tokens: int | None = None,
              progress: bool = True, protocol: str = "nanopeft", num_beams: int | None = None) -> dict:
     """Answers to every problem, scored under `protocol` (PROTOCOLS), decoded greedily or with
@@ -587,14 +764,20 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
     memory first). Returns {"datasets": {name: {n, correct, accuracy, seconds, problems_per_s}},
     "average": mean accuracy over datasets, "batch_size", "max_new_tokens", "protocol",
     "decoding", "predictions": [{dataset, question, completion, extracted, gold, correct}] in the
-    order of `problems`}. Prompt, stop rule, default length and answer rules follow `protocol`."""
+    order of `problems`}. Prompt, stop rule, default length and answer rules follow `protocol`.
+    Within the model's context (max_seq_len): settings checked first (check_decoding), a default
+    length of at most half the context, and PROMPT_RULE for longer prompts."""
     if not problems:
         raise ValueError("evaluate got no problems")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    check_protocol(protocol)
+    ctx = model.config.max_seq_len
+    check_decoding(ctx, max_new_tokens, num_beams, batch_size, protocol)
     num_beams = decoding(protocol, num_beams)
-    max_new_tokens = max_new_tokens or default_max_new_tokens(problems, protocol)
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(problems, protocol)
+        if max_new_tokens > ctx // 2:
+            print(f"note: the default of {max_new_tokens} new tokens is more than half the model's {ctx} positions; "
+                  f"decoding {ctx // 2}", file=sys.stderr)
+            max_new_tokens = ctx // 2
     was_training = model.training
     model.eval()
     predictions, results = [None] * len(problems), {}
@@ -602,6 +785,12 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 32, max_n
         idx = [i for i, p in enumerate(problems) if p["dataset"] == name]
         # bos=True: the tokenizer's own default, which is what the authors' call gets (see AUTHORS_PROMPT)
         prompts = {i: tokenizer.encode(format_prompt(problems[i], protocol), bos=True) for i in idx}
+        room, cut = ctx - max_new_tokens, [i for i in idx if len(prompts[i]) > ctx - max_new_tokens]
+        for i in cut:
+            prompts[i] = cut_left(prompts[i], room, tokenizer.bos_id)
+        if cut:
+            print(f"note: {len(cut)} of {len(idx)} {name} prompts are longer than {room} tokens (the model's {ctx} "
+                  f"positions less {max_new_tokens} new tokens); {PROMPT_RULE}", file=sys.stderr)
         order = sorted(idx, key=lambda i: -len(prompts[i]))
         t0, last = time.time(), 0.0
         for b in range(0, len(order), batch_size):
@@ -642,37 +831,61 @@ def print_table(metrics: dict, file=None):
 # CLI
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value, bad choice) raise a one-line ValueError instead
+    of printing the usage block: a command line prints `error: ...` and exits 2, like any bad input.
+    (cli.Parser does the same for train.py; it could be this class: cli imports eval_math.)"""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Accuracy of a model on math word problems (decoding and scoring: --protocol).")
+    p.add_argument("--model", default="tiny",
+                   help="model folder, a .gguf file, smollm2-135m, or a preset name (random init)")
+    p.add_argument("--data", default="synth-source,synth-target",
+                   help="comma-separated: gsm8k, synth-source, synth-target, synth-source-facts, a name under "
+                        "--data-dir, a file or folder")
+    p.add_argument("--split", default="test", choices=SPLITS, help="train or test")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N problems of each dataset (more than a dataset has: all of it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: lift-authors 256; else 512, or ~1.5x the longest built-in solution (at most half "
+                        "the model's context); must be less than the model's context")
+    p.add_argument("--protocol", default="nanopeft", choices=PROTOCOLS,
+                   help="nanopeft (first '#### N', greedy), lift-authors (the LIFT authors' script exactly: their "
+                        "prompt, 4 beams, 256 tokens, last number, first capital A-E) or llm-adapters (an "
+                        "approximation of LLM-Adapters' rules; see docs/evaluation.md)")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help=f"beams (1 = greedy, at most {MAX_BEAMS}); default: the protocol's")
+    p.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and metrics.json")
+    p.add_argument("--data-dir", default=None, help="where dataset names are looked up ($NANOPEFT_DATA or ./dataset)")
+    p.add_argument("--seed", type=int, default=0, help="picks the synthetic problems (and a preset's init)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), "
+                        "float32 otherwise")
+    return p
+
+
 def main(argv=None):
+    """The command line: bad input is one line on stderr (`error: ...`) and exit status 2, found
+    before the model loads wherever the model is not needed to judge it."""
     import torch
-    ap = argparse.ArgumentParser(description="Accuracy of a model on math word problems (decoding and scoring: "
-                                             "--protocol).")
-    ap.add_argument("--model", default="tiny",
-                    help="model folder, a .gguf file, smollm2-135m, or a preset name (random init)")
-    ap.add_argument("--data", default="synth-source,synth-target",
-                    help="comma-separated: gsm8k, synth-source, synth-target, synth-source-facts, a name under "
-                         "--data-dir, a file or folder")
-    ap.add_argument("--split", default="test", help="train or test")
-    ap.add_argument("--limit", type=int, default=None, help="first N problems of each dataset")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=None,
-                    help="default: lift-authors 256; else 512, or ~1.5x the longest built-in solution")
-    ap.add_argument("--protocol", default="nanopeft", choices=PROTOCOLS,
-                    help="nanopeft (first '#### N', greedy), lift-authors (the LIFT authors' script exactly: their "
-                         "prompt, 4 beams, 256 tokens, last number, first capital A-E) or llm-adapters (an "
-                         "approximation of LLM-Adapters' rules; see docs/evaluation.md)")
-    ap.add_argument("--num-beams", type=int, default=None, help="beams (1 = greedy); default: the protocol's")
-    ap.add_argument("--out", default="out/eval", help="folder for predictions.jsonl and metrics.json")
-    ap.add_argument("--data-dir", default=None, help="where dataset names are looked up ($NANOPEFT_DATA or ./dataset)")
-    ap.add_argument("--seed", type=int, default=0, help="picks the synthetic problems (and a preset's init)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default: bfloat16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), "
-                         "float32 otherwise")
-    args = ap.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         metrics, out = run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory on the device ({str(e).splitlines()[0][:200]}); use a smaller --batch-size "
+              "or fewer --num-beams", file=sys.stderr)
+        sys.exit(2)
     except (ValueError, OSError, ConnectionError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
 
 
@@ -684,23 +897,52 @@ def check_at_least(args, **least):
             raise ValueError(f"--{flag.replace('_', '-')} {value} is not allowed: it must be >= {bound}")
 
 
-def run(args):
-    """The CLI's work: every setting checked before the model loads; (metrics, output folder)."""
+def check_device(device: str) -> str:
+    """--device: cpu, cuda / cuda:N of a GPU that exists here, or mps where available; the torch
+    device string. A name torch does not know, or a device this machine lacks, is one line."""
     import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: no Apple GPU (mps) is available here; use --device cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"--device {device}: not supported; use cpu, cuda or cuda:N")
+    return str(d)
+
+
+def run(args):
+    """The CLI's work: every setting checked before the model loads (the data read and checked too),
+    then the decoding settings against the model's context, and its weights finite; (metrics, folder)."""
+    import torch
+    from weights import check_finite
     check_at_least(args, batch_size=1, max_new_tokens=1, limit=1, num_beams=1)
+    check_decoding(sys.maxsize, args.max_new_tokens, args.num_beams, args.batch_size, args.protocol)
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed {args.seed} is not allowed: 0 <= seed < 2**63")
+    if not args.out.strip():
+        raise ValueError("--out '' names no folder")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a folder for predictions.jsonl and metrics.json")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-    if args.dtype == "float16" and not args.device.startswith("cuda"):
-        raise ValueError(f"--dtype float16 on {args.device}: CPUs have no fast fp16 matrix products; use float32 or "
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "float16" and not device.startswith("cuda"):
+        raise ValueError(f"--dtype float16 on {device}: CPUs have no fast fp16 matrix products; use float32 or "
                          "bfloat16 there (float16 is for CUDA GPUs)")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if bf16_fast(device) else "float32"))
+    problems = load_all(args.data, args.split, args.limit, args.seed, args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if bf16_fast(args.device) else "float32"))
-    problems = [p for spec in args.data.split(",") if spec.strip()
-                for p in load_problems(spec.strip(), args.split, args.limit, args.seed, args.data_dir)]
-    model, tokenizer = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
+    model, tokenizer = load(args.model, dtype=dtype, device=device, seed=args.seed)
+    check_finite(model, args.model)
+    check_decoding(model.config.max_seq_len, args.max_new_tokens, args.num_beams, args.batch_size, args.protocol)
     names = sorted({p["dataset"] for p in problems})
     print(f"{len(problems)} problems ({', '.join(names)}), model {args.model}, batch {args.batch_size}", file=sys.stderr)
     metrics = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens, protocol=args.protocol,
@@ -711,7 +953,7 @@ def run(args):
         for p in metrics["predictions"]:
             f.write(json.dumps(p) + "\n")
     summary = {k: v for k, v in metrics.items() if k != "predictions"}
-    (out / "metrics.json").write_text(json.dumps({**summary, "args": vars(args)}, indent=2))
+    (out / "metrics.json").write_text(json.dumps({**summary, "args": {**vars(args), "device": device}}, indent=2))
     return metrics, out
 
 

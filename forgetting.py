@@ -15,6 +15,7 @@ No labels needed: the papers' "learn the target, keep the rest" (LIFT §7.1) on 
 "rest" is whatever it had learned.
 """
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -113,8 +114,13 @@ def forgetting_set(model, tok, args, cache: Path):
     computed on the first run and cached (a torch file, read with weights_only=True)."""
     f = cache / f"selftext-{args.forget_prompts}.pt"
     if f.exists():
-        d = torch.load(f, weights_only=True)
-        return d["texts"], d["ref"]
+        try:
+            d = torch.load(f, weights_only=True)
+            return d["texts"], d["ref"]
+        except OSError:  # permission denied and the like: the system's own reason
+            raise
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError, TypeError, IndexError) as e:
+            print(f"note: the forgetting cache {f} is unreadable ({type(e).__name__}); measuring it again", flush=True)
     print(f"forgetting set: the base model's greedy continuations of {args.forget_prompts} neutral prompts "
           "(first run only)", flush=True)
     texts = self_text(model, tok, args.forget_prompts, batch_size=args.eval_batch_size)

@@ -24,6 +24,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     the batch and the KV cache, so the rest decode without it. num_beams > 1: beam_search."""
     if num_beams > 1:
         return beam_search(model, prompts, max_new_tokens, stop_ids, pad_id, num_beams)
+    check_room(model, prompts, max_new_tokens, num_beams)
     B, P = len(prompts), max(len(p) for p in prompts)
     tokens, positions, valid, mask = _left_pad(model, prompts, max_new_tokens, pad_id)
     stop_set, out, rows = set(stop_ids), [[] for _ in prompts], list(range(B))  # rows: batch row -> prompt
@@ -51,6 +52,61 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     finally:
         model.clear_cache()
     return out
+
+
+def check_room(model: Transformer, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1):
+    """Before anything is allocated: the longest prompt plus the new tokens fit the model's
+    positions (max_seq_len), and what decoding allocates fits the device's free memory
+    (decoding_bytes); one-line ValueErrors otherwise (a caller cuts or refuses long prompts first)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt (at least one token each)")
+    for name, v in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} is not allowed: a whole number >= 1")
+    P, ctx = max(len(p) for p in prompts), model.config.max_seq_len
+    if P + max_new_tokens > ctx:
+        raise ValueError(f"a prompt of {P} tokens plus {max_new_tokens} new tokens is more than the model's {ctx} "
+                         "positions; shorten the prompt or ask for fewer new tokens")
+    need, free = decoding_bytes(model, len(prompts), P, max_new_tokens, num_beams), free_memory(model.embed_tokens.weight.device)
+    if free is not None and need > free:
+        raise ValueError(f"decoding {len(prompts)} prompts x {num_beams} beams x {P + max_new_tokens} positions needs "
+                         f"~{need / 2**30:.1f} GiB (KV cache, masks, beams), more than the {free / 2**30:.1f} GiB free on "
+                         f"{model.embed_tokens.weight.device}: use a smaller batch, fewer beams or fewer new tokens")
+
+
+def decoding_bytes(model: Transformer, B: int, P: int, T: int, K: int = 1) -> int:
+    """What generate / beam_search allocate besides the weights, in bytes: the KV cache (2 tensors
+    per layer of [B*K, n_kv_heads, P + T, head_dim]), the prefill's [B, P, P] mask and last logits,
+    and for beams the [B, K', T] int64 hypotheses (run, finished and the 2K candidates: ~6 copies)
+    and the [B*K, vocab] fp32 log-probabilities (~3 copies). An estimate within a small factor."""
+    cfg, size = model.config, model.embed_tokens.weight.element_size()
+    kv = 2 * cfg.n_layers * B * K * cfg.n_kv_heads * (P + T) * cfg.head_dim * size
+    logits = B * K * cfg.vocab_size * 4 * (3 if K > 1 else 1)
+    beams = 6 * B * K * T * 8 if K > 1 else 0
+    return kv + B * P * P + B * P * cfg.dim * 4 + logits + beams
+
+
+def free_memory(device) -> int | None:
+    """Bytes free for new tensors on `device`: CUDA's free memory plus what PyTorch holds cached but
+    unused; on a CPU the kernel's MemAvailable (and the cgroup's limit when lower). None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:  # a container's own limit (cgroup v2)
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def _left_pad(model, prompts, max_new_tokens, pad_id):
@@ -81,6 +137,7 @@ def beam_search(model: Transformer, prompts: list[list[int]], max_new_tokens: in
     taking finished hypotheses once no running one can beat its worst finished one (transformers'
     heuristic for early_stopping=False). Returns each prompt's best finished hypothesis, without
     its stop token (the LLM-Adapters evaluation the papers used decodes with 4 beams)."""
+    check_room(model, prompts, max_new_tokens, num_beams)
     device = model.embed_tokens.weight.device
     B, P, K, T = len(prompts), max(len(p) for p in prompts), num_beams, max_new_tokens
     tokens, positions, valid, mask = _left_pad(model, prompts, T, pad_id)

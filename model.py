@@ -38,10 +38,25 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        """Fill the derived sizes; refuse what no model can be built from, one line naming the field
+        (weights.py checks a file's keys first and names the file)."""
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "hidden_dim",
+                     "head_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf):
+                raise ValueError(f"{name}={v!r} must be a positive number")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads} and no head_dim is given")
             self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates the two halves of a head)")
         if self.hidden_dim is None:  # Meta's llama reference: FeedForward.__init__
             hidden = int(2 * (4 * self.dim) / 3)
             if self.ffn_dim_multiplier is not None:

@@ -9,7 +9,6 @@ merge that creates it, which is how byte-level BPE vocabularies are built, so ra
 (checked on load: a vocabulary in another order is refused, never tokenized differently).
 """
 import json
-import os
 import shutil
 import unicodedata
 from pathlib import Path
@@ -72,10 +71,12 @@ class Tokenizer:
         """Llama-3 `tokenizer.model`: base64 token + rank per line, then Meta's 256 specials."""
         from tiktoken.load import load_tiktoken_bpe
         path = str(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         try:
             ranks = load_tiktoken_bpe(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tokenizer file {path!r} does not exist") from None
+        except OSError:  # permission denied and the like: the system's own reason
+            raise
         except Exception as e:
             raise ValueError(f"tokenizer file {path!r} is not a tiktoken BPE file ({e})") from None
         names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
@@ -95,7 +96,9 @@ class Tokenizer:
         try:
             tj = json.loads(path.read_text())
             vocab, merges = tj["model"]["vocab"], tj["model"].get("merges", [])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except OSError:  # missing, permission denied: the system's own reason
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{str(path)!r} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
         model, pre, dec = tj["model"], tj.get("pre_tokenizer") or {}, tj.get("decoder") or {}
         steps = pre.get("pretokenizers", [pre]) if pre else []
@@ -138,6 +141,12 @@ class Tokenizer:
     def _bpe(cls, name, vocab: dict[str, int], merges, specials, pat, bos, eos, pad, stops, source, add_bos,
              split_digits, unk, normalizer, prefix_space, hf) -> "Tokenizer":
         """tiktoken ranks from a byte-level vocabulary (printable strings -> bytes, rank = id)."""
+        if not isinstance(vocab, dict) or not all(isinstance(t, str) and type(i) is int and i >= 0 for t, i in vocab.items()):
+            raise ValueError(f"{source!r}: the vocabulary must map token strings to ids >= 0")
+        bad = next((m for m in merges if not (isinstance(m, (list, tuple)) and len(m) == 2
+                                               and all(isinstance(x, str) for x in m))), None)
+        if bad is not None:
+            raise ValueError(f"{source!r}: merge {bad!r} is not a pair of tokens")
         to_byte = byte_decoder()
         ranks = {}
         for tok, i in vocab.items():
@@ -173,9 +182,17 @@ class Tokenizer:
         if kind != "gpt2":
             raise ValueError(f"{path!r}: tokenizer.ggml.model is {kind!r}, not byte-level BPE ('gpt2'); "
                              "SentencePiece vocabularies (Llama-2, TinyLlama) are not supported")
-        tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type", [])
+        tokens, types = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.token_type", [])
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise ValueError(f"{path!r} has no tokenizer.ggml.tokens (a list of token strings); it holds no vocabulary")
+        if not isinstance(types, list):
+            raise ValueError(f"{path!r}: tokenizer.ggml.token_type is {type(types).__name__}, not a list")
         if "tokenizer.ggml.eos_token_id" not in fields:
             raise ValueError(f"{path!r} has no tokenizer.ggml.eos_token_id: nothing would end a generation")
+        for key in ("eos_token_id", "bos_token_id", "padding_token_id", "unknown_token_id"):
+            v = fields.get(f"tokenizer.ggml.{key}")
+            if v is not None and not (isinstance(v, int) and 0 <= v < len(tokens)):
+                raise ValueError(f"{path!r}: tokenizer.ggml.{key} is {v!r}; expected a token id 0..{len(tokens) - 1}")
         pre = fields.get("tokenizer.ggml.pre", "default")
         pat = GGUF_PRE.get(pre)
         if pat is None:
@@ -183,7 +200,7 @@ class Tokenizer:
             pat = GPT2_PAT
         vocab = {t: i for i, t in enumerate(tokens)}
         specials = {tokens[i]: i for i, ty in enumerate(types) if ty == 3}  # 3 = CONTROL
-        merges = [m.split(" ") for m in fields.get("tokenizer.ggml.merges", [])]
+        merges = [m.split(" ") if isinstance(m, str) else m for m in fields.get("tokenizer.ggml.merges", [])]
         name = lambda key: tokens[fields[key]] if key in fields else None
         eos = name("tokenizer.ggml.eos_token_id")
         bos, pad, unk = name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.padding_token_id") or eos, \

@@ -4,7 +4,10 @@ folders (params.json + consolidated.*.pth), llama.cpp GGUF files (dequantized wi
 presets and named models (`load`), and saving in Hugging Face format, atomically.
 """
 import json
+import math
+import numbers
 import os
+import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -15,44 +18,92 @@ from model import PRESETS, ModelConfig, Transformer, rope_frequencies
 from tokenizer import Tokenizer
 
 
-def config_from_hf(d: dict) -> ModelConfig:
+_REQUIRED = object()
+KINDS = {"int": "a positive integer", "number": "a positive number", "bool": "true or false", "str": "text",
+         "dict": "an object"}
+
+
+def _key(d: dict, key: str, where: str, kind: str = "int", default=_REQUIRED):
+    """d[key], checked: present (or `default` when absent or null) and of `kind` (KINDS: integers and
+    numbers must be positive and finite); otherwise one line naming the file, the key, the value and
+    what is expected ("192" as a string is not an integer)."""
+    v = d.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{where} has no {key!r}: it needs {KINDS[kind]}")
+        return default
+    ok = {"int": lambda: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0,
+          "number": lambda: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+          "bool": lambda: isinstance(v, bool), "str": lambda: isinstance(v, str), "dict": lambda: isinstance(v, dict)}
+    if not ok[kind]():
+        raise ValueError(f"{where}: {key!r} is {v!r} ({type(v).__name__}); expected {KINDS[kind]}")
+    return int(v) if kind == "int" else float(v) if kind == "number" else v
+
+
+def _config(where: str, **kw) -> ModelConfig:
+    """ModelConfig(**kw), its cross-field checks (heads, head_dim) named after the file."""
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _llama3_scaling(rope: dict, where: str) -> dict:
+    """Llama-3 RoPE scaling's four numbers, checked (high_freq_factor > low_freq_factor: the smooth band)."""
+    s = {k: _key(rope, k, where, "number") for k in ("factor", "low_freq_factor", "high_freq_factor")}
+    s["original_max_position_embeddings"] = _key(rope, "original_max_position_embeddings", where)
+    if s["high_freq_factor"] <= s["low_freq_factor"]:
+        raise ValueError(f"{where}: rope scaling's high_freq_factor {s['high_freq_factor']:g} must be more than its "
+                         f"low_freq_factor {s['low_freq_factor']:g}")
+    return s
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
     """From a Hugging Face `config.json`, as real Llama-3.x downloads have it (`rope_theta` +
-    `rope_scaling`, older transformers) or as new transformers writes it (`rope_parameters`)."""
-    if d.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json has model_type={d.get('model_type')!r}; only 'llama' is supported")
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+    `rope_scaling`, older transformers) or as new transformers writes it (`rope_parameters`).
+    Every key checked (_key): a missing or malformed one is one line naming `where` and the key."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must hold a JSON object, not {type(d).__name__}")
+    if _key(d, "model_type", where, "str", "llama") != "llama":
+        raise ValueError(f"{where} has model_type={d.get('model_type')!r}; only 'llama' is supported")
+    rope = _key(d, "rope_parameters", where, "dict", None) or _key(d, "rope_scaling", where, "dict", None) or {}
+    theta = _key(d, "rope_theta", where, "number", None) or _key(rope, "rope_theta", where, "number", 10000.0)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
-        raise ValueError(f"unsupported rope_type {kind!r} in config.json; supported: default, llama3")
-    scaling = None
-    if kind == "llama3":
-        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                        "original_max_position_embeddings")}
-    return ModelConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-                       n_kv_heads=d.get("num_key_value_heads"), vocab_size=d["vocab_size"],
-                       hidden_dim=d["intermediate_size"], head_dim=d.get("head_dim"),
-                       norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                       max_seq_len=d.get("max_position_embeddings", 8192),
-                       tie_embeddings=d.get("tie_word_embeddings", False))
+        raise ValueError(f"unsupported rope_type {kind!r} in {where}; supported: default, llama3")
+    return _config(where, dim=_key(d, "hidden_size", where), n_layers=_key(d, "num_hidden_layers", where),
+                   n_heads=_key(d, "num_attention_heads", where),
+                   n_kv_heads=_key(d, "num_key_value_heads", where, default=None),
+                   vocab_size=_key(d, "vocab_size", where), hidden_dim=_key(d, "intermediate_size", where),
+                   head_dim=_key(d, "head_dim", where, default=None),
+                   norm_eps=_key(d, "rms_norm_eps", where, "number", 1e-6), rope_theta=theta,
+                   rope_scaling=_llama3_scaling(rope, where) if kind == "llama3" else None,
+                   max_seq_len=_key(d, "max_position_embeddings", where, default=8192),
+                   tie_embeddings=_key(d, "tie_word_embeddings", where, "bool", False))
 
 
-def config_from_meta(d: dict) -> ModelConfig:
+def config_from_meta(d: dict, where: str = "params.json") -> ModelConfig:
     """From a Meta `params.json`. `use_scaled_rope` means Llama-3 scaling (low 1, high 4, original
     8192); later params.json files carry `rope_scaling_factor`. Without it the factor is 8 for
     Llama-3.1 and 32 for the Llama-3.2 1B/3B shapes: their Hugging Face config.json says 32, and
-    Meta's reference, which hard-codes 8, is known to be wrong there (llama-models issues #166, #241)."""
+    Meta's reference, which hard-codes 8, is known to be wrong there (llama-models issues #166, #241).
+    Every key checked as in config_from_hf (Llama-2's "vocab_size": -1 too: it is not supported)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must hold a JSON object, not {type(d).__name__}")
+    dim, n_layers = _key(d, "dim", where), _key(d, "n_layers", where)
     scaling = None
-    if d.get("use_scaled_rope"):
-        llama32_small = (d["dim"], d["n_layers"]) in ((2048, 16), (3072, 28))
-        scaling = {"factor": d.get("rope_scaling_factor", 32.0 if llama32_small else 8.0), "low_freq_factor": 1.0,
-                   "high_freq_factor": d.get("rope_high_freq_factor", 4.0),
-                   "original_max_position_embeddings": 8192}
-    return ModelConfig(dim=d["dim"], n_layers=d["n_layers"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads"),
-                       vocab_size=d["vocab_size"], multiple_of=d.get("multiple_of", 256),
-                       ffn_dim_multiplier=d.get("ffn_dim_multiplier"), norm_eps=d.get("norm_eps", 1e-5),
-                       rope_theta=d.get("rope_theta", 500000.0), rope_scaling=scaling,
-                       max_seq_len=d.get("max_seq_len", 8192))
+    if _key(d, "use_scaled_rope", where, "bool", False):
+        llama32_small = (dim, n_layers) in ((2048, 16), (3072, 28))
+        scaling = _llama3_scaling({"factor": d.get("rope_scaling_factor", 32.0 if llama32_small else 8.0),
+                                   "low_freq_factor": 1.0, "high_freq_factor": d.get("rope_high_freq_factor", 4.0),
+                                   "original_max_position_embeddings": 8192}, where)
+    return _config(where, dim=dim, n_layers=n_layers, n_heads=_key(d, "n_heads", where),
+                   n_kv_heads=_key(d, "n_kv_heads", where, default=None), vocab_size=_key(d, "vocab_size", where),
+                   multiple_of=_key(d, "multiple_of", where, default=256),
+                   ffn_dim_multiplier=_key(d, "ffn_dim_multiplier", where, "number", None),
+                   norm_eps=_key(d, "norm_eps", where, "number", 1e-5),
+                   rope_theta=_key(d, "rope_theta", where, "number", 500000.0), rope_scaling=scaling,
+                   max_seq_len=_key(d, "max_seq_len", where, default=8192))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -81,20 +132,30 @@ def read_weights(path) -> tuple[ModelConfig, dict]:
     (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads, and the base weights
     a fine-tuned model is saved against (checkpoint.save_merged re-reads them, so a bf16 run never rounds them)."""
     path = Path(path)
-    if not path.exists():
+    if not _exists(path):
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
     if path.is_file() and path.suffix == ".gguf":
         cfg, sd, _ = read_gguf(path)
-    elif (path / "config.json").exists():
-        cfg = config_from_hf(_read_json(path / "config.json"))
+    elif _exists(path / "config.json"):
+        cfg = config_from_hf(_read_json(path / "config.json"), repr(str(path / "config.json")))
         sd = _read_hf_weights(path)
-    elif (path / "params.json").exists():
-        cfg = config_from_meta(_read_json(path / "params.json"))
+    elif _exists(path / "params.json"):
+        cfg = config_from_meta(_read_json(path / "params.json"), repr(str(path / "params.json")))
         sd = _read_meta_weights(path, cfg)
     else:
         raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
                                 "(Hugging Face) nor params.json (Meta)")
     return cfg, sd
+
+
+def _exists(path) -> bool:
+    """Whether `path` exists; only "no such file" answers False, so a permission error (EACCES) keeps
+    its own reason instead of reading as a missing file (os.path.exists answers False to both)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 def _read_json(f: Path) -> dict:
@@ -107,9 +168,9 @@ def _read_json(f: Path) -> dict:
 def _read_hf_weights(path: Path) -> dict:
     from safetensors.torch import load_file
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
+    if _exists(index):
+        files = _shards(_read_json(index), repr(str(index)))
+    elif _exists(path / "model.safetensors"):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{str(path)!r} has config.json but no model.safetensors or model.safetensors.index.json")
@@ -117,11 +178,25 @@ def _read_hf_weights(path: Path) -> dict:
     for f in files:
         try:
             weights = load_file(str(path / f))
+        except OSError:  # missing, permission denied: the system's own reason
+            raise
         except Exception as e:  # a truncated or foreign file: safetensors' own error types
             raise ValueError(f"{str(path / f)!r} is not a readable safetensors file ({e})") from None
         for k, v in weights.items():
             sd[k.removeprefix("model.")] = v
     return sd
+
+
+def _shards(index, where: str) -> list[str]:
+    """The shard files a model.safetensors.index.json names: its "weight_map" of tensor name -> file
+    name in the same folder, checked (a missing or malformed map is one line naming the file)."""
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise ValueError(f"{where} has no 'weight_map' (an object of tensor name -> shard file name)")
+    bad = next((f for f in wm.values() if not isinstance(f, str) or not f or Path(f).name != f), None)
+    if bad is not None or not all(isinstance(k, str) for k in wm):
+        raise ValueError(f"{where}: 'weight_map' names shard {bad!r}; expected file names in the same folder")
+    return sorted(set(wm.values()))
 
 
 # Meta name -> (our name, dim along which model-parallel shards are concatenated; None = replicated)
@@ -142,11 +217,27 @@ def _meta_to_hf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
 
 
+def _load_pth(f: Path) -> dict:
+    """One consolidated.*.pth, read with torch.load(weights_only=True): a file that is not plain
+    tensors (a pickle calling code, a foreign or truncated file) is refused in one line naming it;
+    OSErrors keep their own reason."""
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except OSError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError, TypeError) as e:
+        raise ValueError(f"{str(f)!r} is not a plain torch.save file of tensors (torch.load with weights_only=True "
+                         f"refused it: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{str(f)!r} holds {type(sd).__name__}, not a dict of tensor name -> tensor")
+    return sd
+
+
 def _read_meta_weights(path: Path, cfg: ModelConfig) -> dict:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{str(path)!r} has params.json but no consolidated.*.pth")
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    shards = [_load_pth(f) for f in files]
     sd = {}
     for key in shards[0]:
         if key in _META_NAMES:
@@ -158,7 +249,12 @@ def _read_meta_weights(path: Path, cfg: ModelConfig) -> dict:
                 continue
             ours, cat_dim = _META_LAYER[".".join(parts[2:-1])]
             name = f"layers.{parts[1]}.{ours}.{parts[-1]}"
-        t = shards[0][key] if cat_dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], cat_dim)
+        if any(key not in s for s in shards):
+            raise ValueError(f"{key!r} is in {str(files[0])!r} but not in every consolidated.*.pth of {str(path)!r}")
+        try:
+            t = shards[0][key] if cat_dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], cat_dim)
+        except RuntimeError as e:
+            raise ValueError(f"the shards of {key!r} in {str(path)!r} do not fit together ({str(e)[:120]})") from None
         if name.endswith("q_proj.weight"):
             t = _meta_to_hf_qk(t, cfg.n_heads)
         elif name.endswith("k_proj.weight"):
@@ -212,31 +308,37 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
     try:
         reader = GGUFReader(path)
         fields = {k: f.contents() for k, f in reader.fields.items()}
+    except OSError:  # missing, permission denied: the system's own reason
+        raise
     except Exception as e:  # a truncated or foreign file fails inside the reader in many ways
         raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path!r} is a GGUF of architecture {arch!r}; only 'llama' is supported")
     g = lambda key, default=None: fields.get(f"llama.{key}", default)
+    key = lambda name, kind="int", default=_REQUIRED: _key(fields, f"llama.{name}", repr(path), kind, default)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise ValueError(f"{path!r} has no token_embd.weight tensor; not a llama model file")
-    dim, n_heads = g("embedding_length"), g("attention.head_count")
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
     scaling, rope_freqs = None, None
     if "rope_freqs.weight" in shapes:  # Llama-3.1+: llama.cpp stores Llama-3 scaling as per-frequency divisors
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         rope_freqs = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(-1)
         # the largest divisor is the factor (32 for Llama-3.2 1B/3B, 8 for 3.1); low 1, high 4 as Meta's
         scaling = {"factor": float(rope_freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": g("rope.scaling.original_context_length", 8192)}
+                   "original_max_position_embeddings": key("rope.scaling.original_context_length", default=8192)}
+        if not (torch.isfinite(rope_freqs).all() and scaling["factor"] > 0):
+            raise ValueError(f"{path!r}: its rope_freqs tensor holds non-positive or non-finite divisors")
     elif g("rope.scaling.type") not in (None, "none"):
         raise ValueError(f"{path!r} uses RoPE scaling {g('rope.scaling.type')!r}; supported: none, llama3")
-    cfg = ModelConfig(dim=dim, n_layers=g("block_count"), n_heads=n_heads, n_kv_heads=g("attention.head_count_kv"),
-                      vocab_size=g("vocab_size") or shapes["token_embd.weight"][0],
-                      hidden_dim=g("feed_forward_length"), head_dim=g("attention.key_length") or dim // n_heads,
-                      norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
-                      rope_scaling=scaling, max_seq_len=g("context_length", 8192),
-                      tie_embeddings="output.weight" not in shapes)
+    cfg = _config(repr(path), dim=dim, n_layers=key("block_count"), n_heads=n_heads,
+                  n_kv_heads=key("attention.head_count_kv", default=None),
+                  vocab_size=key("vocab_size", default=None) or shapes["token_embd.weight"][0],
+                  hidden_dim=key("feed_forward_length"), head_dim=key("attention.key_length", default=None),
+                  norm_eps=key("attention.layer_norm_rms_epsilon", "number", 1e-5),
+                  rope_theta=key("rope.freq_base", "number", 10000.0), rope_scaling=scaling,
+                  max_seq_len=key("context_length", default=8192), tie_embeddings="output.weight" not in shapes)
     if rope_freqs is not None:  # our scaled frequencies must be exactly the file's
         plain = rope_frequencies(ModelConfig(**{**asdict(cfg), "rope_scaling": None}))
         if not torch.allclose(plain / rope_freqs, rope_frequencies(cfg), rtol=1e-4):
@@ -364,7 +466,7 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
         check_vocab(tok, model)
         return model, tok
     path = model_file(name_or_path)
-    if not os.path.exists(path):
+    if not _exists(path):
         raise FileNotFoundError(f"model {path!r} is neither a preset ({', '.join(PRESETS)}), a named model "
                                 f"({', '.join(GGUF_MODELS)}), a .gguf file nor an existing folder")
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -377,6 +479,18 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
         tok = Tokenizer.for_model(path)
     check_vocab(tok, model)
     return model, tok
+
+
+def check_finite(model: Transformer, where: str, chunk: int = 1 << 24):
+    """Refuse a model whose weights hold nan or inf (a broken download or a diverged run): one line
+    naming `where` and the first such tensor. Looked at `chunk` numbers at a time (a small temporary)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            for i in range(0, flat.numel(), chunk):
+                if not bool(torch.isfinite(flat[i:i + chunk]).all()):
+                    raise ValueError(f"the weights of {where!r} hold non-finite values (nan or inf) in {name}; "
+                                     "refused (a broken file or a diverged run)")
 
 
 def check_vocab(tok: Tokenizer, model: Transformer):

@@ -533,5 +533,7 @@ def test_cli(tmp_path, capsys):
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(preds) == 6 and metrics["datasets"]["synth-target"]["n"] == 3 and metrics["max_new_tokens"] == 4
-    with pytest.raises(SystemExit, match="error: unknown dataset 'nosuch'"):
+    with pytest.raises(SystemExit) as e:
         E.main(["--data", "nosuch", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --data: unknown dataset 'nosuch'")
