@@ -17,10 +17,13 @@ The table averages each over the layers, per module type.
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
 
+from cli import Parser
+from experiments import check_counts, check_model, command_line
 from targets import LINEAR_NAMES, find_linears
 from weights import load
 
@@ -77,19 +80,18 @@ def print_table(per_matrix: dict, file=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", help="the model before fine-tuning: a folder, a .gguf file or a name weights.load knows")
     ap.add_argument("tuned", help="the model after fine-tuning (a merged output folder of train.py)")
     ap.add_argument("--json", default=None, help="write every matrix's measures here")
     ap.add_argument("--top-k", type=int, default=128, help="singular vectors in the alignment score")
     args = ap.parse_args(argv)
-    try:
-        if args.top_k < 1:
-            raise ValueError(f"--top-k {args.top_k} is not allowed: it must be >= 1")
-        base, tuned = load(args.base)[0], load(args.tuned)[0]
-        per_matrix = compare(base, tuned, k=args.top_k)
-    except (ValueError, OSError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    check_counts(args, top_k=(1, 65536))
+    check_model("base", args.base)
+    check_model("tuned", args.tuned)
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(args.json) or ".")):
+        raise ValueError(f"--json {args.json} is not allowed: a file in an existing folder")
+    per_matrix = compare(load(args.base)[0], load(args.tuned)[0], k=args.top_k)
     print(f"ΔW = W - W0, {args.tuned} against {args.base}; averages over layers")
     print_table(per_matrix)
     if args.json:
@@ -100,5 +102,9 @@ def main(argv=None):
     return per_matrix
 
 
+def cli(argv=None) -> int:
+    return command_line(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from cli import Parser
+from experiments import check_counts, check_model, check_number, check_threads, command_line, refuse
 from generate import generate
-from model import ModelConfig, Transformer
+from model import PRESETS, ModelConfig, Transformer
 from weights import load, save_pretrained
 
 
@@ -39,6 +41,9 @@ def _timed(fn, repeat=3):
     return best, out
 
 
+LONGEST_PROMPT = 120  # generate's prompts: 40 to 120 tokens
+
+
 def bench_generate(args):
     import tempfile
     from transformers import LlamaForCausalLM
@@ -49,7 +54,7 @@ def bench_generate(args):
             p.mul_(3)  # sharper than the init: no near-ties between greedy choices
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist()
-               for n in torch.randint(40, 120, (args.batch,), generator=g)]
+               for n in torch.randint(40, LONGEST_PROMPT, (args.batch,), generator=g)]
     new = args.new_tokens
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, d)
@@ -586,9 +591,16 @@ def bench_loss(args):
         print(f"{yn:<14}{a:>15.2f}{b:>15.2f}{b / a:>8.2f}")
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["generate", "train", "methods", "eval", "loss", "gpu", "_one"])
+# -----------------------------------------------------------------------------
+# command line
+
+WHAT = ("generate", "train", "methods", "eval", "loss", "gpu", "_one")  # _one: one method, for `methods`
+MAX_TOKENS = 2**16  # positions a batch holds (batch x seq; generate: x prompt + new tokens; eval: x new tokens)
+
+
+def build_parser():
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=WHAT)
     ap.add_argument("--batch", type=int, default=None, help="default 32 (generate, train), 4 (methods)")
     ap.add_argument("--seq", type=int, default=None, help="default 128; gpu: 512 (--micro: 32)")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -611,10 +623,95 @@ if __name__ == "__main__":
     ap.add_argument("--peak-tflops", type=float, default=None, help="gpu: the GPU's dense bf16 peak, if not in the table")
     ap.add_argument("--limit", type=int, default=16, help="eval: prompts")
     ap.add_argument("--repeat", type=int, default=3, help="eval: interleaved repetitions (the median is shown)")
-    args = ap.parse_args()
-    args.batch = args.batch or (4 if args.what in ("methods", "_one", "loss") else 8 if args.what in ("eval", "gpu")
-                                else 32)
-    args.seq = args.seq or (512 if args.what == "gpu" and not args.micro else 32 if args.micro else 128)
+    return ap
+
+
+def method_names() -> list[str]:
+    """What --methods lists: each method of methods.METHODS, and method-mode for one with modes (rocoft-row)."""
+    import methods
+    names = []
+    for name, (_, cls) in methods.METHODS.items():
+        mode = cls.__dataclass_fields__.get("mode")
+        names += [name] + [f"{name}-{m}" for m in (mode.metadata.get("choices", ()) if mode else ())]
+    return names
+
+
+def needs(what: str, *packages: str):
+    """ImportError (one line) unless each package is installed; looked up, not imported."""
+    import importlib.util
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"bench {what} needs {package} (a test dependency, not a runtime one): pip install {package}")
+
+
+def check_args(args):
+    """Every flag, before anything is built, loaded or imported: one line naming the flag, its value and
+    what is allowed. Fills in the subcommand's --batch and --seq defaults."""
+    check_counts(args, batch=(1, 4096), new_tokens=(1, 4096), rank=(1, 65536), steps=(1, 10**5), warmup=(0, 10**5),
+                 interval=(1, 10**6), rounds=(1, 100), limit=(1, 10**4), repeat=(1, 100))
+    check_threads(args)
+    if args.seq is not None and not 1 <= args.seq <= MAX_TOKENS:
+        refuse("seq", args.seq, f"1 to {MAX_TOKENS:,} tokens (a batch holds at most {MAX_TOKENS:,})")
+    if args.peak_tflops is not None:
+        check_number("peak-tflops", args.peak_tflops, allowed="the GPU's dense bf16 peak in TFLOP/s, a finite number > 0")
+    what = args.what
+    if args.batch is None:
+        args.batch = 4 if what in ("methods", "_one", "loss") else 8 if what in ("eval", "gpu") else 32
+    if args.seq is None:
+        args.seq = 512 if what == "gpu" and not args.micro else 32 if args.micro else 128
+    known = method_names()
+    names = [m.strip() for m in args.methods.split(",")]
+    for m in names:
+        if m not in known:
+            refuse("methods", args.methods, f"comma-separated names of {', '.join(known)}" + (
+                f" ({m!r} is not one; --peers adds {', '.join(PEERS)})" if m else " (an empty name)"))
+    if len(set(names)) < len(names):
+        refuse("methods", args.methods, "each method once")
+    args.methods = ",".join(names)
+    if args.method not in known + list(PEERS):
+        refuse("method", args.method, f"one of {', '.join(known + list(PEERS))}")
+    positions = {"generate": (LONGEST_PROMPT + args.new_tokens, f"(a prompt of up to {LONGEST_PROMPT} + --new-tokens "
+                              f"{args.new_tokens})"),
+                 "eval": (args.new_tokens, f"--new-tokens {args.new_tokens}")}.get(what, (args.seq, f"--seq {args.seq}"))
+    if args.batch * positions[0] > MAX_TOKENS:
+        raise ValueError(f"--batch {args.batch} x {positions[1]} = {args.batch * positions[0]:,} tokens is not "
+                         f"allowed: a batch holds at most {MAX_TOKENS:,}")
+    if what == "generate" and LONGEST_PROMPT + args.new_tokens > PRESETS["tiny"]["max_seq_len"]:
+        refuse("new-tokens", args.new_tokens, f"at most {PRESETS['tiny']['max_seq_len'] - LONGEST_PROMPT}: the tiny "
+               f"preset has {PRESETS['tiny']['max_seq_len']} positions and the prompts up to {LONGEST_PROMPT}")
+    if what == "train" and args.seq > PRESETS["tiny"]["max_seq_len"]:
+        refuse("seq", args.seq, f"at most the tiny preset's context, {PRESETS['tiny']['max_seq_len']} tokens")
+    if what in ("methods", "gpu", "_one") and args.seq < 3:
+        refuse("seq", args.seq, "at least 3 tokens (in fewer, a GSM8K-style row of sft_batches has no target)")
+    if what == "gpu" and not args.micro and not torch.cuda.is_available():
+        raise ValueError("bench gpu needs a CUDA GPU, and there is none here; --micro runs its code path on the CPU")
+    if args.model is not None:
+        if what == "eval" and args.model != "smollm2-135m" and not (args.model.endswith(".gguf") and
+                                                                    os.path.isfile(args.model)):
+            refuse("model", args.model, "smollm2-135m or a .gguf file (eval compares against transformers' GGUF "
+                   "loading of the same file)")
+        check_model("--model", args.model)
+    elif what in ("eval", "loss"):
+        check_model("--model", "smollm2-135m")
+    if what == "_one" and not (args.model_dir and os.path.isdir(args.model_dir)):
+        raise ValueError(f"bench _one needs --model-dir, the model folder `bench methods` writes; got {args.model_dir}")
+    if what in ("generate", "eval"):
+        needs(what, "transformers")
+    if what == "methods" and args.peers or what == "_one" and args.method in PEERS:
+        needs("methods --peers", "transformers", "peft")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
     torch.set_num_threads(args.threads)
-    {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "eval": bench_eval,
-     "loss": bench_loss, "gpu": bench_gpu, "_one": bench_one}[args.what](args)
+    return {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "eval": bench_eval,
+            "loss": bench_loss, "gpu": bench_gpu, "_one": bench_one}[args.what](args)
+
+
+def cli(argv=None) -> int:
+    return command_line(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -23,19 +23,24 @@ perturb.py, the real-data table in table.py, what they all share (runs, mean ± 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+import eval_math
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
 from cli import Parser, is_tiny
-from experiments import analyze
+from experiments import analyze, check_counts, check_model, check_number, check_threads, command_line, refuse
 from experiments.perturb import claim_noise, claim_overlap, claim_spectral, held_out, target_weights, text_loss
 from experiments.runs import base_path, mean_std, pm, run_train, verdict, write_json
 from experiments.table import TABLE, TABLE_SETS, claim_table, plot_table
+from model import PRESETS
 from weights import load
+
+BUILTIN_DATA = ("gsm8k", "synth-source", "synth-target", "synth-source-facts")  # eval_math.load_problems' names
 
 
 # -----------------------------------------------------------------------------
@@ -399,27 +404,68 @@ CLAIM_DEFAULTS = {
 }
 
 
+def check_data(flag: str, value: str, split: str):
+    """Each comma-separated spec of a data flag is one eval_math.load_problems reads, checked without
+    reading it: a built-in name, an existing file or folder, or a dataset name under $NANOPEFT_DATA."""
+    for spec in value.split(","):
+        path = Path(spec).expanduser()
+        if spec in BUILTIN_DATA or path.exists():
+            continue
+        if not spec or "/" in spec or path.suffix in (".json", ".jsonl"):
+            raise FileNotFoundError(f"--{flag} {value}: no such data file or folder {spec!r}")
+        try:
+            eval_math._find_named(spec, split, None)
+        except ValueError as e:
+            raise ValueError(f"--{flag} {value}: {e}") from None
+
+
+def check_args(args):
+    """Every flag, before the base model is pretrained, built or loaded: one line naming the flag, its
+    value and what is allowed. Counts have a floor and a generous ceiling (10**12 steps never finish)."""
+    check_counts(args, seeds=(1, 100), pretrain_steps=(1, 10**6), texts=(1, 1000), rank=(1, 65536), steps=(1, 10**6),
+                 batch_size=(1, 4096), eval_limit=(1, 10**5), forget_prompts=(0, 100), eval_every=(0, 10**6),
+                 num_beams=(1, eval_math.MAX_BEAMS), log_every=(1, 10**6))
+    check_threads(args)
+    tiny = is_tiny(args.model)  # the name, or a folder holding the tiny preset's shapes
+    context = PRESETS["tiny"]["max_seq_len"] if tiny else max(p["max_seq_len"] for p in PRESETS.values())
+    which = "the tiny model's context" if tiny else "the longest context of any model here"
+    if not 2 <= args.seq_len <= context:
+        refuse("seq-len", args.seq_len, f"2 to {context:,} tokens ({which})")
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens < context:
+        refuse("max-new-tokens", args.max_new_tokens, f"1 to {context - 1:,} ({which} is {context:,} positions, and "
+               "the prompt needs one)")
+    for flag, cap in (("ranks", 65536), ("sizes", 4096), ("lra_ranks", 65536)):
+        values = vars(args)[flag]
+        if max(values) > cap:
+            refuse(flag, ",".join(map(str, values)), f"comma-separated whole numbers from 1 to {cap:,}")
+    check_number("sigma", args.sigma, allowed="the noise's std, a finite number > 0")
+    check_number("scale", args.scale, allowed="the noise's Frobenius norm over ||W||_F, a finite number > 0")
+    check_number("level", args.level, 0, 1, "a target accuracy in (0, 1]")
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    known = dict(TABLE if args.claim == "table" else COMPARE)
+    unknown = [c for c in args.configs if c not in known]
+    if unknown or not args.configs:
+        raise ValueError(f"unknown --configs {unknown[0] if unknown else ''!r}; known: {', '.join(known)}")
+    if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
+        raise ValueError(f"--only-seed {args.only_seed} is not one of the seeds 0..{args.seeds - 1}")
+    check_model("--model", args.model)
+    check_data("data", args.data, "train")
+    check_data("eval-data", args.eval_data, "test")
+    if args.eval_dir is not None and not os.path.isdir(args.eval_dir):
+        raise FileNotFoundError(f"--eval-dir {args.eval_dir}: no such folder (it holds the LLM-Adapters test sets)")
+    for flag in ("out", "figures"):
+        folder = vars(args)[flag]
+        if not folder or os.path.exists(folder) and not os.path.isdir(folder):
+            refuse(flag, folder, "a folder (this is " + ("empty)" if not folder else "a file)"))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     flags = vars(args)  # the claim's defaults where a flag was not given
     for k, v in CLAIM_DEFAULTS["table" if args.claim == "table" else None].items():
         if flags[k] is None:
             flags[k] = v
-    for flag in ("seeds", "threads", "texts", "steps", "log_every", "rank", "pretrain_steps", "batch_size",
-                 "eval_limit", "num_beams", "seq_len"):
-        if flags[flag] < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {flags[flag]} is not allowed: it must be >= 1")
-    if not (math.isfinite(args.sigma) and args.sigma > 0) or not (math.isfinite(args.scale) and args.scale > 0):
-        raise ValueError(f"--sigma {args.sigma} / --scale {args.scale}: both must be positive numbers")
-    if not 0 < args.level <= 1 or args.eval_every < 0:
-        raise ValueError(f"--level {args.level} must be in (0, 1] and --eval-every {args.eval_every} >= 0")
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    known = dict(TABLE if args.claim == "table" else COMPARE)
-    unknown = [c for c in args.configs if c not in known]
-    if unknown:
-        raise ValueError(f"unknown --configs {unknown[0]!r}; known: {', '.join(known)}")
-    if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
-        raise ValueError(f"--only-seed {args.only_seed} is not one of the seeds 0..{args.seeds - 1}")
+    check_args(args)
     if args.claim in ("compare", "lorasb-init", "rows") and args.model != "tiny" and not is_tiny(args.model):
         print(f"note: training claims on {args.model} run {len(COMPARE)} x {args.seeds} fine-tunings of it")
     if args.claim == "table":
@@ -430,12 +476,7 @@ def main(argv=None):
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command_line(main, argv)
 
 
 if __name__ == "__main__":

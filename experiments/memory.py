@@ -23,10 +23,13 @@ and "end of backward" (all gradients): in between, gradients grow as activations
 the plan is within ~5% of the bytes a step allocates (the tests measure it); a process's RSS is higher.
 """
 import argparse
+import sys
 
 import torch
 
 import lift
+from cli import Parser
+from experiments import check_number, command_line, refuse
 from model import LOSS_CHUNK, ModelConfig, up_to_last_target
 
 GiB = 2**30
@@ -226,11 +229,21 @@ def methods():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu-gb", type=float, default=80, help="GPU memory in GiB (an 80 GB A100 has 80 GiB)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.2-3b,llama-3-8b", help=f"of: {', '.join(MODELS)}")
     args = ap.parse_args(argv)
+    check_number("gpu-gb", args.gpu_gb, 2, allowed="GiB of GPU memory, a finite number > 2 (the CUDA context "
+                 "and cuBLAS take ~2 GiB)")
+    names = [m.strip() for m in args.models.split(",")]
+    bad = next((m for m in names if m not in MODELS), None)
+    if bad is not None or len(set(names)) < len(names):
+        refuse("models", args.models, f"comma-separated names, each once, of {', '.join(MODELS)}"
+               + (f" ({bad!r} is not one)" if bad is not None else ""))
+    shortest = min(names, key=lambda m: MODELS[m].max_seq_len)
+    if not 1 <= args.seq <= MODELS[shortest].max_seq_len:
+        refuse("seq", args.seq, f"1 to {MODELS[shortest].max_seq_len:,} tokens (the context length of {shortest})")
     # What torch does not count as tensors stays free: the CUDA context and cuBLAS workspaces (~1-2 GiB),
     # and the caching allocator's rounding and fragmentation (reserved runs ~5-10% above allocated).
     room = (args.gpu_gb - 2) * GiB / 1.10
@@ -238,7 +251,7 @@ def main(argv=None):
           f"peak x 1.10 + 2 GiB must fit.\ntrain.py --dtype auto on CUDA: bf16 weights (full: fp32), bf16 "
           f"autocast. GiB at the largest batch without checkpointing\n(with it where that is 0); 'peak' is not "
           f"the sum: loss buffers and backward transients come and go;\n* = LoRA-SB's initial gradient pass.")
-    for name in args.models.split(","):
+    for name in names:
         cfg = MODELS[name]
         print(f"\n{name} ({n_params(cfg) / 1e9:.2f}B parameters)")
         print(f"{'method':<15}{'trainable':>14}{'batch':>7}{'ckpt':>6}{'weights':>9}{'buffers':>9}{'master':>8}"
@@ -258,5 +271,9 @@ def main(argv=None):
                 print(f"{'':<15}(LoRA-SB's gradient sums: {p['host'] / GiB:.1f} GiB of host memory)")
 
 
+def cli(argv=None) -> int:
+    return command_line(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
