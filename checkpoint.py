@@ -1,11 +1,19 @@
 """
-What a run writes and reads back: checkpoints (atomic, read with weights_only=True so a checkpoint
-never runs code; resume is bit-identical and refuses a checkpoint of other run-defining settings),
-the stop requests (Ctrl-C, SIGTERM) that checkpoint and stop, and the run's results: the method's
-adapter (adapter.safetensors) and the merged model in the base checkpoint's own dtype.
+What a run writes and reads back: its --out folder (claimed before anything loads: never the base
+model's folder or the built-in base's cache, never a folder of someone else's files without
+--overwrite), checkpoints (read with weights_only=True so a checkpoint never runs code; resume is
+bit-identical and refuses a checkpoint of other run-defining settings), the stop requests (Ctrl-C,
+SIGTERM) that checkpoint and stop, and the run's results: the method's adapter (adapter.safetensors)
+and the merged model in the base checkpoint's own dtype. Every file is written fresh under a unique
+temporary name and renamed into place (write_atomic, publish): a crash leaves the old file or the
+new one, and a link planted in --out is replaced, never written through.
 """
+import json
 import os
+import re
+import shutil
 import signal
+import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -34,12 +42,9 @@ def save_checkpoint(path, model, optimizer, base_keys, step, args, s, world=1):
             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "run": run_defining(args, s, world)}
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write never destroys the last good checkpoint
+    try:  # atomic: a crash mid-write never destroys the last good checkpoint
+        write_atomic(path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # a full disk: torch reports it as either
-        Path(tmp).unlink(missing_ok=True)
         kept = f"the checkpoint in {path} from before is kept" if Path(path).exists() else "no checkpoint was written"
         raise OSError(f"could not write the checkpoint of step {step} to {path} ({e}); {kept}") from None
 
@@ -57,16 +62,25 @@ def run_defining(args, s, world: int) -> dict:
 
 
 def load_checkpoint(path, method, mmap=False):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}")
+    try:
+        open(path, "rb").close()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}") from None
+    except OSError as e:  # permission denied is not "missing"
+        raise OSError(f"--resume: cannot read the checkpoint {str(path)!r} ({e.strerror})") from None
     try:
         # weights_only: a checkpoint never runs code; mmap (for the check before the model loads): read the
         # settings without reading every tensor, which resume() reads anyway
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"--resume: checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__})") from None
-    if ckpt.get("method") != method:
-        raise ValueError(f"--resume: {str(path)!r} is a checkpoint of method {ckpt.get('method')!r}, not {method!r}")
+    parts = {"method": str, "step": int, "model": dict, "optimizer": dict, "rng": torch.Tensor, "cuda_rng": list}
+    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in parts.items()) or ckpt["step"] < 0 \
+            or not isinstance(ckpt.get("run", {}), dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise ValueError(f"--resume: {str(path)!r} is not a nanopeft checkpoint (it lacks the parts a run saves: "
+                         f"{', '.join(parts)}, run)")
+    if ckpt["method"] != method:
+        raise ValueError(f"--resume: {str(path)!r} is a checkpoint of method {ckpt['method']!r}, not {method!r}")
     return ckpt
 
 
@@ -93,11 +107,15 @@ def resume(path, model, optimizer, args, s) -> int:
     missing = set(ckpt["model"]) - set(model.state_dict())
     if missing:
         raise ValueError(f"--resume: checkpoint has entries this model lacks: {sorted(missing)[:3]}")
-    model.load_state_dict(ckpt["model"], strict=False)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    try:  # (the run-defining settings matched: a checkpoint that does not fit was altered by hand)
+        model.load_state_dict(ckpt["model"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    except (KeyError, IndexError, TypeError, RuntimeError) as e:
+        raise ValueError(f"--resume: the checkpoint {str(path)!r} does not fit this model and method "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -126,25 +144,144 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+# The files a run writes into --out (the merged model, every tokenizer's files, the adapter, the checkpoint,
+# the log, the metrics) and its marker, written first: together, the sign of "an earlier nanopeft run's
+# folder", which a new run may write over. Temporaries start with TMP and have unique names.
+MARKER = ".nanopeft"
+OUTPUTS = frozenset({MARKER, "config.json", "model.safetensors", "adapter.safetensors", "ckpt.pt", "log.jsonl",
+                     "metrics.json", "nanopeft_tokenizer.json", "tokenizer.json", "tokenizer_config.json",
+                     "generation_config.json", "tokenizer.model"})
+TMP = ".nanopeft-tmp-"
+SHADOW = "model.safetensors.index.json"  # beside model.safetensors, a loader would read its shards instead
+# folders whose files other runs read back, never an --out (nor a folder inside one): the built-in base
+# cached by builtin.base_dir, its pretraining run (.run), and the base measurements of train.base_cache
+CACHES = re.compile(r"base-tiny-\d+(\.run)?|base-cache")
+
+
+def write_atomic(path, write):
+    """Write `path` as a new file: `write(f)` (or the bytes `write`) fills a temporary beside it, created
+    fresh under a unique name (tempfile.mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW), which then replaces `path`
+    in one rename. A crash leaves the old file or the new one, never half of one; a link at `path` is
+    replaced, never written through."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f) if callable(write) else f.write(write)
+        usual_permissions(tmp)  # mkstemp makes it rw------- whatever the umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_log(path: Path, append: bool):
+    """log.jsonl for writing: a fresh run's is a new file renamed into place at once (a fresh run starts a
+    fresh log); --resume appends to the earlier run's, opened without following a link."""
+    if append:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=TMP + path.name + ".", dir=path.parent)
+        usual_permissions(tmp)
+        os.replace(tmp, path)
+    return os.fdopen(fd, "w")
+
+
+def publish(out: Path, save):
+    """The files `save(folder)` writes into a new folder (weights.save_pretrained, the tokenizer's save),
+    made in a fresh temporary folder inside `out` and renamed into `out` one by one, model.safetensors
+    last: no file there is written through a link, and a folder with the new weights has the rest."""
+    tmp = Path(tempfile.mkdtemp(prefix=TMP, dir=out))
+    folder = tmp / "model"
+    try:
+        try:
+            save(folder)
+        except OSError as e:  # (weights.save_pretrained's one line names the folder it was given)
+            raise OSError(str(e).replace(str(folder), str(out))) from None
+        for f in sorted(folder.iterdir(), key=lambda f: f.name == "model.safetensors"):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def protected(args) -> list[tuple[str, Path]]:
+    """(what, where) a run reads and never writes into: the base model it trains from, and every
+    built-in base cached under ./out (with its pretraining folder)."""
+    if args.builtin:
+        found = [("the built-in base model's cache", base_dir(args)), ("its pretraining folder",
+                                                                       Path(f"{base_dir(args)}.run"))]
+    else:
+        found = [] if args.model in PRESETS else [(f"--model {args.model}", Path(model_file(args.model)).expanduser())]
+    found += [("a cached built-in base model", p) for p in Path("out").glob("base-tiny-*")]
+    return [(what, Path(os.path.realpath(p))) for what, p in found]
+
+
+def check_out_place(args):
+    """--out is never the folder of the base model the run reads, inside it or around it, nor a cache."""
+    out = Path(os.path.realpath(args.out))
+    for part in out.parts:
+        if CACHES.fullmatch(part):
+            raise ValueError(f"--out {args.out} is not allowed: {part} is a cache other runs read back (a built-in "
+                             "base model or base measurements), which a run never writes into; choose another folder")
+    for what, p in protected(args):
+        rel = "is" if out == p else "is inside" if out.is_relative_to(p) else "contains" if p.is_relative_to(out) else ""
+        if rel:
+            where = "" if what.endswith(str(p)) else f" ({p})"
+            raise ValueError(f"--out {args.out} is not allowed: it {rel} {what}{where}, which the run reads and never "
+                             "writes into; choose another folder")
+
+
+def _ours(entry: Path) -> bool:
+    """Whether an entry of --out is one an earlier run writes: a plain file (not a link) of one of its
+    names, or one of its temporaries."""
+    return not entry.is_symlink() and (entry.name.startswith(TMP) or (entry.name in OUTPUTS and entry.is_file()))
+
+
+def _show(entries) -> str:
+    kind = lambda e: " (a link)" if e.is_symlink() else " (a folder)" if e.is_dir() else ""
+    return ", ".join(e.name + kind(e) for e in entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+
+
 def claim_out(args, s):
-    """--out, checked before anything is loaded: a checkpoint there is never overwritten without
-    --resume or --overwrite, and the folder must be writable. --overwrite deletes nothing here: the
-    old files are replaced as the new run writes its own (its log from the first step on)."""
+    """--out, checked before anything is loaded, then marked as this run's (MARKER). Refused: the base
+    model's folder, a folder inside or around it, a cache (check_out_place); a file; a folder holding
+    anything but an earlier nanopeft run's files, unless --overwrite (which still deletes nothing here:
+    the run's files replace their namesakes as it writes them); the checkpoint of an earlier run
+    without --resume or --overwrite. An empty or new folder is fine."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {args.out} is a file, not a folder")
-    if (out / "ckpt.pt").exists() and not (args.resume or args.overwrite):
+    check_out_place(args)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
+        entries = sorted(out.iterdir()) if out.exists() else []
+    except OSError as e:
+        raise ValueError(f"--out {args.out} cannot be read ({e.strerror})") from None
+    ckpt = out / "ckpt.pt"
+    if args.overwrite:  # a folder where the run writes a file: the rename would fail after training
+        if folders := [e for e in entries if e.name in OUTPUTS and e.is_dir() and not e.is_symlink()]:
+            raise ValueError(f"--out {args.out} holds a folder named {folders[0].name}, where the run writes a file; "
+                             "move it, or choose another --out")
+    elif args.resume:  # the checkpoint's folder: the run's own files, links and folders are not its
+        if bad := [e for e in entries if (e.name in OUTPUTS or e.name == SHADOW) and not _ours(e)]:
+            raise ValueError(f"--out {args.out} holds {_show(bad)}, which no nanopeft run wrote and --resume would "
+                             "replace; move it, or start afresh with --overwrite")
+    elif ckpt.exists():
         raise ValueError(f"--out {args.out} holds the checkpoint of an earlier run: continue it with --resume, "
                          "or start afresh with --overwrite")
+    elif foreign := [e for e in entries if not _ours(e)]:
+        raise ValueError(f"--out {args.out} holds files no nanopeft run wrote ({_show(foreign)}); nothing was changed: "
+                         "choose a new or empty --out, or replace the run's files there with --overwrite")
+    elif entries and not (out / MARKER).is_file():
+        raise ValueError(f"--out {args.out} holds {_show(entries)} but no sign that a nanopeft run wrote them (its "
+                         f"{MARKER} or ckpt.pt); nothing was changed: choose a new or empty --out, or replace them "
+                         "with --overwrite")
+    if args.resume:
+        check_resumable(ckpt, args, s)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        write_atomic(out / MARKER, json.dumps({"written_by": "nanopeft train.py", "method": args.method}).encode())
     except OSError as e:
-        raise ValueError(f"--out {args.out} cannot be written ({e.strerror})") from None
-    if args.resume:
-        check_resumable(out / "ckpt.pt", args, s)
+        raise ValueError(f"--out {args.out} cannot be written ({e.strerror or e})") from None
 
 
 def save_adapter(module, model, optimizer, out: Path):
@@ -153,15 +290,12 @@ def save_adapter(module, model, optimizer, out: Path):
     if trains_base(module):
         (out / "adapter.safetensors").unlink(missing_ok=True)
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
     try:
-        save_file(state, str(out / "adapter.safetensors.tmp"))
-        os.replace(out / "adapter.safetensors.tmp", out / "adapter.safetensors")
+        write_atomic(out / "adapter.safetensors", save(state))
     except Exception as e:  # a full disk: safetensors raises its own error type
-        (out / "adapter.safetensors.tmp").unlink(missing_ok=True)
         raise OSError(f"could not write {out / 'adapter.safetensors'} ({e}); the checkpoint is kept") from None
-    usual_permissions(out / "adapter.safetensors")
 
 
 def base_weights(model_path, args) -> dict:
@@ -178,8 +312,8 @@ def base_weights(model_path, args) -> dict:
 
 
 @torch.no_grad()
-def save_merged(model, args, s, model_path) -> dict:
-    """Save the fine-tuned model to args.out in the base checkpoint's own dtypes (fp32 in, fp32 out; bf16
+def save_merged(model, tok, args, s, model_path) -> dict:
+    """Save the fine-tuned model and its tokenizer to args.out in the base checkpoint's own dtypes (fp32 in, fp32 out; bf16
     in, bf16 out; a GGUF: fp32), computed in fp32 from the base weights as stored on disk plus the
     method's exact fp32 update (adapter.safetensors; full fine-tuning: its trained weights). A run
     whose base was loaded in bf16 thus never rounds the checkpoint: every tensor the method does not
@@ -200,7 +334,9 @@ def save_merged(model, args, s, model_path) -> dict:
         moved = W != base[k].float()
         changed += int(moved.sum())
         rounded += int((moved & (sd[k] == base[k])).sum())
-    save_pretrained(model, args.out, state_dict=sd)
+    out = Path(args.out)
+    (out / SHADOW).unlink(missing_ok=True)  # (only --overwrite lets one sit there) its shards would win on loading
+    publish(out, lambda folder: (save_pretrained(model, folder, state_dict=sd), tok.save(folder)))
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
     where = " (the GGUF's weights dequantized)" if model_file(model_path).endswith(".gguf") else ""
     line = f"saved the merged model in {'/'.join(dtypes)}, the base checkpoint's dtype{where}"

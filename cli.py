@@ -6,6 +6,8 @@ Every flag and setting is checked here, before anything is loaded: a bad value i
 import argparse
 import json
 import math
+import os
+import re
 import types
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,7 +18,7 @@ import eval_math
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
 from methods import METHODS
 from model import PRESETS
-from targets import LINEAR_NAMES
+from targets import LINEAR_NAMES, positive_finite
 
 HELP = """
 The one plain training loop every method shares.
@@ -97,6 +99,8 @@ class Parser(argparse.ArgumentParser):
     command line prints `error: ...` and exits 2, like every other bad input."""
 
     def error(self, message):
+        if message.endswith("expected one argument"):  # argparse takes -1e-3 for a flag
+            message += " (a value that starts with '-' is written --flag=VALUE, e.g. --lr=-1e-3)"
         raise ValueError(message)
 
 
@@ -215,6 +219,10 @@ def parse_args(argv=None) -> tuple[Run, object, dict]:
     first.add_argument("--data", default=None)
     known, _ = first.parse_known_args(argv)
     method = known.method
+    for flag, value in (("model", known.model), ("data", known.data)):
+        if value is not None and not value.strip():  # '' would fall back to a default, or to ./config.json
+            raise ValueError(f"--{flag} {value!r} is not allowed: " + ("a model folder, a .gguf file, a preset or a "
+                             "named model" if flag == "model" else "a dataset name, a file or a folder"))
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     builtin = known.model is None and known.data is None
@@ -225,6 +233,10 @@ def parse_args(argv=None) -> tuple[Run, object, dict]:
         p.error("--data needs --model (the built-in default uses neither)")
     if not 0 <= args.forget_prompts <= 100:
         p.error(f"--forget-prompts must be 0 (off) .. 100, got {args.forget_prompts}")
+    for flag in ("out", "eval_data"):  # '' would silently mean the default folder / no evaluation
+        if vars(args)[flag] is not None and not vars(args)[flag].strip():
+            p.error(f"--{flag.replace('_', '-')} '' is not allowed: " + (
+                "a folder for the run's files" if flag == "out" else "comma-separated eval specs, or none"))
     # the settings: the paper's defaults, the tiny model's own values, then what the user passed
     cls, given, origin = METHODS[method][1], {}, {}
     for f in fields(cls):
@@ -253,7 +265,7 @@ def parse_args(argv=None) -> tuple[Run, object, dict]:
             continue
         given[name], origin[name] = value, "command line"
     s = cls(**given)
-    check_settings(s)
+    check_settings(method, s)
     data = args.data or "synth-target"
     eval_data = args.eval_data if args.eval_data is not None else BUILTIN["eval_data"] if builtin else data
     run = Run(**{**flags, "builtin": builtin, "data": data, "eval_data": "" if eval_data == "none" else eval_data,
@@ -271,52 +283,87 @@ def is_tiny(model) -> bool:
     f = Path(str(model)) / "config.json"
     try:
         d = json.loads(f.read_text()) if f.is_file() else {}
-    except ValueError:
-        return False  # a corrupt config.json is reported, naming the file, when the model loads
+    except (ValueError, OSError):
+        return False  # a corrupt or unreadable config.json is reported, naming the file, when the model loads
     t = PRESETS["tiny"]
     return (d.get("hidden_size"), d.get("num_hidden_layers"), d.get("vocab_size")) == (t["dim"], t["n_layers"],
                                                                                         t["vocab_size"])
 
 
-def check_settings(s):
-    """The settings every method shares, checked once here: a bad value is one line naming its flag."""
+def check_settings(method, s):
+    """The settings every method shares, checked once here (a method's own: its Settings' __post_init__):
+    a bad value is one line naming its flag, the value and what is allowed."""
     def bad(flag, value, allowed):
         raise ValueError(f"--{flag} {value} is not allowed: {allowed}")
-    if not (math.isfinite(s.lr) and s.lr > 0):
+    if not positive_finite(s.lr):
         bad("lr", s.lr, "a positive finite learning rate")
     if not all(0 <= b < 1 for b in s.betas):
         bad("betas", ",".join(map(str, s.betas)), "two numbers in [0, 1)")
-    if not (math.isfinite(s.eps) and s.eps > 0):
+    if not positive_finite(s.eps):
         bad("eps", s.eps, "a positive number")
     if not (math.isfinite(s.weight_decay) and s.weight_decay >= 0):
         bad("weight-decay", s.weight_decay, "a number >= 0")
-    if not (s.max_grad_norm >= 0):
-        bad("max-grad-norm", s.max_grad_norm, "a norm > 0, or 0 for no clipping")
+    if s.lr * s.weight_decay >= 1:  # AdamW's decoupled decay: W <- (1 - lr * weight_decay) W every step
+        bad("weight-decay", s.weight_decay, f"each step multiplies the weights by 1 - lr x weight_decay, which at "
+            f"--lr {s.lr:g} needs weight_decay < 1/lr = {1 / s.lr:g} (0 or 0.01-0.1 are usual)")
+    if not (math.isfinite(s.max_grad_norm) and s.max_grad_norm >= 0):
+        bad("max-grad-norm", s.max_grad_norm, "a finite norm > 0, or 0 for no clipping")
     if s.schedule not in ("linear", "cosine", "constant"):
         bad("schedule", s.schedule, "linear, cosine or constant")
     if not (0 <= s.warmup_ratio <= 1):
         bad("warmup-ratio", s.warmup_ratio, "a share of the steps in [0, 1]")
-    if not (math.isfinite(s.epochs) and s.epochs > 0):
-        bad("epochs", s.epochs, "a positive number of passes (or --max-steps)")
+    if not (positive_finite(s.epochs) and s.epochs <= MAX_EPOCHS):
+        bad("epochs", s.epochs, f"a positive number of passes, at most {MAX_EPOCHS:,} (or --max-steps)")
     if s.batch_size < 1:
         bad("batch-size", s.batch_size, "a positive number of examples")
     if hasattr(s, "targets") and (not s.targets or not set(s.targets) <= set(LINEAR_NAMES)):
         bad("targets", ",".join(s.targets) or "''",
             f"comma-separated module names ({', '.join(LINEAR_NAMES)}) or all / attn / mlp")
+    for f in fields(s):  # and every other float setting of every method: nan and inf name their flag, not a diverged loss
+        v = getattr(s, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(_flag(method, f)[2:], v, "a finite number")
+
+
+MAX_EPOCHS = 10 ** 6  # --epochs: more passes than this is a typo (and epochs x steps must stay a finite count)
+SEEDS = 2 ** 32  # --seed in [0, 2**32): torch.Generator takes seeds < 2**64, and the data order seeds each
+# epoch with seed * 100003 + epoch (LIFT its refreshes with (seed * 1000003 + n) * 1009 + j)
+MAX_DIST_TIMEOUT = 365 * 86400  # --dist-timeout: seconds, at most a year (datetime.timedelta overflows far above)
 
 
 def check_run(args):
-    """The run's own flags, before anything is loaded: counts, the device, the evaluation settings."""
+    """The run's own flags, before anything is loaded: counts, the seed, the device, the evaluation settings."""
     eval_math.check_at_least(args, grad_accum=1, log_every=1, eval_batch_size=1, seq_len=2, max_steps=0,
                              save_every=0, eval_every=0, threads=0, eval_limit=1, train_limit=1, max_new_tokens=1,
                              pretrain_steps=1, num_beams=1)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if not 0 <= args.seed < SEEDS:
+        raise ValueError(f"--seed {args.seed} is not allowed: a whole number 0 <= seed < 2**32 ({SEEDS})")
+    check_device(args.device)
+    if not (positive_finite(args.dist_timeout) and args.dist_timeout <= MAX_DIST_TIMEOUT):
+        raise ValueError(f"--dist-timeout {args.dist_timeout} is not allowed: a positive number of seconds, at most "
+                         f"{MAX_DIST_TIMEOUT} (a year)")
+    cpus = os.cpu_count() or 1
+    if args.threads > cpus:  # OpenMP would start that many threads (and wait on them) at the first product
+        raise ValueError(f"--threads {args.threads} is not allowed: at most the {cpus} CPUs here (0 = torch's default)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
     if args.dtype not in DTYPES:
         why = " (fp16 training needs loss scaling, which nanopeft does not do; bf16 does not)" if args.dtype == "float16" else ""
         raise ValueError(f"--dtype {args.dtype}: not supported{why}; choose from {', '.join(DTYPES)}")
+
+
+def check_device(device: str):
+    """--device: cpu, cuda, or cuda:N for a GPU this machine has; one line otherwise (torch.device would
+    raise a RuntimeError deep in the run)."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+    if not m or (m[1] == "cpu" and m[2] is not None):
+        raise ValueError(f"--device {device!r} is not allowed: cpu, cuda, or cuda:N (the GPU numbered N)")
+    if m[1] == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if m[2] is not None and int(m[2]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"--device {device} is not allowed: this machine has {n} CUDA GPU{'s' * (n != 1)}, "
+                         f"cuda:0 .. cuda:{n - 1}")
 
 
 def print_settings(method, s, origin):

@@ -23,7 +23,6 @@ Low-Rank Fine-Tuning" (LoRA-SB, arXiv 2411.19557).
 The seam (methods.py): the settings of each method (LoRA, LoRAXS, LoRASB below, the papers' defaults),
 prepare, adapter_state, merge_adapter (the update, stated once) and merge.
 """
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import all_reduce_sum_, rank_world
-from targets import LINEAR_NAMES, adamw, find_linears, fold, replace_module, wide
+from targets import LINEAR_NAMES, adamw, find_linears, fold, positive_finite, replace_module, wide
 
 LORAXS_R_STD = 1e-5  # LoRA-XS: R drawn from N(0, sigma^2), sigma = 1e-5 (the authors' code)
 LIFT = "LIFT (Liu et al., ICML 2025)'s LoRA baseline"
@@ -68,6 +67,9 @@ class LoRA:
 
     def __post_init__(self):
         _check_rank(self.rank)
+        if self.alpha is not None and not positive_finite(self.alpha):
+            raise ValueError(f"--lora-alpha {self.alpha} is not allowed: a positive finite number (the update is scaled "
+                             "by alpha/r, so 0 trains an adapter that changes nothing; unset, alpha = 2r)")
 
 
 @dataclass
@@ -120,7 +122,7 @@ class LoRASB:
         _check_rank(self.rank)
         if self.init not in INITS:
             raise ValueError(f"unknown --lorasb-init {self.init!r}; allowed: {', '.join(INITS)}")
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
+        if not positive_finite(self.init_std):
             raise ValueError(f"--lorasb-init-std {self.init_std} is not allowed: a positive number")
         if self.init_samples is not None and (not isinstance(self.init_samples, int) or self.init_samples < 1):
             raise ValueError(f"--lorasb-init-samples must be a positive integer, got {self.init_samples!r}")
@@ -290,6 +292,9 @@ def prepare(model, s: LoRA | LoRAXS | LoRASB, batches, *, seed: int = 0, total_s
         if lr_first is None or not lr_first > 0:
             raise ValueError(f"lorasb: lr_first={lr_first} must be > 0 (the learning rate of the first optimizer step)")
         n = s.init_samples or min(n_train or 64, max(64, round(0.001 * (n_train or 0))))
+        if n_train and n > n_train:  # the estimate would repeat examples (and hold every batch it reads)
+            print(f"lorasb: --lorasb-init-samples {n} is more than the {n_train} training examples; using {n_train}")
+            n = n_train
         t0 = time.time()
         G = first_step_gradients(model, linears, batches, n)
         print(f"lorasb: averaged first full-FT step from {n} examples over {len(G)} matrices in {time.time() - t0:.1f}s")

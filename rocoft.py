@@ -174,7 +174,12 @@ def prepare(model, s: Settings, batches, *, seed=0, total_steps=None, grad_accum
         print(f"rocoft: rank {s.rank} asked but the {n_out}x{n_in} (n_out x n_in) matrices "
               f"({', '.join(sorted(names))}) have {n} {s.mode}s; using {n}")
     if s.select in ("max", "min", "mixed"):
-        norms = activation_norms(model, linears, batches, s.score_batches)
+        n_batches = s.score_batches
+        if n_train and n_batches > max(1, n_train // s.batch_size):  # more would repeat the data
+            n_batches = max(1, n_train // s.batch_size)
+            print(f"rocoft: --rocoft-score-batches {s.score_batches} is more than the {n_batches} micro-batches of "
+                  f"{s.batch_size} in the {n_train} training examples; using {n_batches}")
+        norms = activation_norms(model, linears, batches, n_batches)
     gen = torch.Generator().manual_seed(seed)
     for name, m in linears:
         n = m.weight.shape[dim]

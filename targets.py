@@ -1,11 +1,20 @@
 """
 The plumbing every PEFT method shares: the target Linear layers by name, replacing a module and
-putting a plain Linear back after merging (fold), and the AdamW every method's optimizer is.
+putting a plain Linear back after merging (fold), the AdamW every method's optimizer is, and the
+check of a setting that must be a positive finite number.
 """
+import math
+
 import torch
 import torch.nn as nn
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def positive_finite(x) -> bool:
+    """Whether a setting is a positive finite number (a learning rate, an epsilon, LoRA's alpha, a
+    standard deviation): the one check every such setting of every method uses."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def find_linears(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:

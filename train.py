@@ -28,12 +28,13 @@ import torch
 import eval_math
 import forgetting
 from builtin import base_dir, builtin_base
-from checkpoint import check_resumable, claim_out, resume, save_adapter, save_checkpoint, save_merged, stop_requests
+from checkpoint import (check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint, save_merged,
+                        stop_requests, write_atomic)
 from cli import parse_args, print_settings
 from distributed import all_reduce_sum_, rank_world, start_distributed
 from methods import METHODS, trains_base
 from model import PRESETS, bf16_fast
-from weights import load, model_file
+from weights import check_finite, load, model_file
 
 # -----------------------------------------------------------------------------
 # data: prompt + solution, loss on the solution
@@ -135,10 +136,14 @@ def log_step(log, done, total, start, losses, lr, tokens, t0):
     log.flush()
 
 
-def check_finite(value: float, what, step, ckpt_path):
+def check_step(value: float, what, step, ckpt_path):
+    """A non-finite loss or gradient norm stops the run. Settings and base weights were checked finite
+    before training, so after an update it is divergence (the lr); at step 0 no update was taken yet."""
     if not math.isfinite(value):
         kept = f"the last good checkpoint in {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
-        raise FloatingPointError(f"{what} is {value} at step {step}; stopping: {kept}. Try a lower --lr")
+        why = ("Try a lower --lr" if step > 0 else "No update was taken yet: the model as the method prepared it "
+               "gives it (check the method's settings, --dtype and the data)")
+        raise FloatingPointError(f"{what} is {value} at step {step}; stopping: {kept}. {why}")
 
 
 def print_accuracy(before: dict, after: dict, label: str):
@@ -220,8 +225,8 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
               f"all-reduces {sum(p.numel() for p in params):,} gradient values (the trainable ones) in one message")
     # the log (process 0 writes it); Ctrl-C / SIGTERM set a flag the loop reads after each step
     t0, tokens, losses, sent = time.time(), 0, [], 0
-    log_file = (log_path or out / "log.jsonl") if rank == 0 else os.devnull
-    with open(log_file, "a" if args.resume else "w") as log, stop_requests() as stop:
+    log_file = open_log(Path(log_path or out / "log.jsonl"), args.resume) if rank == 0 else open(os.devnull, "w")
+    with log_file as log, stop_requests() as stop:
         for step in range(start, total):
             # this step's learning rate: warmup, then decay; a pure function of the step
             lr = s.lr * lr_mult(step, total, warmup, s.schedule)
@@ -252,8 +257,8 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
             # the run before the optimizer takes the step (never trains on)
             norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
             step_loss, n_tokens, stopping, norm = torch.cat([stats, norm.float().view(1)]).tolist()
-            check_finite(step_loss, "loss", step, ckpt_path)
-            check_finite(norm, "gradient norm", step, ckpt_path)
+            check_step(step_loss, "loss", step, ckpt_path)
+            check_step(norm, "gradient norm", step, ckpt_path)
             losses.append(step_loss)
             tokens += int(n_tokens)
             if stopping and not stop:  # another process was asked to stop: all stop at this step
@@ -330,13 +335,30 @@ def base_accuracy(model, tok, args, cache: Path) -> dict | None:
     if len(name) > 120:  # several paths: a file name has at most 255 bytes
         name = hashlib.sha1(name.encode()).hexdigest()[:16]
     f = cache / f"eval-{name}-{args.max_new_tokens}-{args.protocol}-{args.num_beams}.json"
-    if f.exists():
-        return json.loads(f.read_text())
+    try:
+        cached = json.loads(f.read_text())
+    except FileNotFoundError:
+        cached = None
+    except ValueError:  # a cut or foreign file (UnicodeDecodeError too): measured again, and replaced
+        cached = "?"
+    if isinstance(cached, dict) and all(type(v) in (int, float) for v in cached.values()):
+        return cached
+    if cached is not None:
+        print(f"note: {f} is not a cached accuracy; measuring the base model again")
     before = run_eval(model, tok, args, "base model")
     f.parent.mkdir(parents=True, exist_ok=True)
-    f.with_suffix(".tmp").write_text(json.dumps(before))
-    os.replace(f.with_suffix(".tmp"), f)
+    write_atomic(f, json.dumps(before).encode())
     return before
+
+
+def check_fits(args, max_seq_len: int):
+    """--seq-len, and the evaluation's new tokens and beams (eval_math.check_decoding), against a model of
+    max_seq_len positions: one line before anything is evaluated or trained."""
+    if args.seq_len > max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} is more than the model's {max_seq_len} positions "
+                         "(its max_position_embeddings); lower it")
+    if args.eval_data:
+        eval_math.check_decoding(max_seq_len, args.max_new_tokens, args.num_beams, args.eval_batch_size, args.protocol)
 
 
 def main(argv=None):
@@ -368,15 +390,16 @@ def run(args, s, origin, rank=0):
     random.seed(args.seed)
     model_path = args.model
     if args.builtin:
+        check_fits(args, PRESETS["tiny"]["max_seq_len"])  # known before the base's minutes of pretraining
         model_path = builtin_base(args, train)  # pretrained by this loop on the first run
     dtype, bf16 = precision(args)
     t0 = time.time()
     model, tok = load(model_path, dtype=dtype, device=args.device, seed=args.seed)
     print(f"loaded {model_path} in {time.time() - t0:.1f}s: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"weights {str(dtype)[6:]}" + (", bf16 autocast" if bf16 else ""))
-    if args.seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len} is more than the model's {model.config.max_seq_len} positions "
-                         "(its max_position_embeddings); lower it")
+    # the model in hand, before any evaluation or training: the lengths fit its context, its weights are numbers
+    check_fits(args, model.config.max_seq_len)
+    check_finite(model, str(model_path))  # a nan weight is the model's fault, named so, not a diverged loss later
     real = not args.builtin and args.model not in PRESETS  # pretrained weights, not a random preset
     measure_forgetting = rank == 0 and real and args.forget_prompts and args.eval_data  # none: no evaluation
     cache = base_cache(args, model_path) if args.builtin or real else None
@@ -386,8 +409,7 @@ def run(args, s, origin, rank=0):
     model, optimizer, info = train(model, tok, args, s, problems)
     if rank != 0:
         return None
-    saved = save_merged(model, args, s, model_path)
-    tok.save(args.out)
+    saved = save_merged(model, tok, args, s, model_path)
     label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
     forget = {"texts": len(texts), **forgetting.drift(model, tok, texts, reference)} if measure_forgetting else None
@@ -396,7 +418,7 @@ def run(args, s, origin, rank=0):
                "forgetting": forget, "saved": saved}
     if hasattr(s, "rank"):
         metrics["rank"] = s.rank
-    Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomic(Path(args.out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     if before:
         print_accuracy(before, after, label)
     if forget:
@@ -412,7 +434,13 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError, FloatingPointError, ImportError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)  # one line, always
+        return 2
+    except (torch.OutOfMemoryError, MemoryError) as e:  # (the device's is a RuntimeError)
+        where = "the device" if isinstance(e, torch.OutOfMemoryError) else "this machine"
+        what = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        print(f"error: out of memory on {where} ({what}); use a smaller --batch-size "
+              "(with --grad-accum for the same step), --seq-len or --eval-batch-size, or --grad-checkpoint", file=sys.stderr)
         return 2
     except RuntimeError as e:  # torch.distributed's errors: a process died, or hung past --dist-timeout
         if rank_world()[1] == 1:

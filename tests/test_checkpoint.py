@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from checkpoint import TMP
 from conftest import _argv, _one_line_error, _weights
 from model import Transformer
 from tokenizer import Tokenizer
@@ -120,7 +121,7 @@ def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tm
     def full_on_second(obj, f, *a, **k):
         saves.append(f)
         if len(saves) == 2:
-            open(f, "wb").write(b"partial")  # what a full disk leaves: a cut temporary
+            f.write(b"partial")  # what a full disk leaves: a cut temporary
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", full_on_second)
@@ -128,7 +129,7 @@ def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tm
                                       "--save-every", "1"), capsys)
     assert code == 2 and len(err) == 1 and "could not write the checkpoint of step 2" in err[0]
     assert "No space left on device" in err[0] and "from before is kept" in err[0]
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1 and not (run / "ckpt.pt.tmp").exists()
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1 and not _temporaries(run)
     monkeypatch.setattr(torch, "save", real_save)
 
     def no_space(*a, **k):
@@ -136,7 +137,12 @@ def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tm
     monkeypatch.setattr(safetensors.torch, "save_file", no_space)
     code, err = _one_line_error(_argv(small_dir, tmp_path / "m", "--method", "full", "--max-steps", "1"), capsys)
     assert code == 2 and len(err) == 1 and "could not write the model" in err[0]
-    assert not (tmp_path / "m.tmp").exists() and (tmp_path / "m" / "ckpt.pt").exists()
+    assert not _temporaries(tmp_path / "m") and (tmp_path / "m" / "ckpt.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "run"]  # nothing written beside --out
+
+
+def _temporaries(out):
+    return [p.name for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(TMP)]
 
 
 def test_resume_with_other_data_order_is_refused(small_dir, tmp_path):
