@@ -16,6 +16,7 @@ template ("alpaca" or "qa", see format_prompt), for LLM-Adapters rows input, and
 from a file raw (the row's text fields unstripped, as the LIFT authors' scripts read them).
 """
 import argparse
+import collections
 import functools
 import json
 import math
@@ -105,7 +106,7 @@ def synthetic_space(domain: str) -> tuple:
     draws can make (source: 31,104; target: 18,944), so a limit is bounded by what exists."""
     digits, factors = range(1, SOURCE_MAX + 1), range(2, TARGET_FACTOR_MAX + 1)
     if domain == "source":
-        made = (_source_text(op, t, n, x, i + j if op == "-" else i, j if op == "-" else j)
+        made = (_source_text(op, t, n, x, i + j if op == "-" else i, j)  # "-": a = b + c, b = j, c = i
                 for op, t in SOURCE_TEMPLATES for n in NAMES for x in ITEMS for i in digits for j in digits)
     else:
         made = (_target_text(t, n, x, a, b) for t in TARGET_TEMPLATES for n in NAMES for x in ITEMS
@@ -198,18 +199,15 @@ def _first(problems: list[dict], limit: int | None, split: str) -> list[dict]:
     """The first `limit` problems of each dataset, in order; a note names the datasets that have fewer."""
     if limit is None:
         return problems
-    sizes = {}
-    for p in problems:
-        sizes[p["dataset"]] = sizes.get(p["dataset"], 0) + 1
+    sizes = collections.Counter(p["dataset"] for p in problems)
     short = [f"{name} ({n})" for name, n in sizes.items() if n < limit]
     if short:
         print(f"note: limit {limit} is more than {', '.join(short)} {'has' if len(short) == 1 else 'have'} "
               f"({split} problems): all of them are used", file=sys.stderr)
-    taken = dict.fromkeys(sizes, 0)
-    out = []
+    taken, out = collections.Counter(), []
     for p in problems:
-        if taken[p["dataset"]] < limit:
-            taken[p["dataset"]] += 1
+        taken[p["dataset"]] += 1
+        if taken[p["dataset"]] <= limit:
             out.append(p)
     return out
 
@@ -281,7 +279,7 @@ def _find_named(spec: str, split: str, data_dir: str | None) -> Path:
     hit = names.get(_norm(spec))
     if hit is None:
         local = ", ".join(sorted(p.name if p.is_dir() else p.stem for p in names.values())) or "none"
-        where = "" if root.is_dir() else ", a folder that does not exist"
+        where = "" if root.is_dir() else ", which is no folder here"
         raise MissingData(f"unknown dataset {spec!r}; known: gsm8k, synth-source, synth-target, synth-source-facts, "
                           f"names under {str(root)!r} ({local}{where}), or a path to a .jsonl/.json file or folder")
     if hit.is_dir():
@@ -730,6 +728,8 @@ def check_decoding(max_seq_len: int, max_new_tokens: int | None, num_beams: int 
     KV cache grows with batch x beams x positions; generate checks that product against free memory
     with the model in hand). None means the protocol's default (default_max_new_tokens, decoding)."""
     check_protocol(protocol)
+    if max_seq_len < 2:
+        raise ValueError(f"the model has {max_seq_len} position(s): no room for a prompt and a new token")
     for flag, value, low in (("--eval-batch-size", batch_size, 1), ("--max-new-tokens", max_new_tokens, 1),
                              ("--num-beams", num_beams, 1)):
         if value is None and flag != "--eval-batch-size":

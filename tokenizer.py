@@ -8,6 +8,7 @@ merges the pair listed first in `merges`. The two agree when a token's id is the
 merge that creates it, which is how byte-level BPE vocabularies are built, so rank = token id
 (checked on load: a vocabulary in another order is refused, never tokenized differently).
 """
+import functools
 import json
 import shutil
 import unicodedata
@@ -32,6 +33,19 @@ def byte_decoder() -> dict[str, int]:
     visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in visible]
     return {chr(b): b for b in visible} | {chr(256 + i): b for i, b in enumerate(extra)}
+
+
+def _malformed(read):
+    """For a reader of a vocabulary file (its last argument: the file's path): a structure other than
+    it expects (a key missing, a list where an object belongs) is one ValueError naming the file,
+    not a KeyError / TypeError traceback."""
+    @functools.wraps(read)
+    def checked(cls, *args):
+        try:
+            return read(cls, *args)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"{str(args[-1])!r} is malformed ({type(e).__name__}: {str(e)[:160]})") from None
+    return checked
 
 
 class Tokenizer:
@@ -87,6 +101,7 @@ class Tokenizer:
     # -- Hugging Face tokenizer.json -------------------------------------------------------------
 
     @classmethod
+    @_malformed
     def from_hf_json(cls, path) -> "Tokenizer":
         """A byte-level BPE `tokenizer.json`, with bos/eos/pad taken as a hub download has them:
         `tokenizer_config.json`, then `generation_config.json` / `config.json` beside it, then the
@@ -174,6 +189,7 @@ class Tokenizer:
     # -- llama.cpp GGUF --------------------------------------------------------------------------
 
     @classmethod
+    @_malformed
     def from_gguf(cls, fields: dict, path: str) -> "Tokenizer":
         """The vocabulary inside a GGUF file (`tokenizer.ggml.*`: tokens, merges, token types, bos/eos/
         pad ids). Only the byte-level BPE kind ("gpt2") is supported. The GGUF names its pre-tokenizer
@@ -298,9 +314,12 @@ class Tokenizer:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
+        d = json.loads(path.read_text()) if path.exists() else {}
     except ValueError:
         raise ValueError(f"{str(path)!r} is not valid JSON") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, not {type(d).__name__}")
+    return d
 
 
 def _config_ids(folder: Path) -> dict:

@@ -376,7 +376,11 @@ def read_gguf(path) -> tuple[ModelConfig, dict, dict]:
 
 def from_state_dict(cfg: ModelConfig, sd: dict, where: str, dtype=None, device=None) -> Transformer:
     """Build the Transformer on the meta device and take the tensors of `sd` as the parameters (no
-    copy): an 8B model never exists twice in memory."""
+    copy): an 8B model never exists twice in memory. The layer count is compared with the weights'
+    first, so a config asking for 10^9 layers is refused before any module is built."""
+    held = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.") and k.split(".")[1].isdigit()), default=-1)
+    if held != cfg.n_layers:
+        raise ValueError(f"the config of {where!r} has {cfg.n_layers} layers, its weights {held}")
     with torch.device("meta"):
         model = Transformer(cfg)
     sd = check_state_dict(model, sd, where)
@@ -444,6 +448,8 @@ def check_state_dict(model: Transformer, sd: dict, where: str) -> dict:
     if missing or unexpected:
         raise ValueError(f"weights in {where!r} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in sd.items():
+        if not v.is_floating_point():
+            raise ValueError(f"tensor {k!r} in {where!r} has dtype {str(v.dtype).removeprefix('torch.')}; weights are floating point")
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"tensor {k!r} in {where!r} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
     if model.config.tie_embeddings:

@@ -179,7 +179,7 @@ def test_a_missing_set_is_named(tmp_path, capsys):
     one_line(e)
     with pytest.raises(ValueError, match=r"--data: split 'test' does not exist for 'svamp'.*splits: train"):
         E.load_all("AddSub,svamp", data_dir=str(root))
-    with pytest.raises(ValueError, match=r"names under '.*nowhere' \(none, a folder that does not exist\)"):
+    with pytest.raises(ValueError, match=r"names under '.*nowhere' \(none, which is no folder here\)"):
         E.load_all("svamp", data_dir=str(tmp_path / "nowhere"))
     for data, says in (("", "--data '' names no dataset"), (" , ", "names no dataset"),
                        ("synth-source,,synth-target", "has an empty name between its commas"),
@@ -372,3 +372,42 @@ def test_cli_after_the_model_loads(small_dir, tmp_path, capsys):
     line = cli(["--model", str(tmp_path / "nope"), "--data", "synth-target", "--out", str(tmp_path / "ev"),
                 "--device", "cpu"], capsys)
     assert "is neither a preset" in line
+
+
+def test_configs_the_weights_cannot_back_are_refused_before_building(saved, tmp_path):
+    d, cfg = saved
+    for change, says in ((dict(num_hidden_layers=10**9), "has 1000000000 layers, its weights 2"),
+                         (dict(max_position_embeddings=1), None)):
+        folder = tmp_path / f"m{len(change)}{list(change.values())[0]}"
+        folder.mkdir()
+        (folder / "model.safetensors").symlink_to(d / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+        t = time.time()
+        if says:
+            with pytest.raises(ValueError, match=says) as e:
+                from_pretrained(folder)
+            assert time.time() - t < 5 and one_line(e)
+        else:  # a context of one position: loads, and decoding is refused
+            model = from_pretrained(folder)
+            with pytest.raises(ValueError, match=r"the model has 1 position\(s\): no room for a prompt"):
+                E.check_decoding(model.config.max_seq_len, None, None, 1, "nanopeft")
+    sd = {k: v for k, v in from_pretrained(d).state_dict().items()}
+    sd["norm.weight"] = sd["norm.weight"].long()
+    with pytest.raises(ValueError, match=r"tensor 'norm.weight' in 'x' has dtype int64; weights are floating point"):
+        weights.from_state_dict(from_pretrained(d).config, sd, "x")
+
+
+@pytest.mark.parametrize("tj,says", [
+    ({"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": 1}], "decoder": {"type": "ByteLevel"}},
+     r"tokenizer\.json' is malformed \(KeyError: 'content'\)"),
+    ({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": [1], "decoder": {"type": "ByteLevel"}},
+     r"tokenizer\.json' is malformed \(AttributeError"),
+    ({"model": {"type": "BPE", "vocab": ["a"]}, "decoder": {"type": "ByteLevel"},
+      "added_tokens": [{"id": 0, "content": "</s>"}]}, r"the vocabulary must map token strings to ids"),
+    ([1], r"is not a readable tokenizer\.json"),
+])
+def test_malformed_tokenizer_json(tmp_path, tj, says):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match=says) as e:
+        Tokenizer.for_model(tmp_path)
+    one_line(e)

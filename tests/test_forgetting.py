@@ -49,3 +49,16 @@ def test_base_cache_of_a_named_gguf_model(smol_file, tmp_path):
     args = types.SimpleNamespace(builtin=False, dtype="auto", method="lora", device="cpu", out=str(tmp_path / "run"))
     by_name = train.base_cache(args, "smollm2-135m")
     assert by_name == train.base_cache(args, smol_file) and by_name.parent == tmp_path / "base-cache"
+
+
+def test_an_unreadable_forgetting_cache_is_measured_again(tmp_path, capsys):
+    """A corrupt or foreign selftext file (torch.load with weights_only=True refuses it) is measured
+    again with a note, never a traceback."""
+    import types
+    tok, base = Tokenizer.bytes(), tiny_model(vocab=264).eval()
+    args = types.SimpleNamespace(forget_prompts=2, eval_batch_size=2)
+    (tmp_path / "selftext-2.pt").write_bytes(b"not a torch file")
+    texts, ref = forgetting.forgetting_set(base, tok, args, tmp_path)
+    assert len(texts) == 2 and "is unreadable (" in capsys.readouterr().out
+    again, _ = forgetting.forgetting_set(base, tok, args, tmp_path)       # the new cache reads back
+    assert again == texts
