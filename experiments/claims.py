@@ -11,6 +11,8 @@ prints a table (mean ± std over seeds) and writes out/claims/<claim>.json.
     python -m experiments.claims rows         # RoCoFT Fig. 5: which rows matters less than the seed
     python -m experiments.claims table --data gsm8k/train.jsonl --eval-dir llm-adapters/   # the papers' Table 2
                                   # on SmolLM2-135M: GSM8K train -> the seven arithmetic test sets
+    python -m experiments.claims fronts --data gsm8k/train.jsonl --held-out gsm8k/test.jsonl   # learn-forget
+                                  # fronts: every method at several lrs, judged at equal learning
     python -m experiments.claims plots        # PNGs of compare's (and table's) runs (needs matplotlib)
 
 --model tiny (the default) is the built-in base, pretrained on first use as train.py does;
@@ -34,6 +36,7 @@ import eval_math
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
 from cli import Parser, is_tiny
 from experiments import analyze, check_counts, check_model, check_number, check_threads, command_line, refuse
+from experiments import fronts
 from experiments.perturb import claim_noise, claim_overlap, claim_spectral, held_out, target_weights, text_loss
 from experiments.runs import base_path, mean_std, pm, run_train, verdict, write_json
 from experiments.table import TABLE, TABLE_SETS, claim_table, plot_table
@@ -332,8 +335,15 @@ def claim_plots(args):
 # -----------------------------------------------------------------------------
 # command line
 
+def claim_fronts(args):
+    """The learn-forget fronts (experiments/fronts.py): every method at several lrs, judged at equal learning."""
+    args.base = base_path(args)
+    return fronts.claim_fronts(args)
+
+
 CLAIMS = {"noise": claim_noise, "spectral": claim_spectral, "overlap": claim_overlap, "compare": claim_compare,
-          "lorasb-init": claim_lorasb_init, "rows": claim_rows, "plots": claim_plots, "table": claim_table}
+          "lorasb-init": claim_lorasb_init, "rows": claim_rows, "plots": claim_plots, "table": claim_table,
+          "fronts": claim_fronts}
 
 
 def ints(text: str) -> list[int]:
@@ -388,6 +398,9 @@ def build_parser():
     g.add_argument("--seq-len", type=int, default=320, help="training examples truncated to this many tokens")
     g.add_argument("--only-seed", type=int, default=None,
                    help="run just this seed (to share the seeds among processes; a later call without it reads them all)")
+    g = p.add_argument_group("fronts (GSM8K train, every method at several lrs; learning on held-out solutions)")
+    g.add_argument("--held-out", default="gsm8k", help="held-out problems with solutions (GSM8K test: never trained on)")
+    g.add_argument("--held-out-limit", type=int, default=200, help="the first this many held-out problems (>= 200)")
     g.add_argument("--level", type=float, default=0.5,
                    help="compare: the target accuracy at which the source kept is read off each path")
     g.add_argument("--log-every", type=int, default=10, help="training-loss curve resolution")
@@ -399,6 +412,8 @@ def build_parser():
 CLAIM_DEFAULTS = {
     "table": dict(model="smollm2-135m", seeds=2, steps=60, batch_size=4, data="gsm8k", eval_limit=20, eval_every=0,
                   max_new_tokens=256, configs=",".join(c for c, _ in TABLE)),
+    "fronts": dict(model="smollm2-135m", seeds=2, steps=60, batch_size=4, data="gsm8k", eval_limit=20, eval_every=0,
+                   configs=",".join(c for c, _ in TABLE)),
     None: dict(model="tiny", seeds=3, steps=BUILTIN["max_steps"], batch_size=BUILTIN["batch_size"],
                data="synth-target", eval_limit=100, eval_every=15, configs=",".join(c for c, _ in COMPARE)),
 }
@@ -424,7 +439,7 @@ def check_args(args):
     value and what is allowed. Counts have a floor and a generous ceiling (10**12 steps never finish)."""
     check_counts(args, seeds=(1, 100), pretrain_steps=(1, 10**6), texts=(1, 1000), rank=(1, 65536), steps=(1, 10**6),
                  batch_size=(1, 4096), eval_limit=(1, 10**5), forget_prompts=(0, 100), eval_every=(0, 10**6),
-                 num_beams=(1, eval_math.MAX_BEAMS), log_every=(1, 10**6))
+                 num_beams=(1, eval_math.MAX_BEAMS), log_every=(1, 10**6), held_out_limit=(1, 10**5))
     check_threads(args)
     tiny = is_tiny(args.model)  # the name, or a folder holding the tiny preset's shapes
     context = PRESETS["tiny"]["max_seq_len"] if tiny else max(p["max_seq_len"] for p in PRESETS.values())
@@ -442,7 +457,7 @@ def check_args(args):
     check_number("scale", args.scale, allowed="the noise's Frobenius norm over ||W||_F, a finite number > 0")
     check_number("level", args.level, 0, 1, "a target accuracy in (0, 1]")
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    known = dict(TABLE if args.claim == "table" else COMPARE)
+    known = dict(TABLE if args.claim in ("table", "fronts") else COMPARE)
     unknown = [c for c in args.configs if c not in known]
     if unknown or not args.configs:
         raise ValueError(f"unknown --configs {unknown[0] if unknown else ''!r}; known: {', '.join(known)}")
@@ -451,6 +466,7 @@ def check_args(args):
     check_model("--model", args.model)
     check_data("data", args.data, "train")
     check_data("eval-data", args.eval_data, "test")
+    check_data("held-out", args.held_out, "test")
     if args.eval_dir is not None and not os.path.isdir(args.eval_dir):
         raise FileNotFoundError(f"--eval-dir {args.eval_dir}: no such folder (it holds the LLM-Adapters test sets)")
     for flag in ("out", "figures"):
@@ -462,7 +478,7 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     flags = vars(args)  # the claim's defaults where a flag was not given
-    for k, v in CLAIM_DEFAULTS["table" if args.claim == "table" else None].items():
+    for k, v in CLAIM_DEFAULTS.get(args.claim, CLAIM_DEFAULTS[None]).items():
         if flags[k] is None:
             flags[k] = v
     check_args(args)

@@ -49,6 +49,8 @@ CASES = [
     *cases("claims", ["table"], [*NUMBERS("--eval-dir", NO), *NUMBERS("--num-beams", "0", "65"),
                                  *NUMBERS("--seq-len", BIG), *NUMBERS("--only-seed", "-1", "2")]),
     *cases("claims", ["plots"], [*NUMBERS("--figures", "FILE")]),
+    *cases("claims", ["fronts"], [*NUMBERS("--held-out", NO + ".jsonl", "nosuch-set"),
+                                  *NUMBERS("--held-out-limit", "0", BIG), *NUMBERS("--configs", "lora r9")]),
     *cases("bench", [], [([], "what"), (["nosuch"], "nosuch"), (["train", "--nope"],), (["train", "--micro=1"],)]),
     *cases("bench", ["train"], [*NUMBERS("--batch", "x", "0", "-1", BIG), *NUMBERS("--seq", "0", "513", BIG),
                                 (["--batch", "4096"], "--batch 4096 x --seq 128", "65,536"),
