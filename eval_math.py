@@ -317,8 +317,9 @@ def _load_folder(path: Path, split: str) -> list[dict]:
 
 
 def _load_file(path: Path) -> list[dict]:
-    """A GSM8K-format .jsonl (read with datasets' json builder) or an LLM-Adapters .json list.
-    Named after the file, or after its folder when the file is just <split>.json."""
+    """A GSM8K-format .jsonl (one row a line; blank lines skipped) or an LLM-Adapters .json list.
+    Named after the file, or after its folder when the file is just <split>.json. Read with the json
+    module: an error names the line, and no copy lands in datasets' cache."""
     if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"data file {str(path)!r} must be .jsonl or .json")
     name = (path.parent.name if path.stem in SPLITS else path.stem).lower()
@@ -328,13 +329,13 @@ def _load_file(path: Path) -> list[dict]:
         raise ValueError(f"data file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise ValueError(f"dataset {name!r} ({str(path)!r}) is empty")
-    if path.suffix == ".jsonl":
-        import datasets
-        datasets.disable_progress_bars()
-        try:
-            rows = datasets.load_dataset("json", data_files=str(path), split="train")
-        except Exception as e:
-            raise ValueError(f"cannot read {str(path)!r} as JSON lines ({_why(e)})") from None
+    if path.suffix == ".jsonl":  # one JSON value a line ("\n" only: U+2028 may stand inside a string)
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {n} of {str(path)!r} is not JSON ({e.msg} at column {e.colno})") from None
     else:
         try:
             rows = json.loads(text)

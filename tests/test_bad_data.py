@@ -149,12 +149,17 @@ BAD_ROWS = [  # (rows, file suffix, what the one line says)
     ([dict(GSM, question="How many? " * 32000)], ".jsonl", r"row 0 .*'question' has 320,000 characters; at most 32,768"),
     ([ADAPTER, "just a string"], ".json", r"row 1 of .*bad\.json is str 'just a string', not an object"),
     ([dict(GSM, question="   ")], ".json", r"row 0 of .*: its question is empty"),
+    ([GSM, [1, 2]], ".jsonl", r"row 1 of .*bad\.jsonl is list \[1, 2\], not an object"),
+    ([GSM, {"question": "q", "answer": "#### 1"}, GSM], ".jsonl", None),  # then line 2 broken below
 ]
 
 
 @pytest.mark.parametrize("rows,suffix,says", BAD_ROWS)
 def test_bad_rows_are_refused_naming_file_row_and_value(tmp_path, rows, suffix, says):
     f = write(tmp_path / f"bad{suffix}", rows)
+    if says is None:
+        f.write_text(f.read_text().replace('"q"', '"q', 1))
+        says = r"line 2 of .*bad\.jsonl' is not JSON \(Expecting ',' delimiter at column 19\)"
     t = time.time()
     with pytest.raises(ValueError, match=says) as e:
         E.load_problems(str(f), "train")

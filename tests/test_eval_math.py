@@ -288,18 +288,19 @@ ADAPTER_ROWS = [
 ]
 
 
-def test_gsm8k_jsonl_through_datasets(tmp_path, monkeypatch):
+def test_gsm8k_jsonl(tmp_path):
+    """A GSM8K .jsonl gives the rows datasets' json builder reads from it (the independent reference)."""
     import datasets
-    calls, real = [], datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
-    ps = E.load_problems(str(write_jsonl(tmp_path / "mygsm.jsonl", GSM_ROWS)))
-    assert calls and calls[0][0][0] == "json"
+    f = write_jsonl(tmp_path / "mygsm.jsonl", GSM_ROWS)
+    f.write_text(f.read_text().replace("\n", "\n\n", 1))       # a blank line is skipped
+    ps = E.load_problems(str(f))
+    assert [p["raw"] for p in ps] == list(datasets.load_dataset("json", data_files=str(f), split="train"))
     assert [p["answer"] for p in ps] == ["72", "7200"] and {p["dataset"] for p in ps} == {"mygsm"}
     assert ps[0]["question"] == GSM_ROWS[0]["question"]
     assert ps[0]["solution"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
     assert E.format_target(ps[0]).endswith("#### 72")
     assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=GSM_ROWS[0]["question"])
-    assert E.load_problems(str(tmp_path / "mygsm.jsonl"), limit=1) == ps[:1]
+    assert E.load_problems(str(f), limit=1) == ps[:1]
 
 
 def test_gsm8k_hub_path_with_local_file(tmp_path, monkeypatch):
