@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synth-source,synth-target",
                    help="comma-separated: gsm8k, synth-source, synth-target, synth-source-facts, a name under "
                         "--data-dir, a file or folder")
-    p.add_argument("--split", default="test", choices=SPLITS, help="train or test")
+    p.add_argument("--split", default="test", help="train or test (a folder of your own may hold others)")
     p.add_argument("--limit", type=int, default=None,
                    help="first N problems of each dataset (more than a dataset has: all of it)")
     p.add_argument("--batch-size", type=int, default=32)

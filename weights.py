@@ -406,6 +406,11 @@ def save_pretrained(model: Transformer, path, state_dict=None):
     leaves half a model."""
     from safetensors.torch import save_file
     path = Path(path)
+    index = path / "model.safetensors.index.json"  # stale shards would win over the new weights on the next load
+    try:  # only plain file names beside it are deleted (_shards); a malformed index is removed all the same
+        stale = _shards(_read_json(index), repr(str(index))) if _exists(index) else []
+    except ValueError:
+        stale = []
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -423,11 +428,9 @@ def save_pretrained(model: Transformer, path, state_dict=None):
         raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
     usual_permissions(tmp / "model.safetensors")
     if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
-        index = path / "model.safetensors.index.json"
-        if index.exists():  # stale shards would win over the new weights on the next load
-            for shard in set(json.loads(index.read_text())["weight_map"].values()):
-                (path / shard).unlink(missing_ok=True)
-            index.unlink()
+        for shard in stale:
+            (path / shard).unlink(missing_ok=True)
+        index.unlink(missing_ok=True)
         for f in tmp.iterdir():
             os.replace(f, path / f.name)
         tmp.rmdir()

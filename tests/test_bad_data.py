@@ -339,7 +339,7 @@ def cli(argv, capsys):
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--protocol", "greedy"], "argument --protocol: invalid choice: 'greedy'"),
     (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
-    (["--split", "validation"], "argument --split: invalid choice: 'validation'"),
+    (["--split", "validation"], "split 'validation' does not exist for synth-source; splits: train, test"),
     (["--num-beams", "0"], "--num-beams 0 is not allowed: it must be >= 1"),
     (["--num-beams", "1000000"], "--num-beams 1000000 is not allowed: at most 64"),
     (["--batch-size", "0"], "--batch-size 0 is not allowed"),
@@ -416,3 +416,15 @@ def test_malformed_tokenizer_json(tmp_path, tj, says):
     with pytest.raises(ValueError, match=says) as e:
         Tokenizer.for_model(tmp_path)
     one_line(e)
+
+
+def test_save_over_a_folder_with_a_foreign_index_deletes_nothing_outside(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "m"
+    out.mkdir()
+    for index in ('{"weight_map": {"x": "../victim"}}', "[1, 2]", "not json"):
+        (out / "model.safetensors.index.json").write_text(index)
+        save_pretrained(tiny_model(), out)
+        assert victim.read_bytes() == b"precious" and not (out / "model.safetensors.index.json").exists()
+        assert from_pretrained(out) is not None
