@@ -465,11 +465,11 @@ def load(name_or_path: str, dtype=None, device=None, seed: int = 0):
     GGUF model (GGUF_MODELS: smollm2-135m), a `.gguf` file or a model folder; checks that the
     tokenizer fits the model's vocabulary."""
     if name_or_path in PRESETS:
+        if name_or_path != "tiny":  # said before an 8B model is built and initialised
+            raise ValueError(f"preset {name_or_path!r} has no built-in tokenizer; pass a model folder with tokenizer.model")
         cfg = ModelConfig.from_preset(name_or_path)
         model = Transformer(cfg).init_weights(seed)
-        tok = Tokenizer.bytes() if name_or_path == "tiny" else None
-        if tok is None:
-            raise ValueError(f"preset {name_or_path!r} has no built-in tokenizer; pass a model folder with tokenizer.model")
+        tok = Tokenizer.bytes()
         model = model.to(device=device, dtype=dtype)
         model.inv_freq = rope_frequencies(cfg, device=model.inv_freq.device)  # .to(dtype) cast it too
         check_vocab(tok, model)

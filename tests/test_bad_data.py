@@ -428,3 +428,10 @@ def test_save_over_a_folder_with_a_foreign_index_deletes_nothing_outside(tmp_pat
         save_pretrained(tiny_model(), out)
         assert victim.read_bytes() == b"precious" and not (out / "model.safetensors.index.json").exists()
         assert from_pretrained(out) is not None
+
+
+def test_a_preset_without_a_tokenizer_is_refused_before_it_is_built():
+    t = time.time()
+    with pytest.raises(ValueError, match="preset 'llama-3.1-8b' has no built-in tokenizer"):
+        load("llama-3.1-8b")
+    assert time.time() - t < 1
