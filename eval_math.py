@@ -630,7 +630,7 @@ def check_protocol(protocol: str):
 
 
 def is_choice(problem: dict) -> bool:
-    return problem["answer"] in ("A", "B", "C", "D", "E")
+    return problem["answer"] in CHOICES
 
 
 def is_correct(pred, gold) -> bool:
@@ -639,7 +639,7 @@ def is_correct(pred, gold) -> bool:
     gold = str(gold).strip()
     if pred is None:
         return False
-    if gold in ("A", "B", "C", "D", "E") or isinstance(pred, str) and pred in ("A", "B", "C", "D", "E"):
+    if gold in CHOICES or isinstance(pred, str) and pred in CHOICES:
         return pred == gold
     try:
         return abs(float(pred) - float(gold.replace(",", ""))) <= 1e-3
