@@ -75,8 +75,9 @@ def load_checkpoint(path, method, mmap=False):
     except Exception as e:
         raise ValueError(f"--resume: checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__})") from None
     parts = {"method": str, "step": int, "model": dict, "optimizer": dict, "rng": torch.Tensor, "cuda_rng": list}
-    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in parts.items()) or ckpt["step"] < 0 \
-            or not isinstance(ckpt.get("run", {}), dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+    if (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in parts.items()) or ckpt["step"] < 0
+            or not isinstance(ckpt.get("run", {}), dict)
+            or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
         raise ValueError(f"--resume: {str(path)!r} is not a nanopeft checkpoint (it lacks the parts a run saves: "
                          f"{', '.join(parts)}, run)")
     if ckpt["method"] != method:
@@ -224,7 +225,8 @@ def check_out_place(args):
             raise ValueError(f"--out {args.out} is not allowed: {part} is a cache other runs read back (a built-in "
                              "base model or base measurements), which a run never writes into; choose another folder")
     for what, p in protected(args):
-        rel = "is" if out == p else "is inside" if out.is_relative_to(p) else "contains" if p.is_relative_to(out) else ""
+        rel = ("is" if out == p else "is inside" if out.is_relative_to(p) else "contains" if p.is_relative_to(out)
+               else "")
         if rel:
             where = "" if what.endswith(str(p)) else f" ({p})"
             raise ValueError(f"--out {args.out} is not allowed: it {rel} {what}{where}, which the run reads and never "
@@ -239,15 +241,16 @@ def _ours(entry: Path) -> bool:
 
 def _show(entries) -> str:
     kind = lambda e: " (a link)" if e.is_symlink() else " (a folder)" if e.is_dir() else ""
-    return ", ".join(e.name + kind(e) for e in entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    more = f" and {len(entries) - 4} more" if len(entries) > 4 else ""
+    return ", ".join(e.name + kind(e) for e in entries[:4]) + more
 
 
-def claim_out(args, s):
-    """--out, checked before anything is loaded, then marked as this run's (MARKER). Refused: the base
-    model's folder, a folder inside or around it, a cache (check_out_place); a file; a folder holding
-    anything but an earlier nanopeft run's files, unless --overwrite (which still deletes nothing here:
-    the run's files replace their namesakes as it writes them); the checkpoint of an earlier run
-    without --resume or --overwrite. An empty or new folder is fine."""
+def check_out(args, s):
+    """--out, checked before anything is loaded or written. Refused: the base model's folder, a folder
+    inside or around it, a cache (check_out_place); a file; a folder holding anything but an earlier
+    nanopeft run's files, unless --overwrite (which still deletes nothing here: the run's files replace
+    their namesakes as it writes them); the checkpoint of an earlier run without --resume or
+    --overwrite, or with --resume and other run-defining settings. An empty or new folder is fine."""
     out = Path(args.out)
     check_out_place(args)
     try:
@@ -277,6 +280,11 @@ def claim_out(args, s):
                          "with --overwrite")
     if args.resume:
         check_resumable(ckpt, args, s)
+
+
+def claim_out(args):
+    """--out (checked: check_out) made and marked as a nanopeft run's (MARKER), once every input is checked."""
+    out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / MARKER, json.dumps({"written_by": "nanopeft train.py", "method": args.method}).encode())
@@ -313,8 +321,8 @@ def base_weights(model_path, args) -> dict:
 
 @torch.no_grad()
 def save_merged(model, tok, args, s, model_path) -> dict:
-    """Save the fine-tuned model and its tokenizer to args.out in the base checkpoint's own dtypes (fp32 in, fp32 out; bf16
-    in, bf16 out; a GGUF: fp32), computed in fp32 from the base weights as stored on disk plus the
+    """Save the fine-tuned model and its tokenizer to args.out in the base checkpoint's own dtypes (fp32 in,
+    fp32 out; bf16 in, bf16 out; a GGUF: fp32), computed in fp32 from the base weights as stored on disk plus the
     method's exact fp32 update (adapter.safetensors; full fine-tuning: its trained weights). A run
     whose base was loaded in bf16 thus never rounds the checkpoint: every tensor the method does not
     train is saved bit-exact. Prints, and returns, how much of the update the saved dtype kept."""

@@ -319,7 +319,7 @@ def check_settings(method, s):
     if hasattr(s, "targets") and (not s.targets or not set(s.targets) <= set(LINEAR_NAMES)):
         bad("targets", ",".join(s.targets) or "''",
             f"comma-separated module names ({', '.join(LINEAR_NAMES)}) or all / attn / mlp")
-    for f in fields(s):  # and every other float setting of every method: nan and inf name their flag, not a diverged loss
+    for f in fields(s):  # every other float setting of every method: nan and inf name their flag, not a diverged loss
         v = getattr(s, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             bad(_flag(method, f)[2:], v, "a finite number")

@@ -28,8 +28,8 @@ import torch
 import eval_math
 import forgetting
 from builtin import base_dir, builtin_base
-from checkpoint import (check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint, save_merged,
-                        stop_requests, write_atomic)
+from checkpoint import (check_out, check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint,
+                        save_merged, stop_requests, write_atomic)
 from cli import parse_args, print_settings
 from distributed import all_reduce_sum_, rank_world, start_distributed
 from methods import METHODS, trains_base
@@ -376,21 +376,31 @@ def main(argv=None):
 def run(args, s, origin, rank=0):
     print("run: " + " ".join(f"{k}={v}" for k, v in asdict(args).items()))
     print_settings(args.method, s, origin)
-    # every input checked before the model loads: the output folder, the training and eval data
+    # every input checked before the model loads and before anything is written: the output folder, the
+    # training and eval data, what the built-in base's context allows; then --out is claimed
     if rank == 0:
-        claim_out(args, s)
+        check_out(args, s)
     elif args.resume:
         check_resumable(Path(args.out) / "ckpt.pt", args, s)
     problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
+    step = s.batch_size * args.grad_accum * rank_world()[1]
+    if args.grad_accum > 1 and step > len(problems):  # accumulating past the data repeats it within a step
+        world = f" x {rank_world()[1]} processes" if rank_world()[1] > 1 else ""
+        raise ValueError(f"--grad-accum {args.grad_accum} is not allowed here: a step of {step:,} examples "
+                         f"(--batch-size {s.batch_size} x --grad-accum {args.grad_accum}{world}) is more than the "
+                         f"{len(problems):,} training problems; lower it")
     if args.eval_data:
         eval_problems(args.eval_data, args.eval_limit, args.seed)
+    if args.builtin:
+        check_fits(args, PRESETS["tiny"]["max_seq_len"])  # known before the base's minutes of pretraining
+    if rank == 0:
+        claim_out(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model_path = args.model
     if args.builtin:
-        check_fits(args, PRESETS["tiny"]["max_seq_len"])  # known before the base's minutes of pretraining
         model_path = builtin_base(args, train)  # pretrained by this loop on the first run
     dtype, bf16 = precision(args)
     t0 = time.time()
@@ -439,8 +449,8 @@ def cli(argv=None) -> int:
     except (torch.OutOfMemoryError, MemoryError) as e:  # (the device's is a RuntimeError)
         where = "the device" if isinstance(e, torch.OutOfMemoryError) else "this machine"
         what = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        print(f"error: out of memory on {where} ({what}); use a smaller --batch-size "
-              "(with --grad-accum for the same step), --seq-len or --eval-batch-size, or --grad-checkpoint", file=sys.stderr)
+        print(f"error: out of memory on {where} ({what}); use a smaller --batch-size (with --grad-accum for the same "
+              "step), --seq-len or --eval-batch-size, or --grad-checkpoint", file=sys.stderr)
         return 2
     except RuntimeError as e:  # torch.distributed's errors: a process died, or hung past --dist-timeout
         if rank_world()[1] == 1:

@@ -54,6 +54,7 @@ FLAGS = [
     (["--threads", "-1"], ["--threads -1"]),
     (["--max-steps", "1e3"], ["--max-steps", "'1e3'"]),
     (["--pretrain-steps", "0"], ["--pretrain-steps 0"]),
+    (["--grad-accum", "100"], ["--grad-accum 100", "more than the 64 training problems"]),
     (["--eval-every", "-1"], ["--eval-every -1"]),
     (["--save-every", "-2"], ["--save-every -2"]),
     (["--train-limit", "0"], ["--train-limit 0"]),
@@ -112,8 +113,8 @@ def test_out_never_the_base_model_its_cache_or_someone_elses_files(small_dir, tm
     shutil.copytree(small_dir, cache)
     user = tmp_path / "mine"
     user.mkdir()
-    for name, body in {"config.json": b"{}", "log.jsonl": b"mine\n", "metrics.json": b"{}", "model.safetensors": b"w"}.items():
-        (user / name).write_bytes(body)
+    for name in ("config.json", "log.jsonl", "metrics.json", "model.safetensors"):
+        (user / name).write_bytes(b"mine")
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "notes.txt").write_text("mine")
@@ -129,7 +130,9 @@ def test_out_never_the_base_model_its_cache_or_someone_elses_files(small_dir, tm
             (base("out", "--overwrite"), ["it contains a cached built-in base model"]),
             (base("base-cache"), ["base-cache is a cache"]),
             (["--method", "lift", "--out", "out/base-tiny-450"], ["base-tiny-450 is a cache"]),  # the built-in run
-            (["--method", "lift", "--pretrain-steps", "7", "--out", "out"], ["contains the built-in base model's cache"]),
+            (["--method", "lift", "--pretrain-steps", "7", "--out", "out"], ["contains the built-in base model's"]),
+            (["--method", "lift", "--max-new-tokens", "512"], ["--max-new-tokens 512", "512 positions"]),  # before
+            (["--method", "lift", "--seq-len", "600"], ["--seq-len 600", "512 positions"]),  # pretraining the base
             (base(user), [f"--out {user}", "config.json", "no sign that a nanopeft run wrote them", "--overwrite"]),
             (base(odd), ["notes.txt", "no nanopeft run wrote"])]:
         refused([str(a) for a in argv], capsys, *says)
@@ -214,7 +217,8 @@ def test_os_errors_say_the_real_reason(small_dir, tmp_path, monkeypatch, capsys)
     # a checkpoint altered by hand: one line, never a KeyError or a shape mismatch's traceback
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     torch.save({"method": "full"}, out / "ckpt.pt")
-    refused(_argv(small_dir, out, "--method", "full", "--max-steps", "2", "--resume"), capsys, "not a nanopeft checkpoint")
+    refused(_argv(small_dir, out, "--method", "full", "--max-steps", "2", "--resume"), capsys,
+            "not a nanopeft checkpoint")
     name = next(iter(ckpt["model"]))
     ckpt["model"][name] = torch.zeros(3)
     torch.save(ckpt, out / "ckpt.pt")
@@ -229,7 +233,8 @@ def test_counts_past_the_data_are_clamped_not_looped(capsys):
     prepare("lorasb", tiny_model(), batch_stream(), init_samples=10 ** 12, n_train=6)
     prepare("rocoft", tiny_model(), batch_stream(), select="max", score_batches=10 ** 12, batch_size=2, n_train=6)
     out = capsys.readouterr().out
-    assert "more than the 6 training examples; using 6" in out and "micro-batches of 2 in the 6 training examples; using 3" in out
+    assert "more than the 6 training examples; using 6" in out
+    assert "micro-batches of 2 in the 6 training examples; using 3" in out
 
 
 def test_a_bad_flag_from_the_shell_is_one_line():
