@@ -248,9 +248,10 @@ def _show(entries) -> str:
 def check_out(args, s):
     """--out, checked before anything is loaded or written. Refused: the base model's folder, a folder
     inside or around it, a cache (check_out_place); a file; a folder holding anything but an earlier
-    nanopeft run's files, unless --overwrite (which still deletes nothing here: the run's files replace
-    their namesakes as it writes them); the checkpoint of an earlier run without --resume or
-    --overwrite, or with --resume and other run-defining settings. An empty or new folder is fine."""
+    nanopeft run's files (OUTPUTS, and its MARKER or ckpt.pt), unless --overwrite (which still deletes
+    nothing here: the run's files replace their namesakes as it writes them); the checkpoint of an
+    earlier run without --resume or --overwrite; with --resume, other run-defining settings, or a link or
+    folder at a name the run writes (other files there are left alone). An empty or new folder is fine."""
     out = Path(args.out)
     check_out_place(args)
     try:

@@ -199,6 +199,9 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     save = functools.partial(save_checkpoint, world=world) if rank == 0 else (lambda *a: None)
     # the data, and the run's length in optimizer steps (--max-steps, else --epochs passes)
     examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt, args.train_format)
+    if s.batch_size > len(examples):  # never silently another batch than the one asked for
+        print(f"note: --batch-size {s.batch_size} is more than the {len(examples)} training examples: each micro-batch "
+              f"is all {len(examples)} of them")
     steps_per_epoch = max(1, len(examples) // (s.batch_size * args.grad_accum * world))
     total = args.max_steps if args.max_steps is not None else max(1, round(s.epochs * steps_per_epoch))
     warmup = math.ceil(s.warmup_ratio * total)
