@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import os
-import re
 import types
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -94,16 +93,6 @@ class Run:
     builtin: bool
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the flag and what is allowed), raised as ValueError so the
-    command line prints `error: ...` and exits 2, like every other bad input."""
-
-    def error(self, message):
-        if message.endswith("expected one argument"):  # argparse takes -1e-3 for a flag
-            message += " (a value that starts with '-' is written --flag=VALUE, e.g. --lr=-1e-3)"
-        raise ValueError(message)
-
-
 def _flag(method, f):
     return "--" + (f.name if f.name in COMMON else f"{method}-{f.name}").replace("_", "-")
 
@@ -135,7 +124,7 @@ def _tiny_source(f):
 
 
 def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
-    p = Parser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = eval_math.Parser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lift", help=f"one of: {', '.join(METHODS)}")
     cls = METHODS[method][1]
@@ -213,7 +202,7 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> tuple[Run, object, dict]:
     """(the run's settings, the method's resolved settings, where each setting came from)."""
-    first = Parser(add_help=False)
+    first = eval_math.Parser(add_help=False)
     first.add_argument("--method", default="lift")
     first.add_argument("--model", default=None)
     first.add_argument("--data", default=None)
@@ -338,7 +327,7 @@ def check_run(args):
                              pretrain_steps=1, num_beams=1)
     if not 0 <= args.seed < SEEDS:
         raise ValueError(f"--seed {args.seed} is not allowed: a whole number 0 <= seed < 2**32 ({SEEDS})")
-    check_device(args.device)
+    eval_math.check_device(args.device)
     if not (positive_finite(args.dist_timeout) and args.dist_timeout <= MAX_DIST_TIMEOUT):
         raise ValueError(f"--dist-timeout {args.dist_timeout} is not allowed: a positive number of seconds, at most "
                          f"{MAX_DIST_TIMEOUT} (a year)")
@@ -350,20 +339,6 @@ def check_run(args):
     if args.dtype not in DTYPES:
         why = " (fp16 training needs loss scaling, which nanopeft does not do; bf16 does not)" if args.dtype == "float16" else ""
         raise ValueError(f"--dtype {args.dtype}: not supported{why}; choose from {', '.join(DTYPES)}")
-
-
-def check_device(device: str):
-    """--device: cpu, cuda, or cuda:N for a GPU this machine has; one line otherwise (torch.device would
-    raise a RuntimeError deep in the run)."""
-    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
-    if not m or (m[1] == "cpu" and m[2] is not None):
-        raise ValueError(f"--device {device!r} is not allowed: cpu, cuda, or cuda:N (the GPU numbered N)")
-    if m[1] == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    if m[2] is not None and int(m[2]) >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ValueError(f"--device {device} is not allowed: this machine has {n} CUDA GPU{'s' * (n != 1)}, "
-                         f"cuda:0 .. cuda:{n - 1}")
 
 
 def print_settings(method, s, origin):

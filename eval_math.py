@@ -832,17 +832,19 @@ def print_table(metrics: dict, file=None):
 # CLI
 
 
-class OneLineParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse whose errors (unknown flag, bad value, bad choice) raise a one-line ValueError instead
     of printing the usage block: a command line prints `error: ...` and exits 2, like any bad input.
-    (cli.Parser does the same for train.py; it could be this class: cli imports eval_math.)"""
+    Every command line of the project uses it (eval_math's, train.py's through cli.py, the experiments)."""
 
     def error(self, message):
+        if message.endswith("expected one argument"):  # argparse takes -1e-3 for a flag
+            message += " (a value that starts with '-' is written --flag=VALUE, e.g. --lr=-1e-3)"
         raise ValueError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description="Accuracy of a model on math word problems (decoding and scoring: --protocol).")
+    p = Parser(description="Accuracy of a model on math word problems (decoding and scoring: --protocol).")
     p.add_argument("--model", default="tiny",
                    help="model folder, a .gguf file, smollm2-135m, or a preset name (random init)")
     p.add_argument("--data", default="synth-source,synth-target",

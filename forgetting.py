@@ -16,6 +16,7 @@ No labels needed: the papers' "learn the target, keep the rest" (LIFT §7.1) on 
 """
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import torch
@@ -129,8 +130,10 @@ def forgetting_set(model, tok, args, cache: Path):
                          "no text to measure forgetting on; use more --forget-prompts, or 0 to turn it off")
     ref = drift_reference(model, tok, texts)
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"texts": texts, "ref": ref}, f"{f}.tmp")
-    os.replace(f"{f}.tmp", f)
+    fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=cache)  # fresh: never through a link
+    with os.fdopen(fd, "wb") as out:
+        torch.save({"texts": texts, "ref": ref}, out)
+    os.replace(tmp, f)
     return texts, ref
 
 

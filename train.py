@@ -301,7 +301,7 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
 @functools.lru_cache(maxsize=4)
 def eval_problems(eval_data: str, limit, seed) -> tuple:
     """The test problems of every --eval-data spec (loaded once: main checks them before the model)."""
-    return tuple(p for spec in eval_data.split(",") for p in eval_math.load_problems(spec, "test", limit=limit, seed=seed))
+    return tuple(eval_math.load_all(eval_data, "test", limit, seed, flag="--eval-data"))
 
 
 def run_eval(model, tok, args, label):

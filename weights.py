@@ -9,6 +9,7 @@ import numbers
 import os
 import pickle
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def _read_hf_weights(path: Path) -> dict:
     sd = {}
     for f in files:
         try:
+            open(path / f, "rb").close()  # the system's own reason first (safetensors calls EACCES "No such file")
             weights = load_file(str(path / f))
         except OSError:  # missing, permission denied: the system's own reason
             raise
@@ -411,9 +413,11 @@ def save_pretrained(model: Transformer, path, state_dict=None):
         stale = _shards(_read_json(index), repr(str(index))) if _exists(index) else []
     except ValueError:
         stale = []
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # fresh: never a link
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's is rwx------; the folder gets what every other one does
     sd = {"model." + k if k != "lm_head.weight" else k: v.detach().contiguous().cpu()
           for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if model.config.tie_embeddings:

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from cli import Parser
+from eval_math import Parser
 from experiments import check_counts, check_model, command_line
 from targets import LINEAR_NAMES, find_linears
 from weights import load

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cli import Parser
+from eval_math import Parser
 from experiments import check_counts, check_model, check_number, check_threads, command_line, refuse
 from generate import generate
 from model import PRESETS, ModelConfig, Transformer

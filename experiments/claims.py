@@ -34,9 +34,9 @@ import torch
 
 import eval_math
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
-from cli import Parser, is_tiny
-from experiments import analyze, check_counts, check_model, check_number, check_threads, command_line, refuse
-from experiments import fronts
+from cli import is_tiny
+from eval_math import Parser
+from experiments import analyze, check_counts, check_model, check_number, check_threads, command_line, fronts, refuse
 from experiments.perturb import claim_noise, claim_overlap, claim_spectral, held_out, target_weights, text_loss
 from experiments.runs import base_path, mean_std, pm, run_train, verdict, write_json
 from experiments.table import TABLE, TABLE_SETS, claim_table, plot_table

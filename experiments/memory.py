@@ -28,7 +28,7 @@ import sys
 import torch
 
 import lift
-from cli import Parser
+from eval_math import Parser
 from experiments import check_number, command_line, refuse
 from model import LOSS_CHUNK, ModelConfig, up_to_last_target
 
