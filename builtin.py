@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-import eval_math
+import math_data
 import full
 from distributed import rank_world
 from weights import load, save_pretrained
@@ -46,7 +46,7 @@ def pretrain_base(args, train) -> Path:
                   out=str(out), resume=(out / "ckpt.pt").exists(), overwrite=False)
     model.to(args.device)
     train(model, tok, pre, full.Settings(**PRETRAIN["settings"]),
-          eval_math.load_problems("synth-source", "train", seed=0), parallel=False)
+          math_data.load_problems("synth-source", "train", seed=0), parallel=False)
     # the cache appears whole or not at all: written into a fresh temporary folder, then renamed
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

@@ -150,7 +150,7 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="model folder (Hugging Face or Meta layout), a .gguf file, a preset, "
                    "or smollm2-135m; default: the built-in tiny base")
-    g.add_argument("--data", default=None, help="training data spec (eval_math.load_problems); default synth-target")
+    g.add_argument("--data", default=None, help="training data spec (math_data.load_problems); default synth-target")
     g.add_argument("--train-limit", type=int, default=None, help="train on at most this many problems")
     g.add_argument("--seq-len", type=int, default=512, help="truncate prompt+solution to this many tokens")
     g.add_argument("--train-on-prompt", action="store_true", help="also put loss on the prompt tokens")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import eval_math
+import math_data
 import forgetting
 from builtin import base_dir, builtin_base
 from checkpoint import (check_out, check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint,
@@ -301,7 +302,7 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
 @functools.lru_cache(maxsize=4)
 def eval_problems(eval_data: str, limit, seed) -> tuple:
     """The test problems of every --eval-data spec (loaded once: main checks them before the model)."""
-    return tuple(eval_math.load_all(eval_data, "test", limit, seed, flag="--eval-data"))
+    return tuple(math_data.load_all(eval_data, "test", limit, seed, flag="--eval-data"))
 
 
 def run_eval(model, tok, args, label):
@@ -385,7 +386,7 @@ def run(args, s, origin, rank=0):
         check_out(args, s)
     elif args.resume:
         check_resumable(Path(args.out) / "ckpt.pt", args, s)
-    problems = eval_math.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
+    problems = math_data.load_problems(args.data, "train", limit=args.train_limit, seed=args.seed)
     step = s.batch_size * args.grad_accum * rank_world()[1]
     if args.grad_accum > 1 and step > len(problems):  # accumulating past the data repeats it within a step
         world = f" x {rank_world()[1]} processes" if rank_world()[1] > 1 else ""

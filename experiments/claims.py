@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import eval_math
+import math_data
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
 from cli import is_tiny
 from eval_math import Parser
@@ -43,7 +44,7 @@ from experiments.table import TABLE, TABLE_SETS, claim_table, plot_table
 from model import PRESETS
 from weights import load
 
-BUILTIN_DATA = ("gsm8k", "synth-source", "synth-target", "synth-source-facts")  # eval_math.load_problems' names
+BUILTIN_DATA = ("gsm8k", "synth-source", "synth-target", "synth-source-facts")  # math_data.load_problems' names
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +421,7 @@ CLAIM_DEFAULTS = {
 
 
 def check_data(flag: str, value: str, split: str):
-    """Each comma-separated spec of a data flag is one eval_math.load_problems reads, checked without
+    """Each comma-separated spec of a data flag is one math_data.load_problems reads, checked without
     reading it: a built-in name, an existing file or folder, or a dataset name under $NANOPEFT_DATA."""
     for spec in value.split(","):
         path = Path(spec).expanduser()
@@ -429,7 +430,7 @@ def check_data(flag: str, value: str, split: str):
         if not spec or "/" in spec or path.suffix in (".json", ".jsonl"):
             raise FileNotFoundError(f"--{flag} {value}: no such data file or folder {spec!r}")
         try:
-            eval_math._find_named(spec, split, None)
+            math_data._find_named(spec, split, None)
         except ValueError as e:
             raise ValueError(f"--{flag} {value}: {e}") from None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import eval_math
+import math_data
 import forgetting
 
 # -----------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def claim_fronts(args) -> dict:
     from experiments.runs import run_train, write_json
     interval = max(1, args.steps // 3)  # LIFT's mask refreshes 3 times (the paper's interval: 200 steps)
     model, tok = load(args.base)
-    problems = eval_math.load_problems(args.held_out, "test", limit=args.held_out_limit)
+    problems = math_data.load_problems(args.held_out, "test", limit=args.held_out_limit)
     examples = held_out_examples(problems, tok, "lift-authors", args.seq_len)
     if len(examples) < 200:
         print(f"note: {len(examples)} held-out problems (fewer than 200): the standard errors are wide")
@@ -263,7 +264,6 @@ def claim_fronts(args) -> dict:
            "forget_prompts": args.forget_prompts, "base": args.base}
     base = _cached(Path(args.out) / "fronts-base" / "point.json", key, lambda: measure(model, tok, examples, texts,
                                                                                           reference))
-    del model
     sweep = argparse.Namespace(**{**vars(args), "eval_data": "none", "eval_every": 0, "forget_prompts": 0,
                                   "eval_limit": None, "max_new_tokens": None})
     seeds = range(args.seeds) if args.only_seed is None else [args.only_seed]

@@ -12,6 +12,7 @@ import statistics
 import torch
 
 import eval_math
+import math_data
 import lift
 from cli import is_tiny
 from forgetting import text_logprobs
@@ -46,7 +47,7 @@ def held_out(tok, real: bool, n: int) -> tuple[list[dict], list[dict]]:
         texts = [{"prompt": t[:1], "text": t[1:]} for t in ids]  # every token after the first
         answers = [{"prompt": tok.encode(p, bos=True), "text": tok.encode(a)[:1]} for p, a in FACTS]
         return texts, answers
-    problems = eval_math.synthetic_problems("source", "test", n)  # what the built-in base was trained on
+    problems = math_data.synthetic_problems("source", "test", n)  # what the built-in base was trained on
     # the built-in model never learned to write questions (their tokens are masked in training):
     # its held-out text is the worked solutions, given the questions
     texts = [{"prompt": tok.encode(eval_math.format_prompt(p), bos=True),

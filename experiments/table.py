@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import eval_math
+import math_data
 from experiments.runs import base_path, mean_std, pm, run_train, verdict, write_json
 
 # -----------------------------------------------------------------------------
@@ -43,7 +44,7 @@ def table_sets(eval_dir) -> list[str]:
     """The seven test files under --eval-dir (default $NANOPEFT_DATA or ./dataset): <name>.json or
     <name>/test.json, names matched ignoring case, as eval_math finds a dataset by name."""
     root = eval_dir or os.environ.get("NANOPEFT_DATA", "dataset")
-    return [str(eval_math._find_named(name, "test", root)) for name in TABLE_SETS]
+    return [str(math_data._find_named(name, "test", root)) for name in TABLE_SETS]
 
 
 def close(a: list, b: list, points: float = 1.0) -> tuple[bool, float]:

@@ -206,3 +206,20 @@ def _one_line_error(argv, capsys):
 def _claims(tmp_path, *argv):
     from experiments import claims
     return claims.main([*argv, "--out", str(tmp_path / "claims"), "--threads", "1"])
+
+
+# GSM8K- and LLM-Adapters-shaped rows (test_math_data.py loads them, test_eval_math.py prompts with them)
+GSM_ROWS = [
+    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+    {"question": "A house costs $1,200 more than a car that costs $3,000. What do both cost?",
+     "answer": "The house costs 3,000 + 1,200 = 4,200.\nBoth cost 3,000 + 4,200 = 7,200.\n#### 7,200"},
+]
+
+
+ADAPTER_ROWS = [
+    {"instruction": "Tom has 3 apples and buys 2. How many apples?", "input": "", "output": "", "answer": "5"},
+    {"instruction": "What is 2 + 2?", "input": "Answer Choices: (A) 3 (B) 4", "output": "2 + 2 = 4. The answer is B.",
+     "answer": "B"},
+    {"instruction": "Half of 7?", "input": "", "output": "", "answer": 3.5},
+]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval_math as E
+import math_data
 import weights
 from conftest import tiny_model
 from generate import beam_search, generate
@@ -41,21 +42,21 @@ def write(path, rows, jsonl=None):
 @pytest.mark.parametrize("split,size", [("test", 1907), ("train", 29197)])
 def test_synthetic_limit_above_what_exists_means_all_and_ends(split, size, capsys):
     t = time.time()
-    got = E.load_problems("synth-source", split, limit=10**12)
+    got = math_data.load_problems("synth-source", split, limit=10**12)
     assert time.time() - t < 5 and len(got) == len({p["question"] for p in got}) == size
-    assert len(E.synthetic_space("source")) == 31104 and len(E.synthetic_space("target")) == 18944
-    assert got[:300] == E.load_problems("synth-source", split, limit=300)   # the first k are the list for k
+    assert len(math_data.synthetic_space("source")) == 31104 and len(math_data.synthetic_space("target")) == 18944
+    assert got[:300] == math_data.load_problems("synth-source", split, limit=300)   # the first k are the list for k
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(rf"note: limit 1000000000000 is more than synth-source \({size}\) has", err[0])
 
 
 def test_file_limit_above_its_size_means_all(tmp_path, capsys):
     f = write(tmp_path / "two.json", [ADAPTER, ADAPTER])
-    assert len(E.load_problems(str(f), limit=10**12)) == 2
+    assert len(math_data.load_problems(str(f), limit=10**12)) == 2
     assert "note: limit 1000000000000 is more than two (2) has" in capsys.readouterr().err
     for bad in (0, -1, 2.5, True, "3"):
         with pytest.raises(ValueError, match=r"limit=.* must be a positive number of problems") as e:
-            E.load_problems(str(f), limit=bad)
+            math_data.load_problems(str(f), limit=bad)
         one_line(e)
 
 # -----------------------------------------------------------------------------
@@ -162,13 +163,13 @@ def test_bad_rows_are_refused_naming_file_row_and_value(tmp_path, rows, suffix, 
         says = r"line 2 of .*bad\.jsonl' is not JSON \(Expecting ',' delimiter at column 19\)"
     t = time.time()
     with pytest.raises(ValueError, match=says) as e:
-        E.load_problems(str(f), "train")
+        math_data.load_problems(str(f), "train")
     assert len(one_line(e)) < 400 and time.time() - t < 5
 
 
 def test_good_answers_pass():
     rows = [dict(ADAPTER, answer=a) for a in ("7", "-3.5", "1,000", 12, 2.5, "B")]
-    got = E._to_problems(rows, "f.json", "f")
+    got = math_data._to_problems(rows, "f.json", "f")
     assert [p["answer"] for p in got] == ["7", "-3.5", "1000", "12", "2.5", "B"]
 
 
@@ -177,23 +178,23 @@ def test_a_missing_set_is_named(tmp_path, capsys):
     write(root / "AddSub" / "test.json", [ADAPTER])
     write(root / "SVAMP" / "train.json", [ADAPTER])
     with pytest.raises(ValueError, match=r"1 of its 2 sets have no test\.json/\.jsonl: SVAMP \(train\.json\)") as e:
-        E.load_problems(str(root), "test")
+        math_data.load_problems(str(root), "test")
     one_line(e)
     with pytest.raises(ValueError, match=r"--data: 2 of 3 datasets are missing: 'MultiArith', 'svamp' \(unknown dataset") as e:
-        E.load_all("AddSub,MultiArith,svamp", data_dir=str(root))
+        math_data.load_all("AddSub,MultiArith,svamp", data_dir=str(root))
     one_line(e)
     with pytest.raises(ValueError, match=r"--data: split 'test' does not exist for 'svamp'.*splits: train"):
-        E.load_all("AddSub,svamp", data_dir=str(root))
+        math_data.load_all("AddSub,svamp", data_dir=str(root))
     with pytest.raises(ValueError, match=r"names under '.*nowhere' \(none, which is no folder here\)"):
-        E.load_all("svamp", data_dir=str(tmp_path / "nowhere"))
+        math_data.load_all("svamp", data_dir=str(tmp_path / "nowhere"))
     for data, says in (("", "--data '' names no dataset"), (" , ", "names no dataset"),
                        ("synth-source,,synth-target", "has an empty name between its commas"),
                        ("synth-source,synth-source", "names 'synth-source' twice")):
         with pytest.raises(ValueError, match=says):
-            E.load_all(data, limit=2)
+            math_data.load_all(data, limit=2)
     with pytest.raises(ValueError, match="'AddSub' and '.*AddSub/test.json' both give a dataset named 'addsub'"):
-        E.load_all(f"AddSub,{root / 'AddSub' / 'test.json'}", data_dir=str(root))
-    assert len(E.load_all("AddSub,synth-source", limit=2, data_dir=str(root))) == 3
+        math_data.load_all(f"AddSub,{root / 'AddSub' / 'test.json'}", data_dir=str(root))
+    assert len(math_data.load_all("AddSub,synth-source", limit=2, data_dir=str(root))) == 3
 
 
 def test_permission_denied_is_not_reported_missing(tmp_path, monkeypatch):
@@ -207,7 +208,7 @@ def test_permission_denied_is_not_reported_missing(tmp_path, monkeypatch):
         return real(self, *a, **k)
     monkeypatch.setattr(type(f), "read_text", denied)
     with pytest.raises(PermissionError, match="Permission denied"):
-        E.load_problems(str(f))
+        math_data.load_problems(str(f))
     real_stat = weights.os.stat
 
     def stat(p, *a, **k):

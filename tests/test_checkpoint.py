@@ -10,7 +10,6 @@ import torch
 import train
 from checkpoint import TMP
 from conftest import _argv, _one_line_error, _weights
-from model import Transformer
 from tokenizer import Tokenizer
 from weights import from_pretrained, save_pretrained
 

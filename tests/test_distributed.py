@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import eval_math
+import math_data
 import train
 from conftest import ROOT, _argv, _weights
 from tokenizer import Tokenizer
@@ -87,7 +87,7 @@ def test_torchrun_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("data parallel: 2 processes (gloo)") == len(DP_METHODS)  # printed once: process 0
-    examples, _ = train.training_examples(eval_math.load_problems(str(uneven), "train"), Tokenizer.bytes(), 256, False)
+    examples, _ = train.training_examples(math_data.load_problems(str(uneven), "train"), Tokenizer.bytes(), 256, False)
     assert len(examples) == 64 and len({train.n_targets([e]) for e in examples}) >= 9  # unequal target lengths
     for m in DP_METHODS:
         one, one_grads = _one_process_grads(_dp_argv(small_dir, tmp_path / f"{m}-one", m, uneven) + ["--grad-accum", "2"])

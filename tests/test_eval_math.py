@@ -1,14 +1,14 @@
-"""eval_math.py: answer extraction and scoring, every loader on files written here, the synthetic data,
-batched evaluation and stop strings against plain generate, its command line."""
+"""eval_math.py: answer extraction and scoring, the prompts and training formats, batched evaluation and
+stop strings against plain generate, its command line (the data it reads: test_math_data.py)."""
 import json
 import re
-import time
 
 import pytest
 import torch
 
 import eval_math as E
-from conftest import tiny_model
+import math_data
+from conftest import GSM_ROWS, tiny_model
 from generate import generate
 from tokenizer import LLAMA3_PAT, Tokenizer
 
@@ -68,7 +68,7 @@ def test_protocols_score_as_their_rules_say(memorized):
     assert E.extract_choice("All options fit; (C)") == "C"
     assert E.extract_choice("the answer is (d)", "llm-adapters") is None
     model, tok, seen = memorized
-    problems = seen + E.load_problems("synth-source", limit=3)
+    problems = seen + math_data.load_problems("synth-source", limit=3)
     ours = E.evaluate(model, tok, problems, batch_size=4, progress=False)
     theirs = E.evaluate(model, tok, problems, batch_size=4, progress=False, protocol="llm-adapters", num_beams=1)
     assert (ours["protocol"], theirs["protocol"], theirs["decoding"]) == ("nanopeft", "llm-adapters", "greedy")
@@ -145,7 +145,7 @@ def test_lift_authors_prompt_bytes(tmp_path):
                           "output": "\nA: 13 + 17 = 30. The answer is 30.", "answer": "30.0"},
             {"instruction": "Pick one. ", "input": "(A) 1 (B) 2", "output": "B", "answer": "B"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    gsm, sam, pick = E.load_problems(str(tmp_path / "rows.json"))
+    gsm, sam, pick = math_data.load_problems(str(tmp_path / "rows.json"))
     head = "<s> Below is an instruction that describes a task. Write a response that appropriately completes the request. "
     assert E.format_prompt(gsm, "lift-authors") == (head + "\n\n### Instruction:\nNatalia sold clips to 48 friends in "
                                                     "April, and half as many in May. How many in all?\n\n### Response:\n")
@@ -154,7 +154,7 @@ def test_lift_authors_prompt_bytes(tmp_path):
     assert E.format_prompt(pick, "lift-authors") == head + "\n\n### Instruction:\nPick one. \n\n### Response:\n"
     assert sam["question"] == "Sam has 13 books and gets 17. How many?"
     assert E.format_prompt(sam) == E.format_prompt(sam, "llm-adapters") == E.ALPACA.format(instruction=sam["question"])
-    synth = E.load_problems("synth-target", limit=1)[0]
+    synth = math_data.load_problems("synth-target", limit=1)[0]
     want = f"{head}\n\n### Instruction:\n{synth['question']}\n\n### Response:\n"
     assert E.format_prompt(synth, "lift-authors") == want
 
@@ -177,7 +177,7 @@ def test_lift_authors_training_format(tmp_path):
                           "output": "\nA: 13 + 17 = 30. The answer is 30.</s>", "answer": "30.0"},
             {"instruction": "Pick one.", "input": " (A) 1 (B) 2", "output": "B", "answer": "B"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    gsm, sam, pick = E.load_problems(str(tmp_path / "rows.json"))
+    gsm, sam, pick = math_data.load_problems(str(tmp_path / "rows.json"))
     head = ("<s> Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.  \n\n### Instruction:\n")
     tail = "\n                \n### Response:\n"
@@ -187,7 +187,7 @@ def test_lift_authors_training_format(tmp_path):
         head + GSM_ROWS[0]["question"] + tail,
         "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips. ")
     assert E.training_pair(pick, "lift-authors") == (head + " (A) 1 (B) 2" + tail, "B ")
-    synth = E.load_problems("synth-target", "train", limit=1)[0]
+    synth = math_data.load_problems("synth-target", "train", limit=1)[0]
     assert E.training_pair(synth, "lift-authors")[1] == synth["solution"].split("\n####")[0] + " "
     assert E.training_pair(gsm) == (E.format_prompt(gsm), E.format_target(gsm))
     with pytest.raises(ValueError, match="unknown training format 'alpaca'; known: nanopeft, lift-authors"):
@@ -214,7 +214,7 @@ def test_lift_authors_decoding_and_evaluate_wiring(monkeypatch):
     callback; the prompt is theirs; the completion is the whole output, scored by their rules."""
     assert [E.decoding("lift-authors", n) for n in (None, 1, 2)] == [4, 1, 2]
     assert (E.decoding("nanopeft", None), E.decoding("llm-adapters", None)) == (1, 4)
-    synth = E.load_problems("synth-target", limit=2)
+    synth = math_data.load_problems("synth-target", limit=2)
     assert E.default_max_new_tokens(synth, "lift-authors") == 256 and E.default_max_new_tokens(synth) < 100
     tok, calls = Tokenizer.bytes(), []
 
@@ -248,7 +248,7 @@ def test_lift_authors_evaluate_does_not_cut_at_stop_strings(monkeypatch):
         return PreTrainedTokenizerBase.clean_up_tokenization(None, tok.decode([i for i in ids if i not in special]))
     ids = tok.encode("x , y . He 's here ? ok") + [tok.bos_id, tok.pad_id]
     assert E.authors_text(tok, ids) == theirs(ids) == "x, y. He's here? ok"
-    problems = E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=2)
+    problems = math_data.load_problems("synth-source", limit=3) + math_data.load_problems("synth-target", limit=2)
     prompts = [tok.encode(E.format_prompt(p, "lift-authors"), bos=True) for p in problems]
     plain = generate(model, prompts, 40, [tok.eos_id], tok.pad_id)
     texts = [tok.decode(o) for o in plain]
@@ -266,174 +266,12 @@ def test_lift_authors_evaluate_does_not_cut_at_stop_strings(monkeypatch):
     assert [p["completion"] for p in beams["predictions"]] == [theirs(o) for o in ref]
 
 
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-GSM_ROWS = [
-    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",
-     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
-    {"question": "A house costs $1,200 more than a car that costs $3,000. What do both cost?",
-     "answer": "The house costs 3,000 + 1,200 = 4,200.\nBoth cost 3,000 + 4,200 = 7,200.\n#### 7,200"},
-]
-
-
-ADAPTER_ROWS = [
-    {"instruction": "Tom has 3 apples and buys 2. How many apples?", "input": "", "output": "", "answer": "5"},
-    {"instruction": "What is 2 + 2?", "input": "Answer Choices: (A) 3 (B) 4", "output": "2 + 2 = 4. The answer is B.",
-     "answer": "B"},
-    {"instruction": "Half of 7?", "input": "", "output": "", "answer": 3.5},
-]
-
-
-def test_gsm8k_jsonl(tmp_path):
-    """A GSM8K .jsonl gives the rows datasets' json builder reads from it (the independent reference)."""
-    import datasets
-    f = write_jsonl(tmp_path / "mygsm.jsonl", GSM_ROWS)
-    f.write_text(f.read_text().replace("\n", "\n\n", 1))       # a blank line is skipped
-    ps = E.load_problems(str(f))
-    assert [p["raw"] for p in ps] == list(datasets.load_dataset("json", data_files=str(f), split="train"))
-    assert [p["answer"] for p in ps] == ["72", "7200"] and {p["dataset"] for p in ps} == {"mygsm"}
-    assert ps[0]["question"] == GSM_ROWS[0]["question"]
-    assert ps[0]["solution"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\n#### 72"
-    assert E.format_target(ps[0]).endswith("#### 72")
-    assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=GSM_ROWS[0]["question"])
-    assert E.load_problems(str(f), limit=1) == ps[:1]
-
-
-def test_gsm8k_hub_path_with_local_file(tmp_path, monkeypatch):
-    """The hub code path (`gsm8k`) with datasets.load_dataset answering from a local file of
-    the same shape: same hub id, config and split asked for, same problems as the jsonl."""
-    import datasets
-    local, real, calls = write_jsonl(tmp_path / "test.jsonl", GSM_ROWS), datasets.load_dataset, []
-
-    def fake(path, name=None, split=None, **kw):
-        calls.append((path, name, split))
-        return real("json", data_files=str(local), split="train")
-    monkeypatch.setattr(datasets, "load_dataset", fake)
-    ps = E.load_problems("gsm8k", "test")
-    assert calls == [("openai/gsm8k", "main", "test")]
-    assert [{**p, "dataset": "x"} for p in ps] == [{**p, "dataset": "x"} for p in E.load_problems(str(local))]
-    assert {p["dataset"] for p in ps} == {"gsm8k"}
-
-
-def test_gsm8k_hub_offline_is_a_clear_error(monkeypatch):
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    t = time.time()
-    with pytest.raises(ConnectionError, match=r"openai/gsm8k.*local GSM8K-format \.jsonl") as e:
-        E.load_problems("gsm8k", "test")
-    assert "\n" not in str(e.value) and time.time() - t < 10
-
-
-def test_llm_adapters_json(tmp_path):
-    f = tmp_path / "mix.json"
-    f.write_text(json.dumps(ADAPTER_ROWS))
-    ps = E.load_problems(str(f))
-    assert [p["answer"] for p in ps] == ["5", "B", "3.5"] and ps[0]["solution"] is None
-    assert E.format_prompt(ps[0]) == E.ALPACA.format(instruction=ADAPTER_ROWS[0]["instruction"])
-    assert "### Input:\nAnswer Choices: (A) 3 (B) 4\n\n### Response:\n" in E.format_prompt(ps[1])
-    assert E.format_target(ps[0]) == "The answer is 5" and E.format_target(ps[1]) == ADAPTER_ROWS[1]["output"]
-    assert E.is_choice(ps[1]) and not E.is_choice(ps[0])
-
-
-def test_folder_of_datasets_and_names(tmp_path):
-    root = tmp_path / "dataset"
-    for name, rows in (("AQuA", ADAPTER_ROWS[1:2]), ("SVAMP", ADAPTER_ROWS[:1] * 3), ("gsm8k", ADAPTER_ROWS[2:])):
-        (root / name).mkdir(parents=True)
-        (root / name / "test.json").write_text(json.dumps(rows))
-    (root / "math_10k.json").write_text(json.dumps(ADAPTER_ROWS))
-    ps = E.load_problems(str(root), "test")
-    assert [p["dataset"] for p in ps] == ["aqua", "gsm8k", "svamp", "svamp", "svamp"]
-    assert len(E.load_problems(str(root), limit=2)) == 4       # limit is per dataset
-    assert [p["dataset"] for p in E.load_problems("svamp", data_dir=str(root))] == ["svamp"] * 3
-    assert len(E.load_problems("MATH-10K", data_dir=str(root))) == 3
-    with pytest.raises(ValueError, match=r"split 'train' does not exist .* it has: test"):
-        E.load_problems(str(root), "train")
-    with pytest.raises(ValueError, match=r"split 'train' does not exist for 'svamp'.*splits: test"):
-        E.load_problems("svamp", "train", data_dir=str(root))
-
-
-def test_bad_rows_name_row_and_file(tmp_path):
-    f = write_jsonl(tmp_path / "bad.jsonl", [GSM_ROWS[0], {"question": "no answer here"}])
-    with pytest.raises(ValueError, match=r"^row 1 of .*bad\.jsonl has no answer ending in '#### N'"):
-        E.load_problems(str(f))
-    g = tmp_path / "bad.json"
-    g.write_text(json.dumps([ADAPTER_ROWS[0], ADAPTER_ROWS[1], {"text": "hello"}]))
-    with pytest.raises(ValueError, match=r"^row 2 of .*bad\.json has neither 'question' \(GSM8K\) nor 'instruction'"):
-        E.load_problems(str(g))
-    g.write_text(json.dumps([{"instruction": "Q?", "input": "", "output": "x"}]))
-    with pytest.raises(ValueError, match=r"^row 0 of .*bad\.json has no 'answer'"):
-        E.load_problems(str(g))
-
-
-def test_eval_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown dataset 'nosuch'; known: gsm8k, synth-source, synth-target"):
-        E.load_problems("nosuch", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"data path '.*missing\.jsonl' does not exist"):
-        E.load_problems(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "empty.json").write_text("[]")
-    for f in ("empty.jsonl", "empty.json"):
-        with pytest.raises(ValueError, match="'empty'.* (is empty|has no problems)"):
-            E.load_problems(str(tmp_path / f))
-    for spec in ("gsm8k", "synth-source"):
-        with pytest.raises(ValueError, match=r"split 'validation' does not exist .*splits: train, test"):
-            E.load_problems(spec, "validation")
-    with pytest.raises(ValueError, match="limit=0"):
-        E.load_problems("synth-target", limit=0)
-    with pytest.raises(ValueError, match="no problems"):
-        E.evaluate(None, None, [])
-
-
-def test_synthetic_deterministic_disjoint_correct():
-    for domain in ("source", "target"):
-        train, test = E.load_problems(f"synth-{domain}", "train"), E.load_problems(f"synth-{domain}", "test")
-        assert (len(train), len(test)) == (12000, 200)
-        assert train == E.load_problems(f"synth-{domain}", "train") and test[:50] == E.load_problems(f"synth-{domain}", limit=50)
-        other = E.load_problems(f"synth-{domain}", "test", seed=1)
-        assert other != test
-        train_q = {p["question"] for p in train}
-        assert len(train_q) == len(train) and len({p["question"] for p in test}) == len(test)
-        assert not train_q & {p["question"] for p in test + other}  # disjoint, for any seed
-        for p in train[:500] + test:
-            # one arithmetic step, checked independently, on the question's two numbers; the two
-            # domains share the answer format and differ in the operation (+/- vs *)
-            steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", p["solution"])
-            assert len(steps) == 1
-            (a, op, b, r), = steps
-            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(r) >= 0
-            assert (op == "*") == (domain == "target")
-            assert int(b) <= 9 and (int(a) <= 9 or op == "-") and int(r) >= (1 if op != "*" else 4)
-            assert p["solution"] == f"{a} {op} {b} = {r}.\n#### {r}" and p["answer"] == r
-            assert [int(x) for x in re.findall(r"\d+", p["question"])] == [int(a), int(b)]
-            assert len((E.format_prompt(p) + E.format_target(p)).encode()) < 110
-    # the target's questions never read like the source's: the words say which operation to do
-    assert all(any(w in p["question"] for w in ("bags of", "rows of", "packs of")) for p in E.load_problems("synth-target"))
-    assert not any("of" in p["question"].split() for p in E.load_problems("synth-source"))
-
-
-def test_source_facts_give_the_equation_and_keep_the_text():
-    """synth-source-facts: the same problems and full text as synth-source, with the equation moved
-    into the prompt, so only the arithmetic is asked; unknown specs name it among the known."""
-    src, facts = E.load_problems("synth-source", limit=20), E.load_problems("synth-source-facts", limit=20)
-    for s, f in zip(src, facts):
-        assert E.format_prompt(s) + E.format_target(s) == E.format_prompt(f) + E.format_target(f)
-        assert E.format_prompt(f).endswith(f"Answer: {f['given']}") and re.fullmatch(r"\d+ [-+] \d+ =", f["given"])
-        assert E.format_target(f) == f" {f['answer']}.\n#### {f['answer']}" and f["dataset"] == "synth-source-facts"
-    with pytest.raises(ValueError, match="synth-source-facts"):
-        E.load_problems("nosuch")
-
-
 def test_prompt_target_boundary_tokenizes_cleanly():
     """encode(prompt) + encode(target) == encode(prompt + target): checked for the byte tokenizer,
     and for Llama-3's pre-tokenizer regex (BPE never merges across its pieces)."""
     regex = pytest.importorskip("regex")
     tok = Tokenizer.bytes()
-    probs = E.load_problems("synth-target", limit=5) + E.load_problems("synth-source", limit=5)
+    probs = math_data.load_problems("synth-target", limit=5) + math_data.load_problems("synth-source", limit=5)
     probs += [dict(question=r["question"], answer="1", solution=r["answer"], template="alpaca") for r in GSM_ROWS]
     probs += [dict(question="Q?", input="(A) 1 (B) 2", answer="B", solution=None, template="alpaca")]
     for p in probs:
@@ -447,7 +285,7 @@ def memorized():
     """A tiny model trained (as train.py builds sequences) until it reproduces 4 problems."""
     torch.manual_seed(0)
     tok, model = Tokenizer.bytes(), tiny_model(vocab=264)
-    seen = E.load_problems("synth-target", "train", limit=4)
+    seen = math_data.load_problems("synth-target", "train", limit=4)
     seqs = [(tok.encode(E.format_prompt(p), bos=True), tok.encode(E.format_target(p), eos=True)) for p in seen]
     T = max(len(a) + len(b) for a, b in seqs) - 1
     x, y = torch.full((4, T), tok.pad_id), torch.full((4, T), -100)
@@ -465,7 +303,7 @@ def memorized():
 
 def test_evaluate_tiny_model(memorized):
     model, tok, seen = memorized
-    problems = seen + E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=3)
+    problems = seen + math_data.load_problems("synth-source", limit=3) + math_data.load_problems("synth-target", limit=3)
     m1 = E.evaluate(model, tok, problems, batch_size=1, progress=False)
     m4 = E.evaluate(model, tok, problems, batch_size=4, progress=False)
     assert m1["predictions"] == m4["predictions"]                 # batch size changes no prediction
@@ -490,7 +328,7 @@ def test_stop_strings_in_generate_equal_generate_then_cut(monkeypatch, check_eve
     gives exactly the texts of one plain generate call cut at the first stop string, for any
     check interval; a stop callback ends a row where it says, and only that row."""
     tok, model = Tokenizer.bytes(), tiny_model(1, vocab=264)
-    problems = E.load_problems("synth-source", limit=3) + E.load_problems("synth-target", limit=2)
+    problems = math_data.load_problems("synth-source", limit=3) + math_data.load_problems("synth-target", limit=2)
     prompts = [tok.encode(E.format_prompt(p), bos=True) for p in problems]
     plain = generate(model, prompts, 40, tok.stop_ids, tok.pad_id)
     texts = [tok.decode(o) for o in plain]
@@ -517,7 +355,7 @@ def test_stop_strings_and_default_length():
     assert E._cut_at_stop(" 3 + 4 = 7.\n#### 7\nQuestion: Tom has") == (" 3 + 4 = 7.\n#### 7", True)
     assert E._cut_at_stop("12\n\n### Instruction:\nNext") == ("12\n\n", True)
     assert E._cut_at_stop("#### 72 apples") == ("#### 72 apples", False)
-    synth = E.load_problems("synth-target")
+    synth = math_data.load_problems("synth-target")
     longest = max(len(E.format_target(p)) for p in synth)
     assert longest < E.default_max_new_tokens(synth) <= 2 * longest + 16 < 100
     assert E.default_max_new_tokens([dict(question="q", answer="1", solution=None)]) == 512

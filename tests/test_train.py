@@ -12,10 +12,10 @@ import lorasb
 import train
 from conftest import _argv, _weights
 from methods import METHODS
-from model import Transformer
 from targets import LINEAR_NAMES, find_linears
 from tokenizer import Tokenizer
 from weights import from_pretrained, load
+import math_data
 
 
 @pytest.mark.parametrize("dtype,fast,method,expect", [
@@ -115,11 +115,10 @@ def _handwritten_adamw(small_dir, steps, lr, wd, clip, betas, eps, warmup, bf16)
     """Full fine-tuning written out by hand: AdamW (Loshchilov & Hutter, Alg. 2) over fp32 weights, two
     micro-batches of 4 per step whose target tokens weigh the same, global-norm clipping, warmup then
     linear decay; the forward under bf16 autocast when `bf16`. Returns the state dict."""
-    import eval_math
     from contextlib import nullcontext
     model = from_pretrained(small_dir)
     tok = Tokenizer.bytes()
-    examples, _ = train.tokenize(eval_math.load_problems("synth-target", "train", limit=64), tok, 96)
+    examples, _ = train.tokenize(math_data.load_problems("synth-target", "train", limit=64), tok, 96)
     params = dict(model.named_parameters())
     m = {k: torch.zeros_like(p) for k, p in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -190,7 +189,7 @@ def test_loss_falls_and_saved_folder_loads_everywhere(small_dir, tmp_path):
     x = torch.tensor([tok.encode("Question: 3 + 4?", bos=True)])
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
-    r = eval_math.evaluate(model, tok, eval_math.load_problems("synth-target", "test", limit=4), batch_size=4,
+    r = eval_math.evaluate(model, tok, math_data.load_problems("synth-target", "test", limit=4), batch_size=4,
                            max_new_tokens=8)
     assert len(r["predictions"]) == 4
 
@@ -241,7 +240,7 @@ def test_eval_every_logs_the_curve_and_protocol_is_recorded(small_dir, tmp_path,
 def test_truncation_keeps_inputs_and_targets_aligned(small_dir, tmp_path, capsys):
     """--seq-len shorter than the prompts: every example is cut, counted, and still trains."""
     import eval_math
-    problems = eval_math.load_problems("synth-target", "train", limit=4)
+    problems = math_data.load_problems("synth-target", "train", limit=4)
     for seq_len in (8, 80):
         examples, truncated = train.tokenize(problems, Tokenizer.bytes(), seq_len)
         assert all(len(x) == len(y) <= seq_len for x, y in examples)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval_math
+import math_data
 import forgetting
 import train
 from conftest import tiny_model
@@ -38,7 +39,7 @@ def test_solution_sums_are_the_models_training_loss():
     """sum(nll) / sum(count) over held-out examples = the model's token-mean loss on them in one batch;
     prompts carry no loss."""
     model, tok = tiny_model(vocab=264), Tokenizer.bytes()
-    problems = eval_math.load_problems("synth-target", "test", limit=6)
+    problems = math_data.load_problems("synth-target", "test", limit=6)
     ex = fronts.held_out_examples(problems, tok, seq_len=96)
     nll, count = fronts.solution_nll(model, ex)
     x, y = train.collate(ex, tok.pad_id, "cpu")
@@ -93,7 +94,7 @@ def test_measure_on_a_tiny_model_zero_drift_for_the_base():
     model, tok = tiny_model(vocab=264), Tokenizer.bytes()
     texts = forgetting.self_text(model, tok, n=4, max_new_tokens=8)
     ref = forgetting.drift_reference(model, tok, texts)
-    ex = fronts.held_out_examples(eval_math.load_problems("synth-target", "test", limit=4), tok, seq_len=96)
+    ex = fronts.held_out_examples(math_data.load_problems("synth-target", "test", limit=4), tok, seq_len=96)
     p = fronts.measure(model, tok, ex, texts, ref)
     assert p["kl"] == pytest.approx(0, abs=1e-6) and p["agreement"] == 1.0
     assert p["held_out"] > 0 and p["held_out_se"] > 0 and len(p["nll"]) == 4

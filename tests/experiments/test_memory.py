@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from experiments import memory
-import train
 from methods import METHODS
 from model import ModelConfig, Transformer
 

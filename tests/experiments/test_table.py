@@ -6,6 +6,7 @@ import os
 import pytest
 
 import eval_math as E
+import math_data
 from conftest import ROOT, _claims
 
 
@@ -35,7 +36,7 @@ def test_real_gsm8k_and_llm_adapters_files_load_by_path(tmp_path):
     space, AddSub's end with one) and training format (GSM8K's annotations kept)."""
     d = _real_slice(tmp_path)
     train_rows = [json.loads(line) for line in (d / "gsm8k" / "train.jsonl").read_text().splitlines()]
-    ps = E.load_problems(str(d / "gsm8k" / "train.jsonl"), "train")
+    ps = math_data.load_problems(str(d / "gsm8k" / "train.jsonl"), "train")
     assert [p["question"] for p in ps] == [r["question"].strip() for r in train_rows]
     assert [p["answer"] for p in ps] == [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in train_rows]
     assert all("<<" not in p["solution"] and p["template"] == "alpaca" for p in ps)
@@ -44,7 +45,7 @@ def test_real_gsm8k_and_llm_adapters_files_load_by_path(tmp_path):
     assert any("<<" in r["answer"] for r in train_rows)
     for name in TABLE_FILES:
         rows = json.loads((d / "llm-adapters" / f"{name}.json").read_text())
-        ps = E.load_problems(str(d / "llm-adapters" / f"{name}.json"))
+        ps = math_data.load_problems(str(d / "llm-adapters" / f"{name}.json"))
         assert {p["dataset"] for p in ps} == {name.lower()}
         assert [p["question"] for p in ps] == [r["instruction"].strip() for r in rows]
         assert [E.format_prompt(p, "lift-authors") for p in ps] == [
