@@ -508,6 +508,8 @@ def check_device(device: str) -> str:
             raise ValueError(f"--device {device}: no Apple GPU (mps) is available here; use --device cpu")
     elif d.type != "cpu":
         raise ValueError(f"--device {device}: not supported; use cpu, cuda or cuda:N")
+    elif d.index is not None:
+        raise ValueError(f"--device {device!r} is not allowed: cpu takes no number; use cpu, cuda or cuda:N")
     return str(d)
 
 
