@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-import math_data
 import full
+import math_data
 from distributed import rank_world
 from weights import load, save_pretrained
 

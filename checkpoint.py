@@ -25,7 +25,7 @@ from builtin import base_dir
 from distributed import rank_world
 from methods import METHODS, trains_base
 from model import PRESETS, Transformer
-from weights import check_state_dict, load, model_file, read_weights, save_pretrained, usual_permissions
+from weights import TMP, check_state_dict, load, model_file, read_weights, save_pretrained, write_atomic
 
 
 def trainable_state(model, optimizer, base_keys):
@@ -152,40 +152,18 @@ MARKER = ".nanopeft"
 OUTPUTS = frozenset({MARKER, "config.json", "model.safetensors", "adapter.safetensors", "ckpt.pt", "log.jsonl",
                      "metrics.json", "nanopeft_tokenizer.json", "tokenizer.json", "tokenizer_config.json",
                      "generation_config.json", "tokenizer.model"})
-TMP = ".nanopeft-tmp-"
 SHADOW = "model.safetensors.index.json"  # beside model.safetensors, a loader would read its shards instead
 # folders whose files other runs read back, never an --out (nor a folder inside one): the built-in base
 # cached by builtin.base_dir, its pretraining run (.run), and the base measurements of train.base_cache
 CACHES = re.compile(r"base-tiny-\d+(\.run)?|base-cache")
 
 
-def write_atomic(path, write):
-    """Write `path` as a new file: `write(f)` (or the bytes `write`) fills a temporary beside it, created
-    fresh under a unique name (tempfile.mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW), which then replaces `path`
-    in one rename. A crash leaves the old file or the new one, never half of one; a link at `path` is
-    replaced, never written through."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f) if callable(write) else f.write(write)
-        usual_permissions(tmp)  # mkstemp makes it rw------- whatever the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def open_log(path: Path, append: bool):
     """log.jsonl for writing: a fresh run's is a new file renamed into place at once (a fresh run starts a
     fresh log); --resume appends to the earlier run's, opened without following a link."""
-    if append:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=TMP + path.name + ".", dir=path.parent)
-        usual_permissions(tmp)
-        os.replace(tmp, path)
-    return os.fdopen(fd, "w")
+    if not append:
+        write_atomic(path, b"")
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "w")
 
 
 def publish(out: Path, save):

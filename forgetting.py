@@ -14,14 +14,13 @@ continuations of neutral prompts (generated once and cached: forgetting_set), sc
 No labels needed: the papers' "learn the target, keep the rest" (LIFT §7.1) on a model whose
 "rest" is whatever it had learned.
 """
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from generate import generate
+from weights import write_atomic
 
 NEUTRAL_TOPICS = ("the ocean", "a small village", "the history of bread", "how bees make honey", "the moon",
                   "learning to play the piano", "a rainy afternoon", "the printing press", "mountains in winter",
@@ -130,10 +129,7 @@ def forgetting_set(model, tok, args, cache: Path):
                          "no text to measure forgetting on; use more --forget-prompts, or 0 to turn it off")
     ref = drift_reference(model, tok, texts)
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".tmp", dir=cache)  # fresh: never through a link
-    with os.fdopen(fd, "wb") as out:
-        torch.save({"texts": texts, "ref": ref}, out)
-    os.replace(tmp, f)
+    write_atomic(f, lambda out: torch.save({"texts": texts, "ref": ref}, out))
     return texts, ref
 
 

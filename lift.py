@@ -235,10 +235,14 @@ class LIFTAdamW(torch.optim.Optimizer):
         # Algorithm 1, line 5: at the start of step t with t mod T = 0, the mask is recomputed from the
         # current weights. The gradient of step t is gathered under the mask during its backward, so
         # the refresh happens here, after step t - 1 (the authors' code does the same).
-        nxt = self.t + 1
-        if nxt % self.interval == 0 and (self.total_steps is None or nxt <= self.total_steps):
+        if self._refresh_due(self.t + 1, self.total_steps):
             self.refresh()
         return loss
+
+    def _refresh_due(self, nxt: int, total_steps: int | None) -> bool:
+        """Algorithm 1, line 5: the mask is recomputed before step nxt when nxt mod T = 0, unless nxt is
+        past the run's last step (no refresh after the last step)."""
+        return nxt % self.interval == 0 and (total_steps is None or nxt <= total_steps)
 
     @torch.no_grad()
     def refresh(self):
@@ -353,8 +357,8 @@ class LIFTAdamW(torch.optim.Optimizer):
             self.values[j].grad = None
         # a run resumed to more steps than its checkpoint's run had: the refresh that run skipped after
         # its last step (none after the last step) is due now, as in a run that was this long throughout
-        nxt, then = self.t + 1, lift.get("total_steps")
-        if nxt % self.interval == 0 and then is not None and nxt > then and (self.total_steps or nxt) >= nxt:
+        then, nxt = lift.get("total_steps"), self.t + 1
+        if then is not None and not self._refresh_due(nxt, then) and self._refresh_due(nxt, self.total_steps):
             self.refresh()
 
     def _base_values(self, j, idx):

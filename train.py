@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 
 import eval_math
-import math_data
 import forgetting
+import math_data
 from builtin import base_dir, builtin_base
 from checkpoint import (check_out, check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint,
-                        save_merged, stop_requests, write_atomic)
+                        save_merged, stop_requests)
 from cli import parse_args, print_settings
 from distributed import all_reduce_sum_, rank_world, start_distributed
 from methods import METHODS, trains_base
 from model import PRESETS, bf16_fast
-from weights import check_finite, load, model_file
+from weights import check_finite, load, model_file, write_atomic
 
 # -----------------------------------------------------------------------------
 # data: prompt + solution, loss on the solution
@@ -85,8 +85,15 @@ def micro_batch(examples, i, batch_size, seed):
     (i, seed), so the data position of a checkpoint is just its step."""
     per_epoch = max(1, len(examples) // batch_size)
     epoch, j = divmod(i, per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return [examples[k] for k in order[j * batch_size:(j + 1) * batch_size].tolist()]
+    order = epoch_order(len(examples), seed * 100003 + epoch)
+    return [examples[k] for k in order[j * batch_size:(j + 1) * batch_size]]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int) -> list[int]:
+    """One epoch's seeded permutation of n examples, drawn once: a step reads grad-accum x processes
+    micro-batches of it (the others' only to count their target tokens)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def n_targets(examples) -> int:

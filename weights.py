@@ -128,6 +128,26 @@ def usual_permissions(path):
     os.chmod(path, 0o666 & ~umask)
 
 
+TMP = ".nanopeft-tmp-"  # the prefix of every temporary file a run writes (checkpoint.check_out knows it)
+
+
+def write_atomic(path, write):
+    """Write `path` as a new file: `write(f)` (or the bytes `write`) fills a temporary beside it, created
+    fresh under a unique name (tempfile.mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW), which then replaces `path`
+    in one rename. A crash leaves the old file or the new one, never half of one; a link at `path` is
+    replaced, never written through."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f) if callable(write) else f.write(write)
+        usual_permissions(tmp)  # mkstemp makes it rw------- whatever the umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_weights(path) -> tuple[ModelConfig, dict]:
     """(config, state dict in our names) of a model on disk, each tensor in the dtype it is stored in
     (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads, and the base weights

@@ -16,34 +16,26 @@ measures each saved model once (cached beside it), so a sweep point costs its tr
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-import eval_math
-import math_data
 import forgetting
+import math_data
+import train
+from weights import write_atomic
 
 # -----------------------------------------------------------------------------
 # learning: the loss per solution token on held-out problems, with its standard error
 
 
 def held_out_examples(problems, tok, fmt: str = "nanopeft", seq_len: int = 512) -> list[tuple[list, list]]:
-    """(input ids, target ids) per problem, -100 on the prompt (as training builds them,
-    eval_math.training_ids); a problem with no solution token left within seq_len is dropped."""
-    out = []
-    for p in problems:
-        prompt, target = eval_math.training_ids(tok, p, fmt)
-        seq = (prompt + target)[:seq_len + 1]
-        x, y = seq[:-1], seq[1:]
-        n = min(len(prompt) - 1, len(y))
-        y = [-100] * n + y[n:]
-        if any(t != -100 for t in y):
-            out.append((x, y))
-    return out
+    """(input ids, target ids) per problem, -100 on the prompt, as training builds them (train.tokenize);
+    a problem with no solution token left within seq_len is dropped."""
+    examples, _ = train.tokenize(problems, tok, seq_len, False, fmt)
+    return [(x, y) for x, y in examples if any(t != -100 for t in y)]
 
 
 @torch.no_grad()
@@ -215,7 +207,7 @@ def extend(lrs: list[float], learning: dict, factor: float = 3.0) -> float | Non
     if not ok:
         return None
     best = max(ok, key=ok.get)
-    if best == max(lrs) and learning.get(best) is not None:
+    if best == max(lrs):
         return float(f"{best * factor:.3g}")
     if best == min(lrs):
         return float(f"{best / factor:.3g}")
@@ -238,9 +230,7 @@ def _cached(path, key: dict, compute):
         if d.get("key") == key:
             return d["value"]
     value = compute()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"key": key, "value": value}).encode())
     return value
 
 

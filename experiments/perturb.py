@@ -12,8 +12,8 @@ import statistics
 import torch
 
 import eval_math
-import math_data
 import lift
+import math_data
 from cli import is_tiny
 from forgetting import text_logprobs
 from experiments.runs import base_path, pm, write_json

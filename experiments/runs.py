@@ -11,6 +11,7 @@ from pathlib import Path
 import train
 from builtin import builtin_base
 from cli import parse_args
+from weights import write_atomic
 
 
 def mean_std(xs) -> tuple[float, float]:
@@ -28,8 +29,7 @@ def write_json(args, name: str, result: dict) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     f = out / f"{name}.json"
-    f.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    f.with_suffix(".tmp").replace(f)
+    write_atomic(f, json.dumps(result, indent=1).encode())
     print(f"\nwrote {f}")
     return f
 

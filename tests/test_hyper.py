@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hyper
 import cli
+import hyper
 from conftest import merge, prepare
 
 
