@@ -52,8 +52,9 @@ def save_checkpoint(path, model, optimizer, base_keys, step, args, s, world=1):
 def run_defining(args, s, world: int) -> dict:
     """What a resumed run must share with its checkpoint: the method's settings, the model, the data
     and its order (which depends on the number of processes, `world`), the length."""
-    run = {k: asdict(args)[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "train_format",
-                                      "grad_accum", "seed", "max_steps")}
+    flags = asdict(args)
+    run = {k: flags[k] for k in ("method", "data", "train_limit", "seq_len", "train_on_prompt", "train_format",
+                                 "grad_accum", "seed", "max_steps")}
     run["model"] = str(base_dir(args)) if args.builtin else (
         args.model if args.model in PRESETS or not os.path.exists(os.path.expanduser(args.model))
         else os.path.realpath(os.path.expanduser(args.model)))

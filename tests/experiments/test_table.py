@@ -48,8 +48,9 @@ def test_real_gsm8k_and_llm_adapters_files_load_by_path(tmp_path):
         ps = math_data.load_problems(str(d / "llm-adapters" / f"{name}.json"))
         assert {p["dataset"] for p in ps} == {name.lower()}
         assert [p["question"] for p in ps] == [r["instruction"].strip() for r in rows]
-        assert [E.format_prompt(p, "lift-authors") for p in ps] == [
-            E.AUTHORS_PROMPT.format(instruction=r["instruction"]) for r in rows]
+        theirs = ("<s> Below is an instruction that describes a task. Write a response that appropriately completes "
+                  "the request. \n\n### Instruction:\n{}\n\n### Response:\n")  # run_math_parallel.py's i_prompt
+        assert [E.format_prompt(p, "lift-authors") for p in ps] == [theirs.format(r["instruction"]) for r in rows]
         if name in ("MultiArith", "AddSub"):
             assert all(r["instruction"].endswith(" ") for r in rows)
             assert all(r["instruction"].startswith(" ") for r in rows) == (name == "MultiArith")
