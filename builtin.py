@@ -6,9 +6,6 @@ cached under out/; each run fine-tunes that base on multiplication problems in t
 format (synth-target) and is scored on both: learning (target) and forgetting (source, and the
 source's arithmetic with the equation given, synth-source-facts).
 """
-import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,18 +44,7 @@ def pretrain_base(args, train) -> Path:
     model.to(args.device)
     train(model, tok, pre, full.Settings(**PRETRAIN["settings"]),
           math_data.load_problems("synth-source", "train", seed=0), parallel=False)
-    # the cache appears whole or not at all: written into a fresh temporary folder, then renamed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        save_pretrained(model, tmp / "base")
-        tok.save(tmp / "base")
-        try:
-            os.replace(tmp / "base", folder)
-        except OSError as e:
-            raise OSError(f"could not put the pretrained base model in {folder} ({e.strerror}): a folder of that name "
-                          "without a model.safetensors is in the way; move it and run again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, folder, tok=tok)  # whole or not at all: model.safetensors (what marks it cached) last
     return folder
 
 

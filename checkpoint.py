@@ -5,15 +5,13 @@ model's folder or the built-in base's cache, never a folder of someone else's fi
 bit-identical and refuses a checkpoint of other run-defining settings), the stop requests (Ctrl-C,
 SIGTERM) that checkpoint and stop, and the run's results: the method's adapter (adapter.safetensors)
 and the merged model in the base checkpoint's own dtype. Every file is written fresh under a unique
-temporary name and renamed into place (write_atomic, publish): a crash leaves the old file or the
+temporary name and renamed into place (weights.write_atomic, weights.save_pretrained): a crash leaves the old file or the
 new one, and a link planted in --out is replaced, never written through.
 """
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -167,23 +165,6 @@ def open_log(path: Path, append: bool):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "w")
 
 
-def publish(out: Path, save):
-    """The files `save(folder)` writes into a new folder (weights.save_pretrained, the tokenizer's save),
-    made in a fresh temporary folder inside `out` and renamed into `out` one by one, model.safetensors
-    last: no file there is written through a link, and a folder with the new weights has the rest."""
-    tmp = Path(tempfile.mkdtemp(prefix=TMP, dir=out))
-    folder = tmp / "model"
-    try:
-        try:
-            save(folder)
-        except OSError as e:  # (weights.save_pretrained's one line names the folder it was given)
-            raise OSError(str(e).replace(str(folder), str(out))) from None
-        for f in sorted(folder.iterdir(), key=lambda f: f.name == "model.safetensors"):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def protected(args) -> list[tuple[str, Path]]:
     """(what, where) a run reads and never writes into: the base model it trains from, and every
     built-in base cached under ./out (with its pretraining folder)."""
@@ -322,9 +303,7 @@ def save_merged(model, tok, args, s, model_path) -> dict:
         moved = W != base[k].float()
         changed += int(moved.sum())
         rounded += int((moved & (sd[k] == base[k])).sum())
-    out = Path(args.out)
-    (out / SHADOW).unlink(missing_ok=True)  # (only --overwrite lets one sit there) its shards would win on loading
-    publish(out, lambda folder: (save_pretrained(model, folder, state_dict=sd), tok.save(folder)))
+    save_pretrained(model, args.out, state_dict=sd, tok=tok)  # (a stale index and its shards go: they would win)
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
     where = " (the GGUF's weights dequantized)" if model_file(model_path).endswith(".gguf") else ""
     line = f"saved the merged model in {'/'.join(dtypes)}, the base checkpoint's dtype{where}"

@@ -120,12 +120,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
-def usual_permissions(path):
-    """safetensors writes its files rw------- whatever the umask; give them what every other file gets
-    (rw-r--r-- under umask 022)."""
+def usual_permissions(path, mode: int = 0o666):
+    """safetensors (and mkstemp, mkdtemp) make their files rw------- whatever the umask; give them what
+    every other file gets (rw-r--r-- under umask 022; a folder, mode 0o777: rwxr-xr-x)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 TMP = ".nanopeft-tmp-"  # the prefix of every temporary file a run writes (checkpoint.check_out knows it)
@@ -421,11 +421,12 @@ def from_pretrained(path, dtype=None, device=None) -> Transformer:
     return from_state_dict(cfg, sd, str(path), dtype, device)
 
 
-def save_pretrained(model: Transformer, path, state_dict=None):
-    """Write a Hugging Face folder (config.json + model.safetensors) that transformers loads: this
-    model's weights, or `state_dict` (same names) in their place; config.json's torch_dtype is the
-    embeddings' dtype. Written to a temporary folder and renamed into place, so a crash never
-    leaves half a model."""
+def save_pretrained(model: Transformer, path, state_dict=None, tok: Tokenizer | None = None):
+    """Write a Hugging Face folder (config.json + model.safetensors, and `tok`'s files) that transformers
+    loads: this model's weights, or `state_dict` (same names) in their place; config.json's torch_dtype
+    is the embeddings' dtype. Written into a fresh temporary folder, then renamed into place whole, or,
+    where `path` exists, file by file with model.safetensors last (no file written through a link; a
+    folder holding the new weights holds the rest): a crash never leaves half a model."""
     from safetensors.torch import save_file
     path = Path(path)
     index = path / "model.safetensors.index.json"  # stale shards would win over the new weights on the next load
@@ -434,10 +435,8 @@ def save_pretrained(model: Transformer, path, state_dict=None):
     except ValueError:
         stale = []
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # fresh: never a link
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's is rwx------; the folder gets what every other one does
+    tmp = Path(tempfile.mkdtemp(prefix=TMP + path.name + ".", dir=path.parent))  # fresh: never a link
+    usual_permissions(tmp, 0o777)  # mkdtemp's is rwx------; the folder gets what every other one does
     sd = {"model." + k if k != "lm_head.weight" else k: v.detach().contiguous().cpu()
           for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if model.config.tie_embeddings:
@@ -447,6 +446,8 @@ def save_pretrained(model: Transformer, path, state_dict=None):
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tok is not None:
+            tok.save(tmp)
     except Exception as e:  # a full disk: OSError from Python, SafetensorError from safetensors
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
@@ -455,7 +456,7 @@ def save_pretrained(model: Transformer, path, state_dict=None):
         for shard in stale:
             (path / shard).unlink(missing_ok=True)
         index.unlink(missing_ok=True)
-        for f in tmp.iterdir():
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "model.safetensors"):
             os.replace(f, path / f.name)
         tmp.rmdir()
     else:

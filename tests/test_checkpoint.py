@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import train
-from checkpoint import TMP
 from conftest import _argv, _one_line_error, _weights
 from tokenizer import Tokenizer
-from weights import from_pretrained, save_pretrained
+from weights import TMP, from_pretrained, save_pretrained
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "lift"])

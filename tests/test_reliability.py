@@ -7,12 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 import checkpoint
 import train
+import weights
 from conftest import ROOT, _argv, _one_line_error, prepare, tiny_model
 from weights import from_pretrained, save_pretrained
 
@@ -161,7 +163,7 @@ def test_links_in_out_are_replaced_never_written_through(small_dir, tmp_path, ca
     for name in ("log.jsonl", "metrics.json", "config.json", ".nanopeft", "nanopeft_tokenizer.json"):
         assert not (out / name).is_symlink() and (out / name).is_file(), name
     assert not (out / "model.safetensors.index.json").exists() and from_pretrained(out) is not None
-    assert not [p for p in out.iterdir() if p.name.startswith(checkpoint.TMP)]
+    assert not [p for p in out.iterdir() if p.name.startswith(weights.TMP)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "victim"]  # nothing written beside --out
     # --resume into the folder: a link at a name the run writes is refused, a foreign file left alone
     (out / "metrics.json").unlink()
@@ -201,7 +203,7 @@ def test_os_errors_say_the_real_reason(small_dir, tmp_path, monkeypatch, capsys)
     """Permission denied is said as such, never as a missing file (simulated: the tests may run as root)."""
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(a[0]) if a else None)
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     refused(_argv(small_dir, tmp_path / "ro", "--max-steps", "1"), capsys, f"--out {tmp_path / 'ro'}",
             "cannot be written (Permission denied)")
     monkeypatch.undo()
