@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from builtin import base_dir
-from distributed import rank_world
+from distributed import gathered, is_sharded, rank_world, sharded_like
 from methods import METHODS, trains_base
 from model import PRESETS, Transformer
 from weights import TMP, check_state_dict, load, model_file, read_weights, save_pretrained, write_atomic
@@ -28,18 +28,32 @@ from weights import TMP, check_state_dict, load, model_file, read_weights, save_
 
 def trainable_state(model, optimizer, base_keys):
     """What a checkpoint stores of the model: entries the method added (adapter tensors, indices)
-    plus base parameters the optimizer trains (full FT)."""
+    plus base parameters the optimizer trains (full FT). Whole tensors: under --fsdp each is gathered
+    from the processes' shards (every process calls this, in the same order)."""
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+    return {k: gathered(v.detach()).cpu().clone() for k, v in model.state_dict().items()
             if k not in base_keys or (k in params and id(params[k]) in trained)}
 
 
-def save_checkpoint(path, model, optimizer, base_keys, step, args, s, world=1):
+def optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with whole tensors (--fsdp: each sharded moment gathered), so a
+    checkpoint has one layout, sharded run or not."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: gathered(v).cpu() if is_sharded(v) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def save_checkpoint(path, model, optimizer, base_keys, step, args, s, world=1, write=True):
+    """ckpt.pt: the trained values, optimizer state, RNG, step and run-defining settings. Under --fsdp
+    every process calls it (the tensors are gathered) and process 0 alone writes (`write`)."""
     ckpt = {"method": args.method, "step": step, "model": trainable_state(model, optimizer, base_keys),
-            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "optimizer": optimizer_state(optimizer), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "run": run_defining(args, s, world)}
+    if not write:
+        return
     try:  # atomic: a crash mid-write never destroys the last good checkpoint
         write_atomic(path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:  # a full disk: torch reports it as either
@@ -108,7 +122,11 @@ def resume(path, model, optimizer, args, s) -> int:
     if missing:
         raise ValueError(f"--resume: checkpoint has entries this model lacks: {sorted(missing)[:3]}")
     try:  # (the run-defining settings matched: a checkpoint that does not fit was altered by hand)
-        model.load_state_dict(ckpt["model"], strict=False)
+        own = model.state_dict()  # --fsdp: each whole tensor cut to this process's shard
+        model.load_state_dict({k: sharded_like(v, own[k]) for k, v in ckpt["model"].items()}, strict=False)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for i, st in ckpt["optimizer"]["state"].items():  # (Adam's moments have their parameter's shape)
+            st.update({k: sharded_like(v, params[i]) for k, v in st.items() if v.shape == params[i].shape})
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         if ckpt["cuda_rng"] and torch.cuda.is_available():
@@ -253,14 +271,18 @@ def claim_out(args):
         raise ValueError(f"--out {args.out} cannot be written ({e.strerror or e})") from None
 
 
-def save_adapter(module, model, optimizer, out: Path):
+def save_adapter(module, model, optimizer, out: Path, write=True):
     """adapter.safetensors: the method's small learned update (before merge folds it into the weights);
-    removed for a method that has none, so another method's adapter never sits beside this model."""
+    removed for a method that has none, so another method's adapter never sits beside this model.
+    Under --fsdp every process calls it (the tensors are gathered) and process 0 writes (`write`)."""
     if trains_base(module):
-        (out / "adapter.safetensors").unlink(missing_ok=True)
+        if write:
+            (out / "adapter.safetensors").unlink(missing_ok=True)
         return
     from safetensors.torch import save
-    state = {k: v.detach().contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
+    state = {k: gathered(v.detach()).contiguous().cpu() for k, v in module.adapter_state(model, optimizer).items()}
+    if not write:
+        return
     try:
         write_atomic(out / "adapter.safetensors", save(state))
     except Exception as e:  # a full disk: safetensors raises its own error type
@@ -281,20 +303,23 @@ def base_weights(model_path, args) -> dict:
 
 
 @torch.no_grad()
-def save_merged(model, tok, args, s, model_path) -> dict:
+def save_merged(model, tok, args, s, model_path, write=True) -> dict | None:
     """Save the fine-tuned model and its tokenizer to args.out in the base checkpoint's own dtypes (fp32 in,
     fp32 out; bf16 in, bf16 out; a GGUF: fp32), computed in fp32 from the base weights as stored on disk plus the
     method's exact fp32 update (adapter.safetensors; full fine-tuning: its trained weights). A run
     whose base was loaded in bf16 thus never rounds the checkpoint: every tensor the method does not
-    train is saved bit-exact. Prints, and returns, how much of the update the saved dtype kept."""
+    train is saved bit-exact. Prints, and returns, how much of the update the saved dtype kept.
+    Under --fsdp every process calls it (full FT's weights are gathered) and process 0 writes (`write`)."""
     from safetensors.torch import load_file
-    base = base_weights(model_path, args)
     module = METHODS[args.method][0]
     if trains_base(module):  # full fine-tuning: the trained weights themselves
-        merged = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    else:
+        merged = {k: gathered(v.detach()).float().cpu() for k, v in model.state_dict().items()}
+    if not write:
+        return None
+    base = base_weights(model_path, args)
+    if not trains_base(module):
         merged = module.merge_adapter(base, load_file(str(Path(args.out) / "adapter.safetensors")), s)
-    sd = {k: merged[k].to(base[k].dtype) if k in merged else base[k] for k in model.state_dict()}
+    sd = {k: merged[k].to(base[k].dtype) if k in merged else base[k] for k in base}  # (the base's names: no adapter)
     # the update the saved dtype rounded away: changed entries (in fp32) saved as their base value
     changed = rounded = 0
     for k, W in merged.items():

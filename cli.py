@@ -15,7 +15,7 @@ import torch
 
 import eval_math
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
-from methods import METHODS
+from methods import METHODS, not_sharded
 from model import PRESETS
 from targets import LINEAR_NAMES, positive_finite
 
@@ -89,6 +89,7 @@ class Run:
     device: str
     dtype: str
     dist_timeout: float
+    fsdp: bool
     threads: int
     builtin: bool
 
@@ -194,6 +195,9 @@ def build_parser(method: str, builtin: bool) -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=1800,
                    help="torchrun data parallel: seconds to wait for the other processes (to join, or at a step) "
                         "before failing")
+    g.add_argument("--fsdp", action="store_true",
+                   help="torchrun: shard the model over the processes (FSDP2 fully_shard per block): weights, "
+                        "gradients and optimizer state held once across them, not once per process")
     g.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
                    help="CPU threads for torch (0 = torch's default). 1 by default on CPU: on a busy machine OpenMP "
                         "threads that wait for each other are many times slower")
@@ -334,6 +338,11 @@ def check_run(args):
     cpus = os.cpu_count() or 1
     if args.threads > cpus:  # OpenMP would start that many threads (and wait on them) at the first product
         raise ValueError(f"--threads {args.threads} is not allowed: at most the {cpus} CPUs here (0 = torch's default)")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards the model over torchrun's processes: start it with torchrun "
+                         "--nproc-per-node N (N >= 2), or leave --fsdp out for one process")
+    if args.fsdp and not_sharded(METHODS[args.method][0]):
+        raise ValueError(f"--fsdp with --method {args.method}: {not_sharded(METHODS[args.method][0])}")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
     if args.dtype not in DTYPES:

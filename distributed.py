@@ -71,3 +71,48 @@ def start_distributed(device: str, timeout: float) -> tuple[int, str]:
                                   f"({str(e).splitlines()[0][:200]}); start all of them (torchrun --nproc-per-node, "
                                   "--nnodes)") from None
     return dist.get_rank(), device
+
+# -----------------------------------------------------------------------------
+# sharded data parallel (FSDP2): each parameter, its gradient and its optimizer state held once across
+# the processes, each process 1/N of every tensor (dim 0); a block's weights gathered while it runs
+
+
+def shard(model, optimizer):
+    """fully_shard every transformer block, then the root (embedding, final norm, lm_head: one group,
+    so a tied lm_head stays one tensor), over torchrun's processes, and point the optimizer (not yet
+    stepped) at the sharded parameters: fully_shard replaces each parameter with a DTensor of this
+    process's rows, so its AdamW moments are born sharded too. Gradients are summed over the
+    processes, not averaged: train.py weighs each micro-batch's loss by its share of the step's targets."""
+    from torch.distributed.fsdp import fully_shard
+    assert not optimizer.state, "shard before the first optimizer step"
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    for m in (*model.layers, model):
+        m.set_gradient_divide_factor(1.0)  # a sum, sent as a plain SUM (gloo has no pre-scaled sum)
+        m.set_force_sum_reduction_for_comms(True)
+    params = dict(model.named_parameters())
+    for g, group_names in zip(optimizer.param_groups, groups):
+        g["params"] = [params[n] for n in group_names]
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one gathered from every process (a collective: every process calls
+    it, in the same order), a plain one as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def sharded_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (every process holds it, e.g. read from a checkpoint) cut to `like`'s layout:
+    this process's rows as a DTensor where `like` is one, else `t` itself. No communication."""
+    if not is_sharded(like):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)

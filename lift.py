@@ -40,6 +40,12 @@ import torch.nn as nn
 from distributed import broadcast_
 from targets import LINEAR_NAMES, find_linears, fold, wide
 
+# --fsdp: LIFT's optimizer holds flat indices into whole matrices, its hook gathers them from the dense
+# gradient, and Algorithm 1 picks the mask on the whole matrix: under FSDP2 each process holds a slice of
+# rows and gets its gradient after the reduce-scatter, so each of those three would have to be rebuilt
+NOT_SHARDED = ("LIFT's sparse optimizer indexes whole matrices (its mask, its gradient hook, its updates), and "
+               "--fsdp gives each process a slice of rows; run LIFT with plain torchrun data parallel (no --fsdp)")
+
 SELECTS = ("principal", "magnitude", "gradient", "random")
 SVDS = ("exact", "lowrank")
 PAPER = "LIFT (Liu et al., ICML 2025)"

@@ -32,7 +32,7 @@ from builtin import base_dir, builtin_base
 from checkpoint import (check_out, check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint,
                         save_merged, stop_requests)
 from cli import parse_args, print_settings
-from distributed import all_reduce_sum_, rank_world, start_distributed
+from distributed import all_reduce_sum_, gathered, rank_world, shard, start_distributed
 from methods import METHODS, trains_base
 from model import PRESETS, bf16_fast
 from weights import check_finite, load, model_file, write_atomic
@@ -204,7 +204,9 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    save = functools.partial(save_checkpoint, world=world) if rank == 0 else (lambda *a: None)
+    # process 0 writes the checkpoints; under --fsdp every process gathers its shards into them
+    fsdp = parallel and args.fsdp
+    save = functools.partial(save_checkpoint, world=world, write=rank == 0) if rank == 0 or fsdp else (lambda *a: None)
     # the data, and the run's length in optimizer steps (--max-steps, else --epochs passes)
     examples, truncated = training_examples(problems, tok, args.seq_len, args.train_on_prompt, args.train_format)
     if s.batch_size > len(examples):  # never silently another batch than the one asked for
@@ -221,6 +223,8 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     print(f"\ntrainable parameters of {args.method}" + (f", rank {s.rank}" if hasattr(s, "rank") else "")
           + (f", targets {','.join(s.targets)}:" if hasattr(s, "targets") else ":"))
     n_trainable = print_trainable(model, optimizer, base_total)
+    if fsdp:  # FSDP2: every parameter, its gradient and its AdamW moments held once across the processes
+        shard(model, optimizer)
     # --resume: the checkpoint's trained values, optimizer state, RNG and step
     start = resume(ckpt_path, model, optimizer, args, s) if args.resume else 0
     # bf16 autocast where precision() says so (the trainable values and Adam's state stay fp32)
@@ -230,7 +234,11 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
         torch.cuda.reset_peak_memory_stats()
     print(f"training {total} steps ({len(examples)} examples, batch {s.batch_size} x {args.grad_accum} accum, "
           f"lr {s.lr:g} {s.schedule}, warmup {warmup}) -> {out}")
-    if world > 1:
+    if fsdp:
+        print(f"sharded data parallel (FSDP2): {world} processes ({torch.distributed.get_backend()}), each holding 1/{world} "
+              f"of every weight, gradient and AdamW moment; a step's batch {s.batch_size} x {args.grad_accum} accum x "
+              f"{world} = {s.batch_size * args.grad_accum * world} examples; gradients reduce-scattered (summed)")
+    elif world > 1:
         print(f"data parallel: {world} processes ({torch.distributed.get_backend()}), a step's batch {s.batch_size} x "
               f"{args.grad_accum} accum x {world} = {s.batch_size * args.grad_accum * world} examples; each step "
               f"all-reduces {sum(p.numel() for p in params):,} gradient values (the trainable ones) in one message")
@@ -262,12 +270,12 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
                 stats[1] += (x != tok.pad_id).sum()  # tokens processed (prompt + solution, no padding)
             if world > 1:  # the step's gradient is the sum of the processes' shares: one message with the stats
                 stats[2] = float(bool(stop))
-                grads = [p.grad for p in params if p.grad is not None]
+                grads = [] if fsdp else [p.grad for p in params if p.grad is not None]  # (FSDP2 sums them itself)
                 sent = all_reduce_sum_(grads + [stats])
             # clip the global gradient norm (0 = off); one host sync per step: a NaN loss or gradient stops
             # the run before the optimizer takes the step (never trains on)
             norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
-            step_loss, n_tokens, stopping, norm = torch.cat([stats, norm.float().view(1)]).tolist()
+            step_loss, n_tokens, stopping, norm = torch.cat([stats, gathered(norm).float().view(1)]).tolist()
             check_step(step_loss, "loss", step, ckpt_path)
             check_step(norm, "gradient norm", step, ckpt_path)
             losses.append(step_loss)
@@ -296,9 +304,10 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     info = {"steps": total, "trainable": n_trainable, "model_params": base_total, "train_s": time.time() - t0,
             "truncated": truncated, "processes": world, "allreduce_bytes_per_step": sent}
     module = METHODS[args.method][0]
-    if rank == 0:
-        save_adapter(module, model, optimizer, out)
-    module.merge(model, optimizer, s)
+    if rank == 0 or fsdp:
+        save_adapter(module, model, optimizer, out, write=rank == 0)
+    if not fsdp:  # (sharded: the saved model is made from the saved pieces, checkpoint.save_merged)
+        module.merge(model, optimizer, s)
     model.eval()
     return model, optimizer, info
 
@@ -428,9 +437,17 @@ def run(args, s, origin, rank=0):
     if measure_forgetting:
         texts, reference = forgetting.forgetting_set(model, tok, args, cache)
     model, optimizer, info = train(model, tok, args, s, problems)
-    if rank != 0:
+    if args.fsdp:  # every process takes part in gathering full FT's weights; process 0 writes
+        saved = save_merged(model, tok, args, s, model_path, write=rank == 0)
+        del model, optimizer
+        if rank != 0:
+            return None
+        # what is evaluated is what was saved: the merged model, loaded whole on process 0
+        model = load(args.out, dtype=dtype, device=args.device)[0] if args.eval_data else None
+    elif rank != 0:
         return None
-    saved = save_merged(model, tok, args, s, model_path)
+    else:
+        saved = save_merged(model, tok, args, s, model_path)
     label = f"{args.method} r={s.rank}" if hasattr(s, "rank") else args.method
     after = run_eval(model, tok, args, f"{label}, after {info['steps']} steps")
     forget = {"texts": len(texts), **forgetting.drift(model, tok, texts, reference)} if measure_forgetting else None
