@@ -11,8 +11,9 @@ import torch
 
 import math_data
 import train
-from conftest import ROOT, _argv, _weights
+from conftest import ROOT, _argv, _one_line_error, _weights
 from tokenizer import Tokenizer
+from weights import from_pretrained
 
 
 # data parallel (torchrun, gloo on the CPU, 2 processes)
@@ -147,3 +148,65 @@ def test_data_parallel_failures_are_clear_and_bounded(small_dir, tmp_path):
     p1.communicate()
     assert p0.returncode == 2 and "error: data parallel, process 0:" in err, err[-2000:]
     assert time.time() - t < 60
+
+
+# sharded data parallel (torchrun --fsdp: FSDP2, gloo on the CPU, 2 processes)
+
+FSDP_METHODS = [m for m in DP_METHODS if m != "lift"]  # LIFT: refused (lift.NOT_SHARDED), tested below
+CONSTANT = ["--schedule", "constant", "--warmup-ratio", "0"]  # a run that --resume may extend past its length
+
+
+def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
+    """`torchrun --nproc_per_node=2 train.py --batch-size 4 --fsdp` = `python train.py --batch-size 4
+    --grad-accum 2`, for every method it runs: the same logged losses and the same saved model (fp32
+    tolerance); the saved model is an ordinary Hugging Face folder (transformers reads it and gives the
+    same logits); a sharded run stopped after 2 steps and resumed from its checkpoint (written by
+    gathering the shards, read back by cutting them) ends bit-identical to the run that did not stop."""
+    import subprocess
+    runs = [_dp_argv(small_dir, tmp_path / f"{m}-fsdp", m, uneven) + ["--fsdp"] for m in FSDP_METHODS]
+    for m in ("full", "lora"):  # resume: 2 steps, then --resume to 4, against 4 straight (constant lr)
+        whole = _dp_argv(small_dir, tmp_path / f"{m}-straight", m, uneven) + ["--fsdp", *CONSTANT]
+        half = _dp_argv(small_dir, tmp_path / f"{m}-resumed", m, uneven) + ["--fsdp", *CONSTANT]
+        runs += [whole, [*half, "--max-steps", "2"], [*half, "--resume"]]
+    script = tmp_path / "fsdp.py"  # one torchrun launch (one process group) runs them all
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train\n"
+                      f"for argv in {runs!r}:\n    train.main(argv)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           f"--master-port={_free_port()}", str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("sharded data parallel (FSDP2): 2 processes (gloo)") == len(runs)
+    for m in FSDP_METHODS:
+        one = train.main(_dp_argv(small_dir, tmp_path / f"{m}-one", m, uneven) + ["--grad-accum", "2"])
+        a, b = _weights(tmp_path / f"{m}-fsdp"), _weights(tmp_path / f"{m}-one")
+        assert set(a) == set(b)
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{m} {k}")
+        assert any(not torch.equal(b[k], v) for k, v in _weights(small_dir).items())  # it trained
+        logged = [[json.loads(l)["loss"] for l in open(tmp_path / r / "log.jsonl")] for r in (f"{m}-fsdp", f"{m}-one")]
+        np.testing.assert_allclose(logged[0], logged[1], rtol=1e-5)
+        sharded = json.loads((tmp_path / f"{m}-fsdp" / "metrics.json").read_text())
+        assert sharded["processes"] == 2 and sharded["trainable"] == one["trainable"]
+    for m in ("full", "lora"):
+        a, b = _weights(tmp_path / f"{m}-resumed"), _weights(tmp_path / f"{m}-straight")
+        assert all(torch.equal(a[k], b[k]) for k in b), m
+        assert "resumed from" in done.stdout
+    # the saved folder is a Hugging Face model: transformers' logits equal ours
+    from transformers import AutoModelForCausalLM
+    ours = from_pretrained(tmp_path / "full-fsdp").eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "full-fsdp", torch_dtype=torch.float32).eval()
+    x = torch.randint(0, 264, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_refusals_are_one_line(small_dir, tmp_path, monkeypatch, capsys):
+    """--fsdp without torchrun's processes, and with a method that cannot be sharded (LIFT), stop
+    before anything loads: one line that says why and what to do instead."""
+    code, lines = _one_line_error(_argv(small_dir, tmp_path / "alone", "--method", "lora", "--fsdp"), capsys)
+    assert code == 2 and len(lines) == 1 and "torchrun --nproc-per-node" in lines[0], lines
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, lines = _one_line_error(_argv(small_dir, tmp_path / "lift", "--method", "lift", "--fsdp"), capsys)
+    assert code == 2 and len(lines) == 1 and "--method lift" in lines[0] and "no --fsdp" in lines[0], lines
+    assert not (tmp_path / "lift").exists() and not (tmp_path / "alone").exists()
