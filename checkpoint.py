@@ -23,7 +23,7 @@ from builtin import base_dir
 from distributed import gathered, is_sharded, rank_world, sharded_like
 from methods import METHODS, trains_base
 from model import PRESETS, Transformer
-from weights import TMP, check_state_dict, load, model_file, read_weights, save_pretrained, write_atomic
+from weights import TMP, check_state_dict, load, model_file, open_weights, save_pretrained, write_atomic
 
 
 def trainable_state(model, optimizer, base_keys):
@@ -289,17 +289,20 @@ def save_adapter(module, model, optimizer, out: Path, write=True):
         raise OSError(f"could not write {out / 'adapter.safetensors'} ({e}); the checkpoint is kept") from None
 
 
-def base_weights(model_path, args) -> dict:
-    """The base model's weights as stored, in our names (read_weights: a GGUF dequantized to fp32;
-    a preset: its random init, recreated in fp32), checked against its config as loading checks
-    them, with lm_head filled in where it is tied."""
+def base_weights(model_path, args) -> tuple:
+    """The base model's weights as stored, in our names, to be read one at a time: ({name: a meta tensor
+    of its stored shape and dtype}, read(name) -> the tensor), checked against its config as loading
+    checks them (a tied lm_head's entry is the embeddings'; it is never read). weights.open_weights: a
+    Hugging Face folder is read tensor by tensor, a GGUF (dequantized to fp32) or a Meta folder whole;
+    a preset: its random init, recreated in fp32 (presets are small)."""
     if model_path in PRESETS:
-        return load(model_path, seed=args.seed)[0].state_dict()
+        sd = load(model_path, seed=args.seed)[0].state_dict()
+        return {k: v.to("meta") for k, v in sd.items()}, sd.__getitem__
     path = model_file(model_path)
-    cfg, sd = read_weights(path)
+    cfg, layout, read = open_weights(path)
     with torch.device("meta"):
         shapes = Transformer(cfg)  # the names and shapes the weights must have, no memory
-    return check_state_dict(shapes, sd, str(path))
+    return check_state_dict(shapes, layout, str(path)), read
 
 
 @torch.no_grad()
@@ -309,31 +312,48 @@ def save_merged(model, tok, args, s, model_path, write=True) -> dict | None:
     method's exact fp32 update (adapter.safetensors; full fine-tuning: its trained weights). A run
     whose base was loaded in bf16 thus never rounds the checkpoint: every tensor the method does not
     train is saved bit-exact. Prints, and returns, how much of the update the saved dtype kept.
-    Under --fsdp every process calls it (full FT's weights are gathered) and process 0 writes (`write`)."""
+    One tensor at a time: read from the base, merged (merge_adapter on one matrix, as targets.fold),
+    rounded, counted, written (weights.save_pretrained) and let go: beside the tensor being written it
+    holds about one matrix in fp32 and its merge's temporaries, not the whole model (8B: 58 GB).
+    Under --fsdp every process calls it (full FT's weights are gathered, a collective: tensor by tensor,
+    in state_dict order, on every process) and process 0 writes (`write`)."""
     from safetensors.torch import load_file
     module = METHODS[args.method][0]
-    if trains_base(module):  # full fine-tuning: the trained weights themselves
-        merged = {k: gathered(v.detach()).float().cpu() for k, v in model.state_dict().items()}
-    if not write:
+    own = model.state_dict() if trains_base(module) else {}  # full fine-tuning: the trained weights themselves
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()  # embed_tokens.weight: saved, counted once
+    if not write:  # process 0 makes the same gathers, in the same order, as it writes
+        for k in own:
+            if k not in tied:
+                gathered(own[k].detach())
         return None
-    base = base_weights(model_path, args)
-    if not trains_base(module):
-        merged = module.merge_adapter(base, load_file(str(Path(args.out) / "adapter.safetensors")), s)
-    sd = {k: merged[k].to(base[k].dtype) if k in merged else base[k] for k in base}  # (the base's names: no adapter)
-    # the update the saved dtype rounded away: changed entries (in fp32) saved as their base value
-    changed = rounded = 0
-    for k, W in merged.items():
-        if k == "lm_head.weight" and model.config.tie_embeddings:
-            continue  # the same tensor as embed_tokens.weight: counted once
-        moved = W != base[k].float()
-        changed += int(moved.sum())
-        rounded += int((moved & (sd[k] == base[k])).sum())
-    save_pretrained(model, args.out, state_dict=sd, tok=tok)  # (a stale index and its shards go: they would win)
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()})
+    layout, read = base_weights(model_path, args)
+    layout = {**{k: layout[k] for k in own}, **layout}  # full FT: written in state_dict order, the gathers' order
+    adapter = {} if trains_base(module) else load_file(str(Path(args.out) / "adapter.safetensors"))
+    count = {"changed": 0, "rounded_away": 0}
+
+    def merged(k: str) -> torch.Tensor:
+        """Weight k as saved: the base's value plus the update, in fp32, rounded once into the base's dtype."""
+        W0 = read(k)
+        if k in own:
+            W = gathered(own[k].detach()).float().cpu()
+        elif mine := {a: v for a, v in adapter.items() if a.startswith(k.rpartition(".")[0] + ".")}:
+            W = module.merge_adapter({k: W0}, mine, s)[k]  # one matrix and its adapter's entries
+        else:
+            return W0  # the method does not change it: saved bit-exact
+        out = W.to(W0.dtype)
+        for w, w0, o in zip(*(t.reshape(-1).split(1 << 24) for t in (W, W0, out))):  # (small temporaries)
+            moved = w != w0  # the update the saved dtype rounded away: changed entries saved as their base value
+            count["changed"] += int(moved.count_nonzero())
+            count["rounded_away"] += int((moved & (o == w0)).count_nonzero())
+        return out
+
+    save_pretrained(model, args.out, tok=tok, layout=layout, tensor=merged)  # (a stale index and its shards go)
+    dtypes = "/".join(sorted({str(v.dtype).removeprefix("torch.") for v in layout.values()}))
     where = " (the GGUF's weights dequantized)" if model_file(model_path).endswith(".gguf") else ""
-    line = f"saved the merged model in {'/'.join(dtypes)}, the base checkpoint's dtype{where}"
+    line = f"saved the merged model in {dtypes}, the base checkpoint's dtype{where}"
+    changed, rounded = count["changed"], count["rounded_away"]
     if rounded:
         line += (f"; {rounded:,} of the {changed:,} entries the update changes ({100 * rounded / changed:.2f}%) are "
-                 f"rounded back to their base value in {'/'.join(dtypes)}: adapter.safetensors keeps the exact fp32 update")
+                 f"rounded back to their base value in {dtypes}: adapter.safetensors keeps the exact fp32 update")
     print(line)
-    return {"dtype": "/".join(dtypes), "changed": changed, "rounded_away": rounded}
+    return {"dtype": dtypes, **count}

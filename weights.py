@@ -9,7 +9,9 @@ import numbers
 import os
 import pickle
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -150,8 +152,18 @@ def write_atomic(path, write):
 
 def read_weights(path) -> tuple[ModelConfig, dict]:
     """(config, state dict in our names) of a model on disk, each tensor in the dtype it is stored in
-    (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads, and the base weights
-    a fine-tuned model is saved against (checkpoint.save_merged re-reads them, so a bf16 run never rounds them)."""
+    (a GGUF's quantized blocks dequantized to fp32): what from_pretrained loads."""
+    cfg, layout, read = open_weights(path)
+    return cfg, {k: read(k) for k in layout}
+
+
+def open_weights(path) -> tuple[ModelConfig, dict, Callable[[str], torch.Tensor]]:
+    """(config, {our name: a meta tensor of the stored shape and dtype}, read(name) -> that tensor as
+    stored) of a model on disk, for a pass over it one tensor at a time: the base weights a fine-tuned
+    model is saved against (checkpoint.save_merged re-reads them, so a bf16 run never rounds them). A
+    Hugging Face folder's tensors are read one by one as asked (safe_open); a GGUF (dequantized to fp32)
+    or a Meta folder (its shards concatenated) is read whole here: small models (GGUF_MODELS) or a legacy
+    layout, where holding the whole base once is accepted."""
     path = Path(path)
     if not _exists(path):
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
@@ -159,14 +171,14 @@ def read_weights(path) -> tuple[ModelConfig, dict]:
         cfg, sd, _ = read_gguf(path)
     elif _exists(path / "config.json"):
         cfg = config_from_hf(_read_json(path / "config.json"), repr(str(path / "config.json")))
-        sd = _read_hf_weights(path)
+        return cfg, *_hf_weights(path)
     elif _exists(path / "params.json"):
         cfg = config_from_meta(_read_json(path / "params.json"), repr(str(path / "params.json")))
         sd = _read_meta_weights(path, cfg)
     else:
         raise FileNotFoundError(f"model {str(path)!r} is not a .gguf file and has neither config.json "
                                 "(Hugging Face) nor params.json (Meta)")
-    return cfg, sd
+    return cfg, {k: v.to("meta") for k, v in sd.items()}, sd.__getitem__
 
 
 def _exists(path) -> bool:
@@ -186,8 +198,10 @@ def _read_json(f: Path) -> dict:
         raise ValueError(f"{str(f)!r} is not valid JSON ({e})") from None
 
 
-def _read_hf_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
+def _hf_weights(path: Path) -> tuple[dict, Callable[[str], torch.Tensor]]:
+    """A Hugging Face folder's tensors, not yet read: ({our name: a meta tensor of its stored shape and
+    dtype}, read(our name) -> the tensor). Every shard's header is read and checked here; a tensor's
+    bytes when it is asked for (a view of the file, mapped: only what is in use is in memory)."""
     index = path / "model.safetensors.index.json"
     if _exists(index):
         files = _shards(_read_json(index), repr(str(index)))
@@ -195,18 +209,35 @@ def _read_hf_weights(path: Path) -> dict:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{str(path)!r} has config.json but no model.safetensors or model.safetensors.index.json")
-    sd = {}
+    layout, where = {}, {}
     for f in files:
-        try:
-            open(path / f, "rb").close()  # the system's own reason first (safetensors calls EACCES "No such file")
-            weights = load_file(str(path / f))
-        except OSError:  # missing, permission denied: the system's own reason
-            raise
-        except Exception as e:  # a truncated or foreign file: safetensors' own error types
-            raise ValueError(f"{str(path / f)!r} is not a readable safetensors file ({e})") from None
-        for k, v in weights.items():
-            sd[k.removeprefix("model.")] = v
-    return sd
+        with _safe_open(path / f) as st:
+            for k in st.keys():
+                t, name = st.get_slice(k), k.removeprefix("model.")
+                if t.get_dtype() not in _FROM_SAFETENSORS:
+                    raise ValueError(f"tensor {k!r} in {str(path / f)!r} has dtype {t.get_dtype()}, which nanopeft "
+                                     "does not read")
+                layout[name] = torch.empty(t.get_shape(), dtype=_FROM_SAFETENSORS[t.get_dtype()], device="meta")
+                where[name] = (path / f, k)
+
+    def read(name: str) -> torch.Tensor:
+        f, k = where[name]
+        with _safe_open(f) as st:
+            return st.get_tensor(k)
+    return layout, read
+
+
+def _safe_open(f: Path):
+    """safetensors' safe_open(f): its header read and checked, no tensor yet. Errors in one line:
+    an OSError keeps the system's reason, a truncated or foreign file is named."""
+    from safetensors import safe_open
+    try:
+        open(f, "rb").close()  # the system's own reason first (safetensors calls EACCES "No such file")
+        return safe_open(str(f), framework="pt")
+    except OSError:  # missing, permission denied: the system's own reason
+        raise
+    except Exception as e:  # a truncated or foreign file: safetensors' own error types
+        raise ValueError(f"{str(f)!r} is not a readable safetensors file ({e})") from None
 
 
 def _shards(index, where: str) -> list[str]:
@@ -421,36 +452,42 @@ def from_pretrained(path, dtype=None, device=None) -> Transformer:
     return from_state_dict(cfg, sd, str(path), dtype, device)
 
 
-def save_pretrained(model: Transformer, path, state_dict=None, tok: Tokenizer | None = None):
+def save_pretrained(model: Transformer, path, state_dict=None, tok: Tokenizer | None = None, *, layout=None,
+                    tensor=None):
     """Write a Hugging Face folder (config.json + model.safetensors, and `tok`'s files) that transformers
-    loads: this model's weights, or `state_dict` (same names) in their place; config.json's torch_dtype
-    is the embeddings' dtype. Written into a fresh temporary folder, then renamed into place whole, or,
-    where `path` exists, file by file with model.safetensors last (no file written through a link; a
-    folder holding the new weights holds the rest): a crash never leaves half a model."""
-    from safetensors.torch import save_file
+    loads: this model's weights, or `state_dict` (same names) in their place, or, one at a time, `tensor(name)`
+    for each name of `layout` ({name: a tensor of its shape and dtype, meta will do}), called in layout's
+    order and written as it comes: an 8B merge never holds more than one (checkpoint.save_merged).
+    config.json's torch_dtype is the embeddings' dtype. Written into a fresh temporary folder, then
+    renamed into place whole, or, where `path` exists, file by file with model.safetensors last (no file
+    written through a link; a folder holding the new weights holds the rest): a crash never leaves half a model."""
     path = Path(path)
     index = path / "model.safetensors.index.json"  # stale shards would win over the new weights on the next load
     try:  # only plain file names beside it are deleted (_shards); a malformed index is removed all the same
         stale = _shards(_read_json(index), repr(str(index))) if _exists(index) else []
     except ValueError:
         stale = []
+    if layout is None:
+        layout = model.state_dict() if state_dict is None else state_dict
+        tensor = layout.__getitem__
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()  # transformers re-ties it from embed_tokens
+    ours = {"model." + k if k != "lm_head.weight" else k: k for k in layout if k not in tied}  # file name -> ours
+    config = {**config_to_hf(model.config),
+              "torch_dtype": str(layout["embed_tokens.weight"].dtype).removeprefix("torch.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP + path.name + ".", dir=path.parent))  # fresh: never a link
     usual_permissions(tmp, 0o777)  # mkdtemp's is rwx------; the folder gets what every other one does
-    sd = {"model." + k if k != "lm_head.weight" else k: v.detach().contiguous().cpu()
-          for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
-    if model.config.tie_embeddings:
-        del sd["lm_head.weight"]  # transformers re-ties it from embed_tokens
-    dtype = sd["model.embed_tokens.weight"].dtype
-    config = {**config_to_hf(model.config), "torch_dtype": str(dtype).removeprefix("torch.")}
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", {f: layout[k] for f, k in ours.items()},
+                          lambda f: tensor(ours[f]), metadata={"format": "pt"})
         if tok is not None:
             tok.save(tmp)
-    except Exception as e:  # a full disk: OSError from Python, SafetensorError from safetensors
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
+        if isinstance(e, OSError):  # a full disk
+            raise OSError(f"could not write the model to {str(path)!r} ({e}); nothing there was changed") from None
+        raise
     usual_permissions(tmp / "model.safetensors")
     if path.exists():  # keep files others put there (tokenizer, metrics), replace the weights
         for shard in stale:
@@ -461,6 +498,43 @@ def save_pretrained(model: Transformer, path, state_dict=None, tok: Tokenizer | 
         tmp.rmdir()
     else:
         os.replace(tmp, path)
+
+
+# safetensors' dtype names, in the order its files hold them (its Dtype enum, last first: widest first)
+SAFETENSORS_DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
+                      torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16",
+                      torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+                      torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+_FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path, layout: dict, tensor: Callable[[str], torch.Tensor], metadata: dict | None = None):
+    """A new safetensors file at `path`, one tensor at a time: the header first, from `layout` ({name: a
+    tensor of its shape and dtype, meta will do}: all of them, known before any is made), then each
+    `tensor(name)`, asked for in layout's order, written at its own offset and let go. The bytes are
+    safetensors.torch.save_file's for the same dict (its order: widest dtype first, then by name; the
+    JSON header padded with spaces to a multiple of 8), never all in memory at once."""
+    rank = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+    header, end = {} if metadata is None else {"__metadata__": metadata}, 0
+    for k in sorted(layout, key=lambda k: (rank[layout[k].dtype], k)):
+        size = layout[k].numel() * layout[k].element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[layout[k].dtype], "shape": list(layout[k].shape),
+                     "data_offsets": [end, end + size]}
+        end += size
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "xb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for k, like in layout.items():
+            t = tensor(k)
+            if (t.dtype, t.shape) != (like.dtype, like.shape):
+                raise ValueError(f"tensor {k!r} is {t.dtype} {tuple(t.shape)}; the header says {like.dtype} "
+                                 f"{tuple(like.shape)}")
+            f.seek(8 + len(head) + header[k]["data_offsets"][0])
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+            del t  # not held while the next one is made
 
 
 def check_state_dict(model: Transformer, sd: dict, where: str) -> dict:

@@ -1,14 +1,21 @@
 """checkpoint.py: resume is bit-identical to a straight run (Ctrl-C, SIGTERM), no checkpoint is overwritten
-or lost (disk full, nan loss), the merged model is saved in the base's dtype changing only what the method trains."""
+or lost (disk full, nan loss), the merged model is saved in the base's dtype changing only what the method trains,
+one tensor at a time: the bytes the whole-dict save wrote, in about one matrix's memory."""
 import json
 import os
+import platform
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import train
-from conftest import _argv, _one_line_error, _weights
+from checkpoint import save_adapter, save_merged
+from conftest import (SETTINGS_OF, _argv, _one_line_error, _weights, batch_stream, make_batches, prepare, run_steps,
+                      tiny_model)
+from methods import METHODS, trains_base
+from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 from weights import TMP, from_pretrained, save_pretrained
 
@@ -112,7 +119,6 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(small_dir, tmp_path):
 
 def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tmp_path, monkeypatch, capsys):
     import errno
-    import safetensors.torch
     run = tmp_path / "run"
     real_save, saves = torch.save, []
 
@@ -130,9 +136,10 @@ def test_disk_full_keeps_the_last_good_checkpoint_and_no_temporary(small_dir, tm
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1 and not _temporaries(run)
     monkeypatch.setattr(torch, "save", real_save)
 
-    def no_space(*a, **k):
+    def no_space(path, *a, **k):
+        open(path, "xb").write(b"partial")  # model.safetensors cut in the middle
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    monkeypatch.setattr("weights.write_safetensors", no_space)
     code, err = _one_line_error(_argv(small_dir, tmp_path / "m", "--method", "full", "--max-steps", "1"), capsys)
     assert code == 2 and len(err) == 1 and "could not write the model" in err[0]
     assert not _temporaries(tmp_path / "m") and (tmp_path / "m" / "ckpt.pt").exists()
@@ -290,3 +297,124 @@ def test_bf16_base_saves_bf16_and_says_what_rounding_lost(small_bf16_dir, tmp_pa
         adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
         floats = [v for k, v in adapter.items() if v.is_floating_point()]
         assert floats and all(v.dtype == torch.float32 for v in floats)
+
+
+def _save_merged_whole(model, module, s, base_dir, run, path):
+    """The reference: what save_merged wrote before it streamed (the adapter read from the folder `run`,
+    the model written to `path`). The whole base and every merged matrix in memory at once (8B: 58 GB),
+    the dict saved by safetensors.torch.save_file. Returns its counts."""
+    from safetensors.torch import load_file, save_file
+    base = {k.removeprefix("model."): v for k, v in load_file(str(base_dir / "model.safetensors")).items()}
+    tied = model.config.tie_embeddings
+    if tied:
+        base["lm_head.weight"] = base["embed_tokens.weight"]
+    if trains_base(module):
+        merged = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    else:
+        merged = module.merge_adapter(base, load_file(str(run / "adapter.safetensors")), s)
+    sd = {k: merged[k].to(base[k].dtype) if k in merged else base[k] for k in base}
+    changed = rounded = 0
+    for k, W in merged.items():
+        if k == "lm_head.weight" and tied:
+            continue
+        moved = W != base[k].float()
+        changed += int(moved.sum())
+        rounded += int((moved & (sd[k] == base[k])).sum())
+    if tied:
+        del sd["lm_head.weight"]
+    save_file({"model." + k if k != "lm_head.weight" else k: v for k, v in sd.items()}, str(path),
+              metadata={"format": "pt"})
+    return {"changed": changed, "rounded_away": rounded}
+
+
+@pytest.fixture(scope="module")
+def small_untied_bf16_dir(tmp_path_factory):
+    """A bf16 checkpoint with its own lm_head (not tied to the embeddings)."""
+    d = tmp_path_factory.mktemp("untied-bf16")
+    model = tiny_model(seed=3, vocab=264)
+    save_pretrained(model, d, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    return d
+
+
+def _fine_tuned(method, base_dir, out, steps=2):
+    """(model, module, settings) after a few steps of `method` from the base in fp32 (as full fine-tuning
+    keeps its master weights), its adapter saved in `out` as a run saves it (save_adapter)."""
+    model = from_pretrained(base_dir, dtype=torch.float32)
+    opt = prepare(method, model, batches=make_batches(), lr=1e-4, rank=2)
+    run_steps(model, opt, batch_stream(), steps)
+    module = METHODS[method][0]
+    out.mkdir()
+    save_adapter(module, model, opt, out)
+    return model, module, SETTINGS_OF[id(opt)]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lift", "hyper"])
+@pytest.mark.parametrize("base", ["small_dir", "small_bf16_dir", "small_untied_bf16_dir"])
+def test_streamed_save_is_the_whole_dict_save_byte_for_byte(base, method, tmp_path, request, capsys):
+    """save_merged, one tensor at a time, writes the very bytes the whole-dict merge wrote
+    (_save_merged_whole: every matrix merged at once, safetensors.torch.save_file), and counts the same
+    changed and rounded-away entries: fp32 and bf16 bases, a tied and an untied lm_head."""
+    base_dir = request.getfixturevalue(base)
+    model, module, s = _fine_tuned(method, base_dir, tmp_path / "run")
+    args = SimpleNamespace(method=method, out=str(tmp_path / "run"), seed=0)
+    saved = save_merged(model, Tokenizer.bytes(), args, s, str(base_dir))
+    expected = _save_merged_whole(model, module, s, base_dir, tmp_path / "run", tmp_path / "whole.safetensors")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    dtype = "float32" if base == "small_dir" else "bfloat16"
+    assert saved == {"dtype": dtype, **expected} and saved["changed"] > 0
+    assert f"saved the merged model in {dtype}, the base checkpoint's dtype" in capsys.readouterr().out
+
+
+def _peak_mb(f):
+    """(f(), how far this process's resident memory rose above its level before f while f ran, in MB):
+    Linux's peak resident size (VmHWM, reset by /proc/self/clear_refs) against the resident size before.
+    It counts everything: tensors, temporaries, the mapped pages of the base file being read. glibc keeps
+    freed blocks below its mmap threshold resident for reuse (it raises the threshold up to 32 MB as large
+    blocks are freed), which would count blocks no longer in use; an 8B model's matrices (200 MB and more)
+    are above it, mapped and unmapped as they come and go. The test's smaller tensors are put in that
+    regime: the threshold fixed at 1 MB (mallopt) while f runs, free heap memory handed back before."""
+    import ctypes
+    libc, M_MMAP_THRESHOLD = ctypes.CDLL("libc.so.6"), -3
+    resident = lambda field: int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) / 1024
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as reset:
+            reset.write("5")  # the peak (VmHWM) starts again from the resident size now
+        before = resident("VmRSS:")
+        return f(), resident("VmHWM:") - before
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # where glibc's own adjustment of the threshold ends
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK) or platform.libc_ver()[0] != "glibc",
+                    reason="needs Linux's /proc/self/clear_refs (the peak resident size reset) and glibc")
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_streamed_save_holds_about_one_matrix(method, tmp_path):
+    """Saving the merged model holds about one matrix beside the model itself, not the whole model: the
+    rise of the process's peak resident memory while save_merged runs (_peak_mb), on a bf16 base of 120 MB
+    (240 MB in fp32, 37 tensors), is at most 4 fp32 copies of its largest tensor (16 MB) + 12 MB: the base
+    tensor being read, the merged value in fp32, the merge's own temporaries (LoRA: W0 widened, B.A
+    scaled, their sum), the rounded copy being written. The whole-dict reference (_save_merged_whole),
+    measured the same way, holds the whole base and every merged matrix (and its rounded copy) at once.
+    Both write the same bytes. (`pytest -s` prints the two peaks side by side.)"""
+    cfg = ModelConfig(dim=1024, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=4096, multiple_of=256)
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = Transformer(cfg)
+    sd = {k: torch.randn(v.shape).mul_(0.02).to(torch.bfloat16) for k, v in shapes.state_dict().items()}
+    save_pretrained(shapes, base_dir, state_dict=sd)
+    del sd
+    sizes = [v.numel() * 4 / 2 ** 20 for v in shapes.state_dict().values()]  # in fp32, MB
+    model, module, s = _fine_tuned(method, base_dir, tmp_path / "run", steps=1)
+    args = SimpleNamespace(method=method, out=str(tmp_path / "run"), seed=0)
+    saved, streamed = _peak_mb(lambda: save_merged(model, None, args, s, str(base_dir)))
+    expected, whole = _peak_mb(lambda: _save_merged_whole(model, module, s, base_dir, tmp_path / "run",
+                                                          tmp_path / "whole.safetensors"))
+    print(f"\n{method}: peak memory above the model while saving: streamed {streamed:.0f} MB, whole dict "
+          f"{whole:.0f} MB (the largest tensor in fp32: {max(sizes):.0f} MB)")
+    assert saved == {"dtype": "bfloat16", **expected} and saved["changed"] > 0
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    assert streamed <= 4 * max(sizes) + 12, (streamed, whole)
+    assert whole > sum(sizes) / 2  # the measure sees the whole bf16 base the whole-dict save holds

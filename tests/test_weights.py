@@ -1,5 +1,6 @@
 """weights.py: Hugging Face, Meta and GGUF loading and save_pretrained against transformers (the real
-SmolLM2-135M GGUF file included), the Llama-3.2 RoPE factor against Hugging Face's, and bad model inputs."""
+SmolLM2-135M GGUF file included), sharded folders read one tensor at a time, the streaming safetensors
+writer against safetensors' own bytes, the Llama-3.2 RoPE factor against Hugging Face's, and bad model inputs."""
 import json
 import math
 import os
@@ -12,7 +13,8 @@ from conftest import _hf_model, tiny_model
 from generate import generate
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
-from weights import config_from_hf, config_from_meta, config_to_hf, from_pretrained, load, save_pretrained
+from weights import (SAFETENSORS_DTYPES, config_from_hf, config_from_meta, config_to_hf, from_pretrained, load,
+                     open_weights, save_pretrained, write_safetensors)
 
 
 def _write_meta(hf, folder, n_shards=1):
@@ -96,6 +98,47 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         again = from_pretrained(tmp_path / f"m{tie}")
         assert config_to_hf(again.config) == config_to_hf(model.config)
         assert (again.lm_head.weight is again.embed_tokens.weight) == tie
+
+
+def test_write_safetensors_is_safetensors_own_bytes(tmp_path):
+    """write_safetensors, its tensors asked for one at a time in any order, writes the bytes
+    safetensors.torch.save writes for the whole dict: every dtype safetensors has for torch, scalars,
+    empty and non-ASCII-named tensors, with and without metadata; a tensor unlike its header is refused."""
+    from safetensors.torch import save
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i, dtype in enumerate(SAFETENSORS_DTYPES):
+        for j, shape in enumerate([(3, 5), (), (0, 4), (7,)]):
+            x = torch.randn(shape, generator=g) * 10
+            name = f"t{(7 * i + 13 * j) % 17}.{j}" + ("é" if i == 3 else "")
+            sd[name] = (x > 0) if dtype == torch.bool else x.to(dtype)
+    layout = {k: v.to("meta") for k, v in sorted(sd.items(), reverse=True)}  # asked for in another order than written
+    for n, metadata in enumerate((None, {"format": "pt"})):
+        write_safetensors(tmp_path / f"{n}.safetensors", layout, sd.__getitem__, metadata)
+        assert (tmp_path / f"{n}.safetensors").read_bytes() == save(sd, metadata=metadata)
+    with pytest.raises(ValueError, match=r"'w' is torch.bfloat16 \(2, 3\); the header says torch.float32 \(2, 3\)"):
+        write_safetensors(tmp_path / "bad.safetensors", {"w": torch.empty(2, 3, device="meta")},
+                          lambda k: torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
+def test_sharded_folder_is_read_one_tensor_at_a_time(tmp_path):
+    """open_weights reads a sharded Hugging Face folder's headers only (every tensor a meta tensor of its
+    stored shape and dtype) and each tensor when asked for, as stored: the same tensors as the one-file
+    folder of the same model, and from_pretrained loads the two alike."""
+    hf = _hf_model(4, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, torch_dtype=torch.bfloat16)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "one")  # (in place: both folders bf16)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    cfg, layout, read = open_weights(tmp_path / "sharded")
+    _, one, read_one = open_weights(tmp_path / "one")
+    assert layout.keys() == one.keys() and all(v.is_meta and v.dtype == torch.bfloat16 for v in layout.values())
+    for k, v in layout.items():
+        t = read(k)
+        assert (t.dtype, t.shape) == (v.dtype, v.shape) and torch.equal(t, read_one(k)), k
+    a, b = from_pretrained(tmp_path / "sharded").state_dict(), from_pretrained(tmp_path / "one").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gguf_config_and_logits_equal_transformers(smol, smol_ref):
