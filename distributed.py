@@ -1,7 +1,7 @@
 """
-Data parallel under torchrun: joining the process group, this process's rank, and the two
-collectives the loop and the methods use (summing gradients and statistics; broadcasting a LIFT
-mask). Each is a no-op in one process.
+Data parallel under torchrun: joining the process group, this process's rank, the collectives the
+loop and the methods use (summing gradients and statistics; broadcasting a LIFT mask; gathering a
+small value of every process), each a no-op in one process; and --fsdp's sharding (FSDP2).
 """
 import os
 from datetime import timedelta
@@ -47,6 +47,42 @@ def broadcast_(tensors, src: int = 0):
         dist.broadcast(buf, src)
         if buf is not t:
             t.copy_(buf)
+
+
+def resident_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory in MB (Linux /proc): VmRSS now, or VmHWM, its peak; elsewhere
+    the peak from getrusage. What sharding is for: each process holds 1/N of the model's state."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def held_mb(model, optimizer) -> float:
+    """MB of the tensors this process holds for training: the model's parameters (under --fsdp its
+    shard of each) and buffers, and the optimizer's state. Exact, where the resident memory also
+    counts what the allocator kept of tensors already freed."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))]
+    local = {}
+    for t in tensors:
+        t = t.to_local() if is_sharded(t) else t
+        local[t.data_ptr()] = t.numel() * t.element_size()  # (a tied lm_head counted once)
+    return sum(local.values()) / 2**20
+
+
+def per_process(value) -> list:
+    """[value of process 0, 1, ...]: every process's `value` (a small Python object) on every
+    process; [value] in a single process."""
+    if rank_world()[1] == 1:
+        return [value]
+    out = [None] * rank_world()[1]
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def start_distributed(device: str, timeout: float) -> tuple[int, str]:

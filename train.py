@@ -32,7 +32,8 @@ from builtin import base_dir, builtin_base
 from checkpoint import (check_out, check_resumable, claim_out, open_log, resume, save_adapter, save_checkpoint,
                         save_merged, stop_requests)
 from cli import parse_args, print_settings
-from distributed import all_reduce_sum_, gathered, rank_world, shard, start_distributed
+from distributed import (all_reduce_sum_, gathered, held_mb, per_process, rank_world, resident_mb, shard,
+                         start_distributed)
 from methods import METHODS, trains_base
 from model import PRESETS, bf16_fast
 from weights import check_finite, load, model_file, write_atomic
@@ -299,10 +300,17 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
                 save(ckpt_path, model, optimizer, base_keys, done, args, s)
                 print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume")
                 raise KeyboardInterrupt if stop[0] == signal.SIGINT else SystemExit(128 + stop[0])
+    # what each process holds after training (now, and its peak, which loading the whole base sets)
+    mine = [round(held_mb(model, optimizer), 3), round(resident_mb()), round(resident_mb("VmHWM"))]
+    memory = per_process(mine) if world > 1 else [mine]
+    if world > 1:
+        print("memory per process, MB (tensors held / resident now / resident peak): "
+              + ", ".join(" / ".join(f"{v:,.0f}" for v in m) for m in memory))
     # the last checkpoint and the adapter file, then the update folded into the weights (merge)
     save(ckpt_path, model, optimizer, base_keys, total, args, s)
     info = {"steps": total, "trainable": n_trainable, "model_params": base_total, "train_s": time.time() - t0,
-            "truncated": truncated, "processes": world, "allreduce_bytes_per_step": sent}
+            "truncated": truncated, "processes": world, "allreduce_bytes_per_step": sent,
+            "memory_mb": [dict(zip(("held", "resident", "resident_peak"), m)) for m in memory]}
     module = METHODS[args.method][0]
     if rank == 0 or fsdp:
         save_adapter(module, model, optimizer, out, write=rank == 0)

@@ -8,6 +8,7 @@ Speed and memory, side by side, in one run (ratios, not timed tests).
     python -m experiments.bench eval --batch 32 --limit 64 --new-tokens 320   # evaluation on SmolLM2 vs transformers' generate
     python -m experiments.bench loss                    # the training loss from full logits vs target_loss, SmolLM2
     python -m experiments.bench gpu --steps 10          # on a CUDA GPU: every method on Llama-3.2-1B shapes (a few minutes)
+    python -m experiments.bench fsdp --model smollm2-135m   # memory per process: 2-process data parallel vs --fsdp
 
 `methods` runs each method in its own process (peak RSS is per process) on the same model, the
 same batches and a comparable budget, and prints ratios to LoRA and to full fine-tuning.
@@ -594,7 +595,52 @@ def bench_loss(args):
 # -----------------------------------------------------------------------------
 # command line
 
-WHAT = ("generate", "train", "methods", "eval", "loss", "gpu", "_one")  # _one: one method, for `methods`
+def bench_fsdp(args):
+    """Memory per process of `torchrun --nproc_per_node=2 train.py` without and with --fsdp, the same
+    model, method, data and steps: the tensors each process holds (exact: 1/2 under --fsdp) and its
+    resident memory, under glibc's default allocator and with MALLOC_MMAP_THRESHOLD_=65536 (every
+    large tensor its own mapping, handed back to the system when freed)."""
+    import socket
+    import tempfile
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in args.methods.split(","):
+            for malloc in ("default", "65536"):
+                for fsdp in (False, True):
+                    out = Path(tmp) / f"{m}-{malloc}-{fsdp}"
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+                           "train.py", "--method", m, "--model", args.model, "--data", "synth-target", "--train-limit",
+                           "64", "--eval-data", "none", "--forget-prompts", "0", "--max-steps", str(args.steps),
+                           "--batch-size", str(args.batch), "--seq-len", str(args.seq), "--threads", "1", "--log-every",
+                           str(args.steps), "--out", str(out), *(["--rank", str(args.rank)] if m != "full" and m != "hyper"
+                                                                  else []), *(["--fsdp"] if fsdp else [])]
+                    env = {**os.environ, "OMP_NUM_THREADS": "1",
+                           **({"MALLOC_MMAP_THRESHOLD_": malloc} if malloc != "default" else {})}
+                    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"bench fsdp: {' '.join(cmd[3:])} failed: {done.stderr.strip()[-500:]}")
+                    memory = json.loads((out / "metrics.json").read_text())["memory_mb"]
+                    rows.append((m, malloc, fsdp, [sum(p[k] for p in memory) / len(memory)
+                                                   for k in ("held", "resident", "resident_peak")]))
+                    print(f"  {m} malloc {malloc} {'--fsdp' if fsdp else 'data parallel'}: {rows[-1][3]}", flush=True)
+    print(f"\nmemory per process (MB, mean of 2), torchrun --nproc_per_node=2 train.py --model {args.model}, "
+          f"{args.steps} steps of batch {args.batch} x {args.seq} tokens; load {os.getloadavg()[0]:.1f}")
+    print(f"{'method':<8}{'malloc':<10}{'':<15}{'tensors held':>13}{'resident':>10}{'peak':>8}"
+          f"{'held ratio':>12}{'resident ratio':>16}")
+    for m, malloc, fsdp, (held, rss, peak) in rows:
+        dp = next(r[3] for r in rows if r[:3] == (m, malloc, False))
+        ratios = f"{held / dp[0]:>12.2f}{rss / dp[1]:>16.2f}" if fsdp else ""
+        print(f"{m:<8}{malloc:<10}{'--fsdp' if fsdp else 'data parallel':<15}{held:>13,.0f}{rss:>10,.0f}{peak:>8,.0f}{ratios}")
+    return rows
+
+
+WHAT = ("generate", "train", "methods", "eval", "loss", "gpu", "fsdp", "_one")  # _one: one method, for `methods`
 MAX_TOKENS = 2**16  # positions a batch holds (batch x seq; generate: x prompt + new tokens; eval: x new tokens)
 
 
@@ -604,7 +650,8 @@ def build_parser():
     ap.add_argument("--batch", type=int, default=None, help="default 32 (generate, train), 4 (methods)")
     ap.add_argument("--seq", type=int, default=None, help="default 128; gpu: 512 (--micro: 32)")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--methods", default="full,lora,lift,rocoft-row,rocoft-column,hyper,loraxs,lorasb")
+    ap.add_argument("--methods", default=None, help="default full,lora,lift,rocoft-row,rocoft-column,hyper,loraxs,lorasb "
+                                                    "(fsdp: full,lora)")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
@@ -660,6 +707,8 @@ def check_args(args):
     if args.seq is None:
         args.seq = 512 if what == "gpu" and not args.micro else 32 if args.micro else 128
     known = method_names()
+    if args.methods is None:
+        args.methods = "full,lora" if what == "fsdp" else "full,lora,lift,rocoft-row,rocoft-column,hyper,loraxs,lorasb"
     names = [m.strip() for m in args.methods.split(",")]
     for m in names:
         if m not in known:
@@ -693,6 +742,14 @@ def check_args(args):
         check_model("--model", args.model)
     elif what in ("eval", "loss"):
         check_model("--model", "smollm2-135m")
+    if what == "fsdp":
+        args.model = args.model or "smollm2-135m"
+        check_model("--model", args.model)
+        import methods
+        for m in args.methods.split(","):
+            if m not in methods.METHODS or methods.not_sharded(methods.METHODS[m][0]):
+                refuse("methods", args.methods, "comma-separated methods --fsdp runs: " + ", ".join(
+                    n for n, (mod, _) in methods.METHODS.items() if not methods.not_sharded(mod)))
     if what == "_one" and not (args.model_dir and os.path.isdir(args.model_dir)):
         raise ValueError(f"bench _one needs --model-dir, the model folder `bench methods` writes; got {args.model_dir}")
     if what in ("generate", "eval"):
@@ -706,7 +763,7 @@ def main(argv=None):
     check_args(args)
     torch.set_num_threads(args.threads)
     return {"generate": bench_generate, "train": bench_train, "methods": bench_methods, "eval": bench_eval,
-            "loss": bench_loss, "gpu": bench_gpu, "_one": bench_one}[args.what](args)
+            "loss": bench_loss, "gpu": bench_gpu, "fsdp": bench_fsdp, "_one": bench_one}[args.what](args)
 
 
 def cli(argv=None) -> int:

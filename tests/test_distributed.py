@@ -188,6 +188,9 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
         np.testing.assert_allclose(logged[0], logged[1], rtol=1e-5)
         sharded = json.loads((tmp_path / f"{m}-fsdp" / "metrics.json").read_text())
         assert sharded["processes"] == 2 and sharded["trainable"] == one["trainable"]
+        # each process holds half of the weights and AdamW moments (+ the padding of odd rows, whole buffers)
+        held = [p["held"] for p in sharded["memory_mb"]]
+        assert len(held) == 2 and all(0.45 < h / one["memory_mb"][0]["held"] < 0.55 for h in held), (m, held, one)
     for m in ("full", "lora"):
         a, b = _weights(tmp_path / f"{m}-resumed"), _weights(tmp_path / f"{m}-straight")
         assert all(torch.equal(a[k], b[k]) for k in b), m
