@@ -36,6 +36,7 @@ import sys
 import torch
 
 import lift
+import methods as methods_
 from eval_math import Parser
 from experiments import check_number, command_line, refuse
 from model import LOSS_CHUNK, ModelConfig, up_to_last_target
@@ -333,11 +334,11 @@ def sharded_table(names, counts, seq, gpu_gb, room):
             kw = dict(weight_dtype=torch.float32 if method == "full" else torch.bfloat16)
             peak = {N: need(cfg, method, s, 1, seq, grad_checkpoint=True, world=N, **kw) for N in counts}
             fewest = next((N for N in counts if peak[N] <= room), "-")
-            print(f"{name:<13}{label + (' +' if method == 'lift' else ''):<14}"
+            refused = methods_.not_sharded(methods_.METHODS[method][0])
+            print(f"{name:<13}{label + (' +' if refused else ''):<14}"
                   + "".join(f"{peak[N] / GiB:>7.1f}{'yes' if peak[N] <= room else 'no':>5}" for N in counts)
                   + f"{fewest:>8}")
-    print("\n+ beyond 1 GPU a plan only: train.py refuses LIFT under --fsdp (its sparse AdamW writes into "
-          "whole matrices).")
+    print("\n+ beyond 1 GPU a plan only: train.py refuses it under --fsdp (methods.NOT_SHARDED says why).")
     # the plan is the sharded step (and prepare as if sharded); train.py gets there from a whole model
     whole = ", ".join(f"{name} {2 * n_params(MODELS[name]) / GiB:.1f} / {4 * n_params(MODELS[name]) / GiB:.1f}"
                       for name in names)
