@@ -341,6 +341,9 @@ def check_run(args):
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards the model over torchrun's processes: start it with torchrun "
                          "--nproc-per-node N (N >= 2), or leave --fsdp out for one process")
+    if args.fsdp and args.eval_every:
+        raise ValueError(f"--eval-every {args.eval_every} with --fsdp: evaluating mid-run needs the whole model in one "
+                         "process; with --fsdp the saved model is evaluated at the end (--eval-every 0)")
     if args.fsdp and not_sharded(METHODS[args.method][0]):
         raise ValueError(f"--fsdp with --method {args.method}: {not_sharded(METHODS[args.method][0])}")
     if args.resume and args.overwrite:

@@ -212,4 +212,7 @@ def test_fsdp_refusals_are_one_line(small_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, lines = _one_line_error(_argv(small_dir, tmp_path / "lift", "--method", "lift", "--fsdp"), capsys)
     assert code == 2 and len(lines) == 1 and "--method lift" in lines[0] and "no --fsdp" in lines[0], lines
+    code, lines = _one_line_error(_argv(small_dir, tmp_path / "lift", "--method", "lora", "--fsdp", "--eval-every",
+                                        "2"), capsys)  # process 0 alone would gather the others' shards: a hang
+    assert code == 2 and len(lines) == 1 and "--eval-every 2 with --fsdp" in lines[0], lines
     assert not (tmp_path / "lift").exists() and not (tmp_path / "alone").exists()
