@@ -15,7 +15,7 @@ import torch
 
 import eval_math
 from builtin import BUILTIN, BUILTIN_PRETRAIN_STEPS
-from methods import METHODS, not_sharded
+from methods import METHODS
 from model import PRESETS
 from targets import LINEAR_NAMES, positive_finite
 
@@ -344,8 +344,6 @@ def check_run(args):
     if args.fsdp and args.eval_every:
         raise ValueError(f"--eval-every {args.eval_every} with --fsdp: evaluating mid-run needs the whole model in one "
                          "process; with --fsdp the saved model is evaluated at the end (--eval-every 0)")
-    if args.fsdp and not_sharded(METHODS[args.method][0]):
-        raise ValueError(f"--fsdp with --method {args.method}: {not_sharded(METHODS[args.method][0])}")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it afresh")
     if args.dtype not in DTYPES:

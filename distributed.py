@@ -117,12 +117,13 @@ def shard(model, optimizer):
     """fully_shard every transformer block, then the root (embedding, final norm, lm_head: one group,
     so a tied lm_head stays one tensor), over torchrun's processes, and point the optimizer (not yet
     stepped) at the sharded parameters: fully_shard replaces each parameter with a DTensor of this
-    process's rows, so its AdamW moments are born sharded too. Gradients are summed over the
-    processes, not averaged: train.py weighs each micro-batch's loss by its share of the step's targets."""
+    process's rows, so its AdamW moments are born sharded too. An optimizer that holds model weights
+    of its own (LIFT's) is handed the new ones by name (its sharded_weights). Gradients are summed over
+    the processes, not averaged: train.py weighs each micro-batch's loss by its share of the targets."""
     from torch.distributed.fsdp import fully_shard
-    assert not optimizer.state, "shard before the first optimizer step"
+    assert not optimizer.state or hasattr(optimizer, "sharded_weights"), "shard before the first optimizer step"
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -130,8 +131,10 @@ def shard(model, optimizer):
         m.set_gradient_divide_factor(1.0)  # a sum, sent as a plain SUM (gloo has no pre-scaled sum)
         m.set_force_sum_reduction_for_comms(True)
     params = dict(model.named_parameters())
-    for g, group_names in zip(optimizer.param_groups, groups):
-        g["params"] = [params[n] for n in group_names]
+    for g, group_names in zip(optimizer.param_groups, groups):  # (values that are no model parameter stay)
+        g["params"] = [params[n] if n else p for n, p in zip(group_names, g["params"])]
+    if hasattr(optimizer, "sharded_weights"):
+        optimizer.sharded_weights(params)
 
 
 def is_sharded(t) -> bool:

@@ -37,14 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from distributed import broadcast_
+from distributed import all_reduce_sum_, broadcast_, gathered, rank_world
 from targets import LINEAR_NAMES, find_linears, fold, wide
-
-# --fsdp: LIFT's optimizer holds flat indices into whole matrices, its hook gathers them from the dense
-# gradient, and Algorithm 1 picks the mask on the whole matrix: under FSDP2 each process holds a slice of
-# rows and gets its gradient after the reduce-scatter, so each of those three would have to be rebuilt
-NOT_SHARDED = ("LIFT's sparse optimizer indexes whole matrices (its mask, its gradient hook, its updates), and "
-               "--fsdp gives each process a slice of rows; run LIFT with plain torchrun data parallel (no --fsdp)")
 
 SELECTS = ("principal", "magnitude", "gradient", "random")
 SVDS = ("exact", "lowrank")
@@ -182,6 +176,7 @@ class LIFTAdamW(torch.optim.Optimizer):
         self.t = 0          # optimizer steps taken (Algorithm 1's t; never reset)
         self.n_refresh = 0  # masks recomputed so far
         self._scoring = False
+        self.sharded = False  # --fsdp (sharded_weights): each weight a DTensor of this process's rows
         self.index = self._select_all()  # Algorithm 1, line 2: M <- calc_mask(theta_0), as sorted flat indices
         broadcast_(self.index)  # data parallel: every process trains process 0's entries
         self.values = [w.detach().view(-1)[i].float() for w, i in zip(self.weights, self.index)]  # fp32 master copies
@@ -212,6 +207,60 @@ class LIFTAdamW(torch.optim.Optimizer):
             w.grad = None
         return hook
 
+    # --fsdp: FSDP2 holds each target weight as this process's rows (a DTensor) and hands back its
+    # gradient reduce-scattered, after backward, where no hook sees it. The k entries, their fp32 master
+    # values and moments stay whole in every process (O(k), as under plain data parallel); the mask is
+    # chosen on the whole matrix, gathered (Algorithm 1, line 5), and each process writes its own rows.
+
+    def sharded_weights(self, params: dict):
+        """Point at the sharded weights fully_shard put in place of the target weights (by name)."""
+        for j, name in enumerate(self.param_groups[0]["param_names"]):
+            self.weights[j]._lift_hook.remove()
+            self.weights[j] = params[name]
+        self.sharded = True
+
+    @staticmethod
+    def _rows(t):
+        """(this process's rows of a sharded matrix t, flat; the flat index in the whole matrix where
+        they start): FSDP2 cuts dim 0 as torch.chunk does, ceil(n_out / N) rows per process."""
+        rank, world = rank_world()
+        n_out, n_in = t.shape
+        return t.to_local().view(-1), min(rank * -(-n_out // world), n_out) * n_in
+
+    @torch.no_grad()
+    def collect_gradients(self):
+        """--fsdp, after the step's backward passes: Eq. (3) on each process's rows of each dense
+        gradient (already summed over processes by the reduce-scatter), the pieces summed into the
+        whole compact gradients (one message), the dense gradient shards freed."""
+        if not self.sharded:
+            return  # (the hooks gathered them during backward)
+        grads = []
+        for j, w in enumerate(self.weights):
+            g = torch.zeros_like(self.values[j])
+            if w.grad is not None:
+                local, lo = self._rows(w.grad)
+                mine = (self.index[j] >= lo) & (self.index[j] < lo + local.numel())
+                g[mine] = local[self.index[j][mine] - lo].float()
+                w.grad = None
+            grads.append(g)
+        all_reduce_sum_(grads)
+        for v, g in zip(self.values, grads):
+            v.grad = g if v.grad is None else v.grad.add_(g)
+
+    def _whole(self, j) -> torch.Tensor:
+        """Matrix j whole (--fsdp: gathered from every process, a collective)."""
+        return gathered(self.weights[j].detach())
+
+    def _write(self, j, idx, values):
+        """W.view(-1)[idx] = values in W's dtype (--fsdp: the entries in this process's rows)."""
+        w = self.weights[j]
+        if not self.sharded:
+            w.detach().view(-1)[idx] = values.to(w.dtype)
+            return
+        local, lo = self._rows(w.detach())
+        mine = (idx >= lo) & (idx < lo + local.numel())
+        local[idx[mine] - lo] = values[mine].to(local.dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -236,8 +285,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(v, m, denom, value=-lr / bias1)      # line 18
         for j in live:
-            w = self.weights[j]
-            w.view(-1)[self.index[j]] = group["params"][j].to(w.dtype)  # write back in the weight's dtype
+            self._write(j, self.index[j], group["params"][j])  # write back in the weight's dtype
         # Algorithm 1, line 5: at the start of step t with t mod T = 0, the mask is recomputed from the
         # current weights. The gradient of step t is gathered under the mask during its backward, so
         # the refresh happens here, after step t - 1 (the authors' code does the same).
@@ -257,16 +305,17 @@ class LIFTAdamW(torch.optim.Optimizer):
         start with zero moments and their current value."""
         self.n_refresh += 1
         grads = self._probe_gradients() if self.select == "gradient" else [None] * len(self.weights)
-        for j, w in enumerate(self.weights):  # one matrix at a time: transients stay one matrix large
-            new, grads[j] = self._select(j, grads[j]), None
+        for j in range(len(self.weights)):  # one matrix at a time: transients stay one matrix large
+            w = self._whole(j).view(-1)
+            new, grads[j] = self._select(j, grads[j], w.view(self.weights[j].shape)), None
             broadcast_([new])
             old, v = self.index[j], self.values[j]
             self._record_fp32(j)  # the leaving entries' exact values, before the mask moves on
             fresh = new[~torch.isin(new, self.touched[j])]  # never touched before: their value is W0
             if fresh.numel():
                 self.touched[j], order = torch.cat([self.touched[j], fresh]).sort()
-                self.touched_w0[j] = torch.cat([self.touched_w0[j], w.view(-1)[fresh]])[order]
-                self.touched_fp32[j] = torch.cat([self.touched_fp32[j], w.view(-1)[fresh].float()])[order]
+                self.touched_w0[j] = torch.cat([self.touched_w0[j], w[fresh]])[order]
+                self.touched_fp32[j] = torch.cat([self.touched_fp32[j], w[fresh].float()])[order]
             pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
             kept = old[pos] == new
             for key in ("exp_avg", "exp_avg_sq"):
@@ -286,9 +335,10 @@ class LIFTAdamW(torch.optim.Optimizer):
         self._record_fp32(j)
         return self.touched_fp32[j]
 
-    def _select(self, j, grad=None):
-        """Sorted flat indices of the k entries matrix j trains next (Eq. 1-2 or an ablation)."""
-        w, k = self.weights[j], self.ks[j]
+    def _select(self, j, grad=None, w=None):
+        """Sorted flat indices of the k entries matrix j trains next (Eq. 1-2 or an ablation), from
+        matrix j as it is now (`w`: it whole, where the caller has gathered it)."""
+        w, k = self.weights[j] if w is None else w, self.ks[j]
         if k == w.numel():  # budget clamped to the whole matrix: nothing to choose
             idx = torch.arange(w.numel(), device=w.device)
         else:
@@ -313,7 +363,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 for x, y in self.probe:
                     self.model(x, y)[1].backward()
-            grads = [w.grad for w in self.weights]
+            grads = [None if w.grad is None else gathered(w.grad) for w in self.weights]
         finally:
             self._scoring = False
             for w in self.weights:
@@ -328,7 +378,7 @@ class LIFTAdamW(torch.optim.Optimizer):
             "master": [v.detach().clone() for v in self.values],
             "touched": [i.clone() for i in self.touched],
             "touched_w0": [b.clone() for b in self.touched_w0],
-            "touched_values": [w.detach().view(-1)[i].clone() for w, i in zip(self.weights, self.touched)],
+            "touched_values": [self._whole(j).view(-1)[i].clone() for j, i in enumerate(self.touched)],
             "touched_fp32": [self.exact_values(j).clone() for j in range(len(self.weights))],
         }
         return sd
@@ -346,16 +396,15 @@ class LIFTAdamW(torch.optim.Optimizer):
                              f"({[i.numel() for i in lift['index']]} vs {self.ks})")
         for j, w in enumerate(self.weights):  # check everything before changing anything
             touched = lift["touched"][j].to(w.device)
-            if not torch.equal(self._base_values(j, touched), lift["touched_w0"][j].to(w)):
+            if not torch.equal(self._base_values(j, touched), lift["touched_w0"][j].to(w.device, w.dtype)):
                 raise ValueError(f"weight {self.param_groups[0]['param_names'][j]} is not the base weight "
                                  "this LIFT state was trained from")
         super().load_state_dict(state_dict)
         self.t, self.n_refresh = lift["t"], lift["n_refresh"]
         for j, w in enumerate(self.weights):
-            flat = w.detach().view(-1)
-            flat[self.touched[j]] = self.touched_w0[j]  # back to W0 wherever this optimizer wrote
-            self.touched[j], self.touched_w0[j] = lift["touched"][j].to(w.device), lift["touched_w0"][j].to(w)
-            flat[self.touched[j]] = lift["touched_values"][j].to(w)
+            self._write(j, self.touched[j], self.touched_w0[j])  # back to W0 wherever this optimizer wrote
+            self.touched[j], self.touched_w0[j] = lift["touched"][j].to(w.device), lift["touched_w0"][j].to(w.device, w.dtype)
+            self._write(j, self.touched[j], lift["touched_values"][j].to(w.device))
             # (a checkpoint from before touched_fp32 was kept: the weights' values are the best there is)
             self.touched_fp32[j] = lift.get("touched_fp32", lift["touched_values"])[j].to(w.device, torch.float32).clone()
             self.index[j] = lift["index"][j].to(w.device)
@@ -370,7 +419,7 @@ class LIFTAdamW(torch.optim.Optimizer):
     def _base_values(self, j, idx):
         """W0 of matrix j at the sorted flat indices idx: the weight itself where this optimizer never
         wrote, the recorded base value where it did."""
-        out = self.weights[j].detach().view(-1)[idx].clone()
+        out = self._whole(j).view(-1)[idx].clone()
         mine = self.touched[j]
         pos = torch.searchsorted(mine, idx).clamp_(max=mine.numel() - 1)
         hit = mine[pos] == idx

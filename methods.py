@@ -24,8 +24,6 @@ A method file (full.py, lift.py, rocoft.py, lorasb.py, hyper.py) defines:
                               put plain nn.Linear modules back: the saved file and the model in memory
                               come from the same function.
 
-A method that cannot be trained sharded (train.py --fsdp) says why in NOT_SHARDED, a one-line reason.
-
 Full fine-tuning has no adapter: its trained state is the base weights themselves (TRAINS_BASE = True
 in full.py), kept in fp32 as master weights and saved as they are; its merge does nothing.
 """
@@ -50,8 +48,3 @@ METHODS = {
 def trains_base(module) -> bool:
     """Whether a method's trained state is the base weights themselves (full fine-tuning)."""
     return getattr(module, "TRAINS_BASE", False)
-
-
-def not_sharded(module) -> str | None:
-    """Why a method cannot run under --fsdp (its NOT_SHARDED line), or None where it can."""
-    return getattr(module, "NOT_SHARDED", None)

@@ -269,6 +269,8 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
                 (loss * share).backward()
                 stats[0] += loss.detach() * share
                 stats[1] += (x != tok.pad_id).sum()  # tokens processed (prompt + solution, no padding)
+            if hasattr(optimizer, "collect_gradients"):  # (LIFT under --fsdp: its entries of the gradient shards)
+                optimizer.collect_gradients()
             if world > 1:  # the step's gradient is the sum of the processes' shares: one message with the stats
                 stats[2] = float(bool(stop))
                 grads = [] if fsdp else [p.grad for p in params if p.grad is not None]  # (FSDP2 sums them itself)
@@ -314,6 +316,8 @@ def train(model, tok, args, s, problems, log_path=None, parallel=True):
     module = METHODS[args.method][0]
     if rank == 0 or fsdp:
         save_adapter(module, model, optimizer, out, write=rank == 0)
+    if world > 1:  # the checkpoint and adapter are on disk before any process goes on (a --resume may follow)
+        torch.distributed.barrier()
     if not fsdp:  # (sharded: the saved model is made from the saved pieces, checkpoint.save_merged)
         module.merge(model, optimizer, s)
     model.eval()

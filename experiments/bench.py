@@ -747,9 +747,8 @@ def check_args(args):
         check_model("--model", args.model)
         import methods
         for m in args.methods.split(","):
-            if m not in methods.METHODS or methods.not_sharded(methods.METHODS[m][0]):
-                refuse("methods", args.methods, "comma-separated methods --fsdp runs: " + ", ".join(
-                    n for n, (mod, _) in methods.METHODS.items() if not methods.not_sharded(mod)))
+            if m not in methods.METHODS:
+                refuse("methods", args.methods, "comma-separated names of " + ", ".join(methods.METHODS))
     if what == "_one" and not (args.model_dir and os.path.isdir(args.model_dir)):
         raise ValueError(f"bench _one needs --model-dir, the model folder `bench methods` writes; got {args.model_dir}")
     if what in ("generate", "eval"):

@@ -36,7 +36,6 @@ import sys
 import torch
 
 import lift
-import methods as methods_
 from eval_math import Parser
 from experiments import check_number, command_line, refuse
 from model import LOSS_CHUNK, ModelConfig, up_to_last_target
@@ -187,8 +186,8 @@ def plan(cfg: ModelConfig, method: str, settings, batch: int, seq: int, weight_d
     targets: the share of positions with a target (an SFT batch with its prompt masked: ~0.5); padding:
     the share after each row's last target, which does not run (shares(y) gives both for a batch).
     world: processes sharding the model (train.py --fsdp; 1: none), the bytes and `batch` then one
-    process's; LIFT's rows there are a plan only (train.py refuses LIFT under --fsdp: its sparse AdamW
-    writes into whole matrices), with its optimizer's per-entry state sharded as a parameter's would be.
+    process's; LIFT's k entries (values, moments, compact gradient, index, W0) stay whole in every process
+    there, as train.py keeps them, and the shards of its dense weight gradients wait from backward to the step.
     Returns bytes per component, 'gathered' (FSDP2's gathered weights, 0 at world 1), 'total' (the peak),
     'trainable' (numbers) and 'prepare' (peak of the method's prepare on the device, the model sharded:
     LIFT's SVD, LoRA-SB's gradient pass; LoRA-SB's fp32 gradient sums live in host memory, 'host' bytes)."""
@@ -201,6 +200,9 @@ def plan(cfg: ModelConfig, method: str, settings, batch: int, seq: int, weight_d
     base, train = base_shapes(cfg), trainable_shapes(cfg, method, s)
     n, held_n = held(cfg, train), held(cfg, train, world)  # trainable numbers: all, and this process's
     mats = [(o, i, r) for _, o, i, _, r in _adapted(cfg, method, s)] if method != "full" else []
+    lift_fsdp = kind == "lift" and world > 1
+    if lift_fsdp:  # (lift.LIFTAdamW under --fsdp: the k entries whole in every process)
+        held_n = n
     # trained numbers, their gradients and moments: fp32, but full trains the weights themselves, in their dtype
     t = w if method == "full" else 4
     k = {"weights": w * held(cfg, base, world), "buffers": 0, "master": 0 if method == "full" else 4 * held_n,
@@ -219,6 +221,10 @@ def plan(cfg: ModelConfig, method: str, settings, batch: int, seq: int, weight_d
                                  + w * shard_size(base[1], world))
         reduce = 2 * world * t * shard_size(train[0], world)
         reduce_root = world * t * shard_size(train[1], world)
+    if lift_fsdp:  # dense gradients of the targets: two blocks' whole, then every matrix's shard until the step
+        dense = [(o, i) for o, i, _ in mats]
+        reduce = 2 * world * w * shard_size(dense, world)
+        k["grads"] += w * held(cfg, (dense, []), world)
     # activations: what autograd keeps at the end of forward. Every block's saved tensors, or with
     # checkpointing only each block's input (backward then recomputes one block at a time: 'backward'),
     # and the fused loss's dL/dh (and fp32 dL/dW of lm_head for full), computed in forward
@@ -334,11 +340,11 @@ def sharded_table(names, counts, seq, gpu_gb, room):
             kw = dict(weight_dtype=torch.float32 if method == "full" else torch.bfloat16)
             peak = {N: need(cfg, method, s, 1, seq, grad_checkpoint=True, world=N, **kw) for N in counts}
             fewest = next((N for N in counts if peak[N] <= room), "-")
-            refused = methods_.not_sharded(methods_.METHODS[method][0])
-            print(f"{name:<13}{label + (' +' if refused else ''):<14}"
+            print(f"{name:<13}{label:<14}"
                   + "".join(f"{peak[N] / GiB:>7.1f}{'yes' if peak[N] <= room else 'no':>5}" for N in counts)
                   + f"{fewest:>8}")
-    print("\n+ beyond 1 GPU a plan only: train.py refuses it under --fsdp (methods.NOT_SHARDED says why).")
+    print("\nLIFT under --fsdp keeps its k entries' state whole in every process (not 1/N), and the shards of "
+          "its dense\nweight gradients from backward to the step.")
     # the plan is the sharded step (and prepare as if sharded); train.py gets there from a whole model
     whole = ", ".join(f"{name} {2 * n_params(MODELS[name]) / GiB:.1f} / {4 * n_params(MODELS[name]) / GiB:.1f}"
                       for name in names)

@@ -13,7 +13,8 @@ import math_data
 import train
 from conftest import ROOT, _argv, _one_line_error, _weights
 from tokenizer import Tokenizer
-from weights import from_pretrained
+from model import ModelConfig, Transformer
+from weights import from_pretrained, save_pretrained
 
 
 # data parallel (torchrun, gloo on the CPU, 2 processes)
@@ -152,7 +153,7 @@ def test_data_parallel_failures_are_clear_and_bounded(small_dir, tmp_path):
 
 # sharded data parallel (torchrun --fsdp: FSDP2, gloo on the CPU, 2 processes)
 
-FSDP_METHODS = [m for m in DP_METHODS if m != "lift"]  # LIFT: refused (lift.NOT_SHARDED), tested below
+FSDP_METHODS = list(DP_METHODS)  # LIFT included: its mask refreshed (on the gathered matrices) at step 2
 CONSTANT = ["--schedule", "constant", "--warmup-ratio", "0"]  # a run that --resume may extend past its length
 
 
@@ -164,7 +165,12 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
     gathering the shards, read back by cutting them) ends bit-identical to the run that did not stop."""
     import subprocess
     runs = [_dp_argv(small_dir, tmp_path / f"{m}-fsdp", m, uneven) + ["--fsdp"] for m in FSDP_METHODS]
-    for m in ("full", "lora"):  # resume: 2 steps, then --resume to 4, against 4 straight (constant lr)
+    odd = tmp_path / "odd"  # rows that 2 processes split unevenly (10, 51): LIFT's entries fall on both sides
+    save_pretrained(Transformer(ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=264, hidden_dim=51,
+                                            rope_theta=10000.0, tie_embeddings=True)).init_weights(1), odd)
+    Tokenizer.bytes().save(odd)
+    runs.append(_dp_argv(odd, tmp_path / "lift-odd-fsdp", "lift", uneven) + ["--fsdp"])
+    for m in ("full", "lora", "lift"):  # resume: 2 steps, then --resume to 4, against 4 straight (constant lr)
         whole = _dp_argv(small_dir, tmp_path / f"{m}-straight", m, uneven) + ["--fsdp", *CONSTANT]
         half = _dp_argv(small_dir, tmp_path / f"{m}-resumed", m, uneven) + ["--fsdp", *CONSTANT]
         runs += [whole, [*half, "--max-steps", "2"], [*half, "--resume"]]
@@ -188,10 +194,16 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
         np.testing.assert_allclose(logged[0], logged[1], rtol=1e-5)
         sharded = json.loads((tmp_path / f"{m}-fsdp" / "metrics.json").read_text())
         assert sharded["processes"] == 2 and sharded["trainable"] == one["trainable"]
-        # each process holds half of the weights and AdamW moments (+ the padding of odd rows, whole buffers)
-        held = [p["held"] for p in sharded["memory_mb"]]
-        assert len(held) == 2 and all(0.45 < h / one["memory_mb"][0]["held"] < 0.55 for h in held), (m, held, one)
-    for m in ("full", "lora"):
+        # each process holds half of the weights and AdamW moments (+ the padding of odd rows, whole buffers);
+        # LIFT's k entries' moments stay whole in each process
+        held, alone = [p["held"] for p in sharded["memory_mb"]], one["memory_mb"][0]["held"]
+        whole = 2 * 4 * one["trainable"] / 2**20 if m == "lift" else 0
+        assert len(held) == 2 and all(0.45 < (h - whole) / (alone - whole) < 0.55 for h in held), (m, held, alone)
+    train.main(_dp_argv(odd, tmp_path / "lift-odd-one", "lift", uneven) + ["--grad-accum", "2"])
+    a, b = _weights(tmp_path / "lift-odd-fsdp"), _weights(tmp_path / "lift-odd-one")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"lift, odd rows: {k}")
+    for m in ("full", "lora", "lift"):
         a, b = _weights(tmp_path / f"{m}-resumed"), _weights(tmp_path / f"{m}-straight")
         assert all(torch.equal(a[k], b[k]) for k in b), m
         assert "resumed from" in done.stdout
@@ -205,13 +217,11 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
 
 
 def test_fsdp_refusals_are_one_line(small_dir, tmp_path, monkeypatch, capsys):
-    """--fsdp without torchrun's processes, and with a method that cannot be sharded (LIFT), stop
-    before anything loads: one line that says why and what to do instead."""
+    """--fsdp without torchrun's processes, and with --eval-every (process 0 alone would gather the
+    others' shards), stop before anything loads: one line that says why and what to do instead."""
     code, lines = _one_line_error(_argv(small_dir, tmp_path / "alone", "--method", "lora", "--fsdp"), capsys)
     assert code == 2 and len(lines) == 1 and "torchrun --nproc-per-node" in lines[0], lines
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, lines = _one_line_error(_argv(small_dir, tmp_path / "lift", "--method", "lift", "--fsdp"), capsys)
-    assert code == 2 and len(lines) == 1 and "--method lift" in lines[0] and "no --fsdp" in lines[0], lines
     code, lines = _one_line_error(_argv(small_dir, tmp_path / "lift", "--method", "lora", "--fsdp", "--eval-every",
                                         "2"), capsys)  # process 0 alone would gather the others' shards: a hang
     assert code == 2 and len(lines) == 1 and "--eval-every 2 with --fsdp" in lines[0], lines

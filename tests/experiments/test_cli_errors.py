@@ -69,7 +69,7 @@ CASES = [
     *cases("bench", ["gpu", "--micro"], [*NUMBERS("--peak-tflops", "nan", "-1", "inf", "x"), *NUMBERS("--seq", "1"),
                                          *NUMBERS("--methods", "rocoft-diagonal")]),
     *cases("bench", ["_one"], [([], "--model-dir"), *NUMBERS("--model-dir", NO)]),
-    *cases("bench", ["fsdp"], [*NUMBERS("--methods", "lift", "rocoft-row", "lora,lora"), *NUMBERS("--model", NO)]),
+    *cases("bench", ["fsdp"], [*NUMBERS("--methods", "nosuch", "rocoft-row", "lora,lora"), *NUMBERS("--model", NO)]),
     *cases("memory", [], [(["--nope"],), *NUMBERS("--gpu-gb", "nan", "inf", "0", "-1", "2", "x"),
                           *NUMBERS("--seq", "0", "x", "9000", BIG),
                           *NUMBERS("--models", "nosuch", "", "llama-3-8b,llama-3-8b")]),

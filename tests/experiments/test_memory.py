@@ -11,6 +11,7 @@ import torch
 from experiments import memory
 from methods import METHODS
 from model import ModelConfig, Transformer
+from targets import find_linears
 
 
 MEM_CFG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=96)  # distinct widths
@@ -245,14 +246,19 @@ def test_memory_sharded_terms_are_each_process_share(method, kw):
         p = memory.plan(cfg, method, s, *x.shape, weight_dtype=torch.float32, compute_dtype=torch.float32,
                         world=world)
         assert p["weights"] == 4 * _held(base, world)
-        assert p["grads"] == 4 * _held(trained, world) and p["adam"] == 2 * p["grads"]  # fp32, full's too
-        assert p["master"] == (0 if method == "full" else 4 * _held(trained, world))
+        if method == "lift":  # lift.LIFTAdamW under --fsdp: its k entries whole in every process; the shards of
+            # the dense weight gradients (the targets' rows this process holds) wait for the step
+            targets = [m.weight for _, m in find_linears(model, s.targets)]
+            assert p["grads"] == 4 * _held(trained, 1) + 4 * _held(targets, world)
+            assert p["adam"] == 2 * 4 * _held(trained, 1) and p["master"] == 4 * _held(trained, 1)
+            assert p["buffers"] == (4 + 4) * _held(trained, 1)  # index and W0 of each selected entry
+        else:
+            assert p["grads"] == 4 * _held(trained, world) and p["adam"] == 2 * p["grads"]  # fp32, full's too
+            assert p["master"] == (0 if method == "full" else 4 * _held(trained, world))
         assert (p["activations"], p["loss"], p["trainable"]) == (one["activations"], one["loss"], one["trainable"])
         if method in ("loraxs", "lorasb"):  # the frozen A and B: module buffers, whole in every process
             whole = sum(b.numel() * 4 for n, b in model.named_buffers() if n.endswith((".A", ".B")))
             assert p["buffers"] == one["buffers"] == whole
-        elif method == "lift":  # index and W0 of each selected entry: optimizer state, sharded as the values
-            assert p["buffers"] == (4 + 4) * _held(trained, world)
         gathered = 2 * world * (4 * _held(block_base, world) + 4 * _held(block_adapters, world))
         assert p["gathered"] == gathered + world * 4 * _held(root, world)
         assert p["weights"] + p["master"] + p["adam"] + p["grads"] < one["weights"] + one["master"] + one["adam"] \
