@@ -24,6 +24,10 @@ A method file (full.py, lift.py, rocoft.py, lorasb.py, hyper.py) defines:
                               put plain nn.Linear modules back: the saved file and the model in memory
                               come from the same function.
 
+An optimizer that holds model weights of its own (LIFT's) also defines sharded_weights(params), which
+train.py --fsdp calls once fully_shard has replaced them, and collect_gradients(), called after each
+step's backward passes, before the gradient is clipped.
+
 Full fine-tuning has no adapter: its trained state is the base weights themselves (TRAINS_BASE = True
 in full.py), kept in fp32 as master weights and saved as they are; its merge does nothing.
 """
