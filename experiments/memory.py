@@ -372,7 +372,7 @@ def main(argv=None):
                    "1,024" + (f" ({bad!r} is not one)" if bad is not None else ""))
         counts = sorted(map(int, words))
     default = "llama-3-8b,llama-3-70b" if counts else "llama-3.2-1b,llama-3.2-3b,llama-3-8b"
-    names = [m.strip() for m in (args.models or default).split(",")]
+    names = [m.strip() for m in (default if args.models is None else args.models).split(",")]
     bad = next((m for m in names if m not in MODELS), None)
     if bad is not None or len(set(names)) < len(names):
         refuse("models", args.models, f"comma-separated names, each once, of {', '.join(MODELS)}"
