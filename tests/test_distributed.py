@@ -162,7 +162,8 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
     --grad-accum 2`, for every method it runs: the same logged losses and the same saved model (fp32
     tolerance); the saved model is an ordinary Hugging Face folder (transformers reads it and gives the
     same logits); a sharded run stopped after 2 steps and resumed from its checkpoint (written by
-    gathering the shards, read back by cutting them) ends bit-identical to the run that did not stop."""
+    gathering the shards, read back by cutting them) ends bit-identical to the run that did not stop,
+    for every method."""
     import subprocess
     runs = [_dp_argv(small_dir, tmp_path / f"{m}-fsdp", m, uneven) + ["--fsdp"] for m in FSDP_METHODS]
     odd = tmp_path / "odd"  # rows that 2 processes split unevenly (10, 51): LIFT's entries fall on both sides
@@ -170,7 +171,7 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
                                             rope_theta=10000.0, tie_embeddings=True)).init_weights(1), odd)
     Tokenizer.bytes().save(odd)
     runs.append(_dp_argv(odd, tmp_path / "lift-odd-fsdp", "lift", uneven) + ["--fsdp"])
-    for m in ("full", "lora", "lift"):  # resume: 2 steps, then --resume to 4, against 4 straight (constant lr)
+    for m in FSDP_METHODS:  # resume: 2 steps, then --resume to 4, against 4 straight (constant lr)
         whole = _dp_argv(small_dir, tmp_path / f"{m}-straight", m, uneven) + ["--fsdp", *CONSTANT]
         half = _dp_argv(small_dir, tmp_path / f"{m}-resumed", m, uneven) + ["--fsdp", *CONSTANT]
         runs += [whole, [*half, "--max-steps", "2"], [*half, "--resume"]]
@@ -203,7 +204,7 @@ def test_fsdp_equals_one_process_with_grad_accum(small_dir, tmp_path, uneven):
     a, b = _weights(tmp_path / "lift-odd-fsdp"), _weights(tmp_path / "lift-odd-one")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"lift, odd rows: {k}")
-    for m in ("full", "lora", "lift"):
+    for m in FSDP_METHODS:
         a, b = _weights(tmp_path / f"{m}-resumed"), _weights(tmp_path / f"{m}-straight")
         assert all(torch.equal(a[k], b[k]) for k in b), m
         assert "resumed from" in done.stdout
