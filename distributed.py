@@ -138,6 +138,9 @@ def shard(model, optimizer):
 
 
 def is_sharded(t) -> bool:
+    """Whether t is a DTensor (--fsdp's shard of a tensor); False on a torch built without distributed."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
 
