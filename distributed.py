@@ -64,9 +64,9 @@ def resident_mb(field: str = "VmRSS") -> float:
 
 def held_mb(model, optimizer) -> float:
     """MB of the tensors this process holds for training: the model's parameters (under --fsdp its
-    shard of each) and buffers, and the optimizer's state. Exact, where the resident memory also
-    counts what the allocator kept of tensors already freed."""
-    tensors = [*model.parameters(), *model.buffers(),
+    shard of each) and buffers, the optimizer's own (LIFT's values) and its state. Exact, where the
+    resident memory also counts what the allocator kept of tensors already freed."""
+    tensors = [*model.parameters(), *model.buffers(), *(p for g in optimizer.param_groups for p in g["params"]),
                *(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))]
     local = {}
     for t in tensors:
@@ -83,6 +83,14 @@ def per_process(value) -> list:
     out = [None] * rank_world()[1]
     torch.distributed.all_gather_object(out, value)
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: torchrun's --master-port for a launch of its own."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_distributed(device: str, timeout: float) -> tuple[int, str]:

@@ -17,7 +17,6 @@ transformers is needed only by `generate` (it is a test dependency, not a runtim
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from distributed import free_port, resident_mb
 from eval_math import Parser
 from experiments import check_counts, check_model, check_number, check_threads, command_line, refuse
 from generate import generate
@@ -98,14 +98,6 @@ BENCH_CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=264
 PEERS = ("peft-lora", "hf-full")  # transformers + peft LoRA, transformers full fine-tuning: what users would pick
 
 
-def _rss_mb(field="VmRSS") -> float:
-    """Resident memory of this process from /proc (Linux): VmRSS now, or VmHWM, its peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def sft_batches(n, batch, seq, vocab, seed=1):
     """n GSM8K-style supervised batches (x, y) of random tokens: rows of 75-100% of `seq` tokens,
     right-padded, whose first 35-45% (the Alpaca header + question) and padding have no target
@@ -167,7 +159,7 @@ def bench_one(args):
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (Linux >= 4.0)
     except OSError:
         pass
-    rss_model = _rss_mb()
+    rss_model = resident_mb()
     n_params = sum(p.numel() for p in model.parameters())
     vocab = min(model.config.vocab_size, 32000)
     data = sft_batches(4, args.batch, args.seq, vocab)
@@ -204,7 +196,7 @@ def bench_one(args):
         losses.append(step(x, y))
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    peak = _rss_mb("VmHWM")
+    peak = resident_mb("VmHWM")
     with FlopCounterMode(display=False) as counter:
         step(*data[0])
     rec = {"method": args.method, "trainable": sum(p.numel() for p in params), "step_s": times,
@@ -600,13 +592,7 @@ def bench_fsdp(args):
     model, method, data and steps: the tensors each process holds (exact: 1/2 under --fsdp) and its
     resident memory, under glibc's default allocator and with MALLOC_MMAP_THRESHOLD_=65536 (every
     large tensor its own mapping, handed back to the system when freed)."""
-    import socket
     import tempfile
-
-    def free_port():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
     root = Path(__file__).resolve().parent.parent
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
